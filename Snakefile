@@ -1,0 +1,19 @@
+# noduleflow: from longitudinal chest CT with tracked nodules to a trained, evaluated nodule forecaster.
+# All logic lives in lib/noduleflow; the rules below only wire files to it.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/synthetic.smk"
+include: "workflow/rules/metadata.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        metadata_targets(),

@@ -1,0 +1,102 @@
+"""Shared test helpers: tiny NIfTI images, manifests, and running the workflow through Snakemake's CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from noduleflow.imaging import Geometry, write_nifti
+
+REPO = Path(__file__).resolve().parents[1]
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def write_volume(path: Path, shape_xyz=(20, 16, 60), spacing=(0.7, 0.7, 2.0), value: int = -800) -> Geometry:
+    """Write a small constant int16 volume and return its geometry."""
+    geometry = Geometry(tuple(shape_xyz), tuple(spacing), (-10.0, -20.0, 30.0), IDENTITY)
+    write_nifti(np.full(tuple(reversed(shape_xyz)), value, dtype=np.int16), geometry, path)
+    return geometry
+
+
+def manifest_row(pid: str, timepoint: int, series: str, thickness: float = 2.0, **extra) -> dict:
+    """One manifest row whose exam id follows the NLST rule's spirit (pid + timepoint + series tag)."""
+    row = {
+        "pid": pid, "exam_id": f"{pid}{timepoint}{series}", "screen_timepoint": timepoint,
+        "days_since_baseline": 365.0 * timepoint + 3, "series_uid": f"1.2.3.{pid}.{timepoint}.{series}",
+        "slice_thickness": thickness, "image_path": f"images/{pid}_{timepoint}_{series}.nii.gz",
+    }
+    row.update(extra)
+    return row
+
+
+def make_manifest(folder: Path, rows: list[dict], images: bool = True) -> Path:
+    """Write a manifest CSV (and, by default, a small image for each row) into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if images:
+        for row in rows:
+            write_volume(folder / row["image_path"])
+    path = folder / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def lesion(exam: str, coords=(5, 7, 4, 6, 10, 12), volume: float = 42.0) -> dict:
+    """A lesion dict in the tracking-file layout."""
+    return {
+        "exam": exam, "nodid_in_segmentation": 1.0, "volume": volume, "abnid_in_nlst": [1], "coords": list(coords),
+        "center": [(coords[0] + coords[1]) // 2, (coords[2] + coords[3]) // 2, (coords[4] + coords[5]) // 2],
+        "centers_in_past_exam_ijk_space": None, "coords_in_past_exam_ijk_space": None, "abn_prexist": False,
+        "screen_detected": True,
+    }
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the workflow through Snakemake's CLI in `workdir` (which holds config/config.yaml)."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def make_workdir(folder: Path, **overrides) -> Path:
+    """A working directory with the default config, updated by `overrides` (top-level keys merged one level)."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for key, value in overrides.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) \
+            else value
+    (folder / "config").mkdir(parents=True, exist_ok=True)
+    (folder / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+# A cohort small enough for CI (2 cores) that still has every feature of the default one.
+SMALL_COHORT = {
+    "n_patients": 10,
+    "seed": 11,
+    "fov_mm": [220.0, 180.0, 130.0],
+    "pixel_spacing_mm": [0.7, 0.8],
+}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The workflow's default target run once on a small synthetic cohort; returns its working directory."""
+    workdir = make_workdir(tmp_path_factory.mktemp("demo"), synthetic=SMALL_COHORT)
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+@pytest.fixture()
+def copy_of(tmp_path):
+    """Copy a folder into this test's temporary directory."""
+    def copy(source: Path, name: str) -> Path:
+        return Path(shutil.copytree(source, tmp_path / name, symlinks=True))
+    return copy

@@ -1,0 +1,22 @@
+# The demo cohort: chest phantoms with tracked nodules and known ground truth (lib/noduleflow/synthetic.py).
+
+
+rule synthetic_cohort:
+    output:
+        manifest=f"{SYNTHETIC}/manifest.csv",
+        nodules=f"{SYNTHETIC}/nodules.pt",
+        images=directory(f"{SYNTHETIC}/images"),
+        truth_exams=f"{SYNTHETIC}/truth/exams.parquet",
+        truth_nodules=f"{SYNTHETIC}/truth/nodules.parquet",
+        truth_masks=directory(f"{SYNTHETIC}/truth/masks"),
+    params:
+        cohort=config["synthetic"],
+    threads: workflow.cores
+    log:
+        "logs/synthetic_cohort.log",
+    benchmark:
+        "benchmarks/synthetic_cohort.tsv"
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/synthetic_cohort.py"

@@ -1,0 +1,13 @@
+"""Rule synthetic_cohort: generate the demo cohort (logic: noduleflow.synthetic)."""
+
+from pathlib import Path
+
+from noduleflow.logs import log_to
+from noduleflow.synthetic import CohortConfig, generate_cohort
+
+with log_to(snakemake.log[0]):
+    generate_cohort(
+        CohortConfig.from_mapping(dict(snakemake.params.cohort)),
+        Path(snakemake.output.manifest).parent,
+        threads=snakemake.threads,
+    )
