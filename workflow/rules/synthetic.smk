@@ -11,7 +11,7 @@ rule synthetic_cohort:
         truth_masks=directory(f"{SYNTHETIC}/truth/masks"),
     params:
         cohort=config["synthetic"],
-    threads: workflow.cores
+    threads: 8  # patients are rendered in parallel; Snakemake caps this at --cores
     log:
         "logs/synthetic_cohort.log",
     benchmark:

@@ -1,0 +1,404 @@
+"""Synthetic longitudinal lung-screening cohort with known ground truth (the pipeline's default data).
+
+Each patient has one anatomy (see `phantom`) in an "anatomy frame" (LPS mm, centred on the chest). Every exam
+sees it through a known pose: p_exam = R (B p_anatomy) + t, where R, t is a rigid misalignment (identity for the
+patient's first exam) and B a small breathing scale. Nodules live in the anatomy frame and change volume
+between exams with a doubling time that depends on their kind, size and fate; they are rendered into every exam
+with partial-volume supersampling.
+
+Written files (paths relative to the output folder):
+- `manifest.csv`: one row per series (the exams manifest the pipeline reads);
+- `nodules.pt`: tracking file pid -> nodule_group -> exam_idx -> lesion dict (annotated on the thinnest series);
+- `images/<pid>/<exam_id>.nii.gz`: int16 HU volumes;
+- `truth/exams.parquet`: each series' pose; `truth/nodules.parquet`: true volume and centre of every nodule in
+  every series; `truth/masks/<exam_id>.nii.gz`: label maps (value = nodule_group).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
+
+from noduleflow.ids import nlst_exam_id
+from noduleflow.imaging import Geometry, write_nifti
+from noduleflow.io import atomic_path, write_csv, write_parquet
+from noduleflow.phantom import ChestAnatomy, lung_depth_mm, render_anatomy, sample_anatomy
+
+log = logging.getLogger(__name__)
+
+KINDS = ("solid", "part_solid", "ground_glass")
+FATES = ("growing", "stable", "shrinking")
+# Probability of each fate per kind, and the range of |doubling time| in days for growing / shrinking nodules.
+_FATE_P = {"solid": (0.45, 0.35, 0.20), "part_solid": (0.55, 0.35, 0.10), "ground_glass": (0.35, 0.55, 0.10)}
+_DOUBLING_DAYS = {"solid": (120.0, 400.0), "part_solid": (250.0, 700.0), "ground_glass": (500.0, 1200.0)}
+_TIMEPOINT_PATTERNS = ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,))
+_TIMEPOINT_P = (0.6, 0.14, 0.1, 0.06, 0.1)
+_MIN_VOLUME, _MAX_VOLUME = 8.0, 6000.0
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """Parameters of the synthetic cohort (config key `synthetic`)."""
+
+    n_patients: int = 24
+    seed: int = 2026
+    first_pid: int = 100001
+    fov_mm: tuple[float, float, float] = (260.0, 210.0, 130.0)
+    pixel_spacing_mm: tuple[float, float] = (0.6, 0.8)
+    slice_thicknesses_mm: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 2.5)
+    second_series_fraction: float = 0.2
+    reference_spacing_mm: tuple[float, float, float] = (0.75, 0.75, 1.0)
+    max_rotation_deg: float = 5.0
+    max_translation_mm: float = 15.0
+    breathing_scale: float = 0.003
+    nodules_per_patient: tuple[int, int] = (1, 4)
+    initial_volume_mm3: tuple[float, float] = (15.0, 1500.0)
+    late_nodule_fraction: float = 0.15
+    noise_hu: tuple[float, float] = (12.0, 25.0)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> CohortConfig:
+        """Build from a config mapping, turning lists into tuples."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
+
+@dataclass(frozen=True)
+class Pose:
+    """Mapping from the anatomy frame to one exam's physical space: p = R (B p_a) + t."""
+
+    rotation: np.ndarray
+    translation: np.ndarray
+    breathing: np.ndarray
+
+    def matrix(self) -> np.ndarray:
+        """4x4 homogeneous matrix anatomy -> exam."""
+        out = np.eye(4)
+        out[:3, :3] = self.rotation @ np.diag(self.breathing)
+        out[:3, 3] = self.translation
+        return out
+
+
+@dataclass
+class NoduleTrack:
+    """One physical nodule followed over a patient's exams."""
+
+    group: int
+    kind: str
+    fate: str
+    center: np.ndarray  # anatomy frame, mm
+    orientation: np.ndarray  # 3x3 rotation of the nodule's own axes
+    axes: np.ndarray  # axis ratios with product 1
+    lobe_directions: np.ndarray  # (K, 3) unit vectors
+    lobe_amplitudes: np.ndarray  # (K,)
+    first_day: float
+    first_volume: float
+    doubling_days: float  # positive grows, negative shrinks, inf stable
+    core_fraction: float
+    hu: float
+    screen_detected: bool
+    unit_volume: float = field(init=False)
+    max_lobulation: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        lobulation = _lobulation(_sphere(), self)
+        self.unit_volume = float(4.0 / 3.0 * np.pi * np.mean(lobulation**3) * np.prod(self.axes))
+        self.max_lobulation = float(lobulation.max())
+
+    def volume(self, day: float) -> float:
+        """True volume in mm^3 at a given day (only meaningful from first_day on)."""
+        volume = self.first_volume * 2.0 ** ((day - self.first_day) / self.doubling_days)
+        return float(np.clip(volume, _MIN_VOLUME, _MAX_VOLUME))
+
+    def scale(self, day: float) -> float:
+        """Linear scale s of the shape so that its volume equals volume(day)."""
+        return (self.volume(day) / self.unit_volume) ** (1.0 / 3.0)
+
+    def max_radius(self, scale: float) -> float:
+        """Radius of a sphere around the centre that contains the nodule at a given scale."""
+        return scale * float(self.axes.max()) * self.max_lobulation * 1.05
+
+    def level(self, points: np.ndarray, scale: float) -> np.ndarray:
+        """rho / (s L(direction)) for (N, 3) anatomy-frame points: <= 1 inside the nodule, core inside core_fraction."""
+        local = (points - self.center) @ self.orientation / self.axes
+        rho = np.linalg.norm(local, axis=1)
+        direction = local / np.maximum(rho, 1e-9)[:, None]
+        return rho / (scale * _lobulation(direction, self))
+
+
+def _lobulation(direction: np.ndarray, track: NoduleTrack) -> np.ndarray:
+    """Radial factor L(d) >= 1: smooth bumps around the lobe directions."""
+    cosines = direction @ track.lobe_directions.T
+    return 1.0 + np.exp((cosines - 1.0) / 0.15) @ track.lobe_amplitudes
+
+
+@functools.cache
+def _sphere(n: int = 8192) -> np.ndarray:
+    """Nearly uniform unit directions (Fibonacci sphere) for integrals over directions.
+
+    The nodule shape is star-shaped, so its volume is (4 pi / 3) * mean(L^3) * prod(axes) at scale 1.
+    """
+    k = np.arange(n) + 0.5
+    polar = np.arccos(1 - 2 * k / n)
+    azimuth = np.pi * (1 + 5**0.5) * k
+    return np.stack([np.cos(azimuth) * np.sin(polar), np.sin(azimuth) * np.sin(polar), np.cos(polar)], 1)
+
+
+def _random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """Rotation with each Euler angle uniform in [-max_deg, max_deg]."""
+    ax, ay, az = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _uniform_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random 3D rotation."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def _life_radius(track: NoduleTrack, days: dict[int, float]) -> float:
+    """Radius around the centre that holds the nodule at every exam from its first appearance on."""
+    return max(track.max_radius(track.scale(day)) for day in days.values() if day >= track.first_day)
+
+
+def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: CohortConfig,
+                    days: dict[int, float]) -> list[NoduleTrack]:
+    """Place 1-4 nodules in lung parenchyma, far enough from the lung border, vessels and each other."""
+    timepoints = sorted(days)
+    count = int(rng.integers(config.nodules_per_patient[0], config.nodules_per_patient[1] + 1))
+    half = np.asarray(config.fov_mm) / 2.0 - np.array([35.0, 35.0, 30.0])
+    candidates = rng.uniform(-half, half, size=(20000, 3))
+    depth = lung_depth_mm(anatomy, candidates)
+    tracks: list[NoduleTrack] = []
+    for group in range(1, count + 1):
+        kind = str(rng.choice(KINDS, p=(0.6, 0.15, 0.25)))
+        fate = str(rng.choice(FATES, p=_FATE_P[kind]))
+        low, high = _DOUBLING_DAYS[kind]
+        doubling = float(rng.uniform(low, high))
+        first_volume = float(np.exp(rng.uniform(*np.log(config.initial_volume_mm3))))
+        if fate == "growing":
+            doubling *= (first_volume / 200.0) ** 0.15  # larger nodules grow a little more slowly
+        elif fate == "shrinking":
+            doubling = -doubling
+        else:
+            doubling = math.inf
+        late = len(timepoints) > 1 and rng.random() < config.late_nodule_fraction
+        first_tp = timepoints[int(rng.integers(1, len(timepoints)))] if late else timepoints[0]
+        n_lobes = int(rng.integers(1, 3)) if kind == "ground_glass" else int(rng.integers(2, 6))
+        axes = rng.uniform(0.75, 1.25, 3)
+        lobes = rng.normal(size=(n_lobes, 3))
+        track = NoduleTrack(
+            group=group, kind=kind, fate=fate, center=np.zeros(3), orientation=_uniform_rotation(rng),
+            axes=axes / np.prod(axes) ** (1 / 3), lobe_directions=lobes / np.linalg.norm(lobes, axis=1, keepdims=True),
+            lobe_amplitudes=rng.uniform(0.08, 0.25, n_lobes), first_day=days[first_tp], first_volume=first_volume,
+            doubling_days=doubling, core_fraction=float(rng.uniform(0.35, 0.6)),
+            hu={"solid": 35.0, "part_solid": -520.0, "ground_glass": -620.0}[kind] + float(rng.normal(0, 15)),
+            screen_detected=bool(rng.random() < 0.85),
+        )
+        for _ in range(4):  # no room for it: try smaller
+            radius = _life_radius(track, days)
+            free = depth > radius + 2.0
+            for other in tracks:
+                free &= np.linalg.norm(candidates - other.center, axis=1) > radius + _life_radius(other, days) + 8.0
+            if free.any():
+                track.center = candidates[int(np.flatnonzero(free)[0])]
+                tracks.append(track)
+                break
+            track.first_volume /= 3.0
+    return tracks
+
+
+def _render_nodule(volume: np.ndarray, labels: np.ndarray, track: NoduleTrack, day: float,
+                   geometry: Geometry, exam_from_anatomy: np.ndarray) -> tuple[int, list[int], list[int]]:
+    """Draw one nodule into an exam (partial volume by 3x3x3 supersampling); return voxel count, box, centre."""
+    scale = track.scale(day)
+    spacing = np.asarray(geometry.spacing)
+    origin = np.asarray(geometry.origin)
+    anatomy_from_exam = np.linalg.inv(exam_from_anatomy)
+    centre_exam = exam_from_anatomy[:3, :3] @ track.center + exam_from_anatomy[:3, 3]
+    centre_index = (centre_exam - origin) / spacing  # x, y, z (identity direction)
+    reach = (track.max_radius(scale) + spacing) / spacing
+    low = np.maximum(np.floor(centre_index - reach).astype(int), 0)
+    high = np.minimum(np.ceil(centre_index + reach).astype(int), np.asarray(geometry.shape) - 1)
+    grid = np.stack(np.meshgrid(*[np.arange(lo, hi + 1) for lo, hi in zip(low, high, strict=True)], indexing="ij"), -1)
+    offsets = np.stack(np.meshgrid(*[np.array([-1, 0, 1]) / 3.0] * 3, indexing="ij"), -1).reshape(-1, 3)
+    samples = (grid.reshape(-1, 1, 3) + offsets) * spacing + origin
+    points = samples.reshape(-1, 3) @ anatomy_from_exam[:3, :3].T + anatomy_from_exam[:3, 3]
+    level = track.level(points, scale).reshape(-1, len(offsets))
+    outer = (level <= 1.0).mean(axis=1)  # fraction of each voxel inside the nodule
+    core = (level <= track.core_fraction).mean(axis=1) if track.kind == "part_solid" else np.zeros_like(outer)
+    xs, ys, zs = grid.reshape(-1, 3).T
+    background = volume[zs, ys, xs]
+    tissue = np.maximum(background, track.hu)  # vessels stay visible through ground glass
+    volume[zs, ys, xs] = background * (1 - outer) + (outer - core) * tissue + core * np.maximum(background, 35.0)
+    inside = outer >= 0.5
+    if not inside.any():  # a tiny nodule in thick slices: mark at least the centre voxel
+        inside[np.argmin(np.linalg.norm(grid.reshape(-1, 3) - centre_index, axis=1))] = True
+    labels[zs[inside], ys[inside], xs[inside]] = track.group
+    ix, iy, iz = xs[inside], ys[inside], zs[inside]
+    box = [int(iy.min()), int(iy.max()), int(ix.min()), int(ix.max()), int(iz.min()), int(iz.max())]
+    centre = [int(round(centre_index[1])), int(round(centre_index[0])), int(round(centre_index[2]))]
+    return int(inside.sum()), box, centre
+
+
+def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> sitk.Image:
+    """Noise-free anatomy rendered once per patient on a grid larger than the field of view."""
+    spacing = np.asarray(config.reference_spacing_mm)
+    extent = np.asarray(config.fov_mm) + 2 * np.array([25.0, 25.0, 30.0])
+    size = np.ceil(extent / spacing).astype(int)
+    origin = -(size - 1) * spacing / 2.0
+    array = render_anatomy(anatomy, tuple(int(v) for v in size), tuple(spacing), tuple(origin))
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    image.SetOrigin(tuple(float(v) for v in origin))
+    return image
+
+
+def _exam_geometry(config: CohortConfig, pixel_spacing: float, thickness: float) -> Geometry:
+    """Axial exam grid covering the field of view, centred on the scanner's isocentre."""
+    spacing = np.array([pixel_spacing, pixel_spacing, thickness])
+    size = np.floor(np.asarray(config.fov_mm) / spacing).astype(int)
+    origin = -(size - 1) * spacing / 2.0
+    return Geometry(tuple(int(v) for v in size), tuple(float(v) for v in spacing), tuple(float(v) for v in origin),
+                    (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+
+def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
+                 rng: np.random.Generator, noise_hu: float) -> np.ndarray:
+    """Anatomy seen through `pose` on the exam grid, blurred to the slice thickness (float HU, no noise yet)."""
+    blurred = reference
+    ref_dz = reference.GetSpacing()[2]
+    if thickness > ref_dz:
+        sigma = math.sqrt(thickness**2 - ref_dz**2) / 2.355 / ref_dz
+        array = gaussian_filter1d(sitk.GetArrayViewFromImage(reference), sigma, axis=0, mode="nearest")
+        blurred = sitk.GetImageFromArray(array)
+        blurred.CopyInformation(reference)
+    anatomy_from_exam = np.linalg.inv(pose.matrix())
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(anatomy_from_exam[:3, :3].ravel().tolist())
+    transform.SetTranslation(anatomy_from_exam[:3, 3].tolist())
+    resampled = sitk.Resample(blurred, geometry.reference_image(), transform, sitk.sitkLinear, -1000.0,
+                              sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(resampled)
+    noise = gaussian_filter(rng.normal(size=array.shape).astype(np.float32), sigma=(0.0, 0.7, 0.7))
+    noise *= noise_hu / max(float(noise.std()), 1e-6)
+    return array + noise
+
+
+def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Render every exam of one patient; return its manifest rows, tracking entry and truth rows."""
+    out = Path(out_dir)
+    rng = np.random.default_rng([config.seed, index])
+    pid = str(config.first_pid + index)
+    pattern = _TIMEPOINT_PATTERNS[int(rng.choice(len(_TIMEPOINT_PATTERNS), p=_TIMEPOINT_P))]
+    all_days = {0: 0.0}
+    for tp in (1, 2):
+        all_days[tp] = all_days[tp - 1] + 365.0 + float(np.round(rng.normal(0, 25)))
+    days = {tp: all_days[tp] for tp in pattern}
+    anatomy = sample_anatomy(rng, config.fov_mm)
+    tracks = _sample_nodules(rng, anatomy, config, days)
+    reference = _anatomy_image(anatomy, config)
+
+    manifest, truth_exams, truth_nodules = [], [], []
+    tracking: dict[int, dict[int, dict[str, Any]]] = {}
+    nodule_id = 0
+    for position, tp in enumerate(pattern):
+        rotation = np.eye(3) if position == 0 else _random_rotation(rng, config.max_rotation_deg)
+        translation = np.zeros(3) if position == 0 else rng.uniform(-1, 1, 3) * config.max_translation_mm
+        breathing = 1.0 + np.array([0.0, *rng.uniform(-1, 1, 2)]) * config.breathing_scale
+        pose = Pose(rotation, translation, breathing)
+        pixel_spacing = round(float(rng.uniform(*config.pixel_spacing_mm)), 4)
+        thicknesses = [float(rng.choice(config.slice_thicknesses_mm))]
+        if rng.random() < config.second_series_fraction:
+            thicker = [t for t in (*config.slice_thicknesses_mm, 3.0, 5.0) if t > thicknesses[0]]
+            thicknesses.append(float(rng.choice(thicker)))
+        noise_hu = float(rng.uniform(*config.noise_hu))
+        for series_index, thickness in enumerate(thicknesses):
+            series_uid = f"1.2.826.0.1.3680043.10.543.{pid}.{tp}.{series_index}.{int(rng.integers(10**11, 10**12))}"
+            exam_id = nlst_exam_id(pid, tp, series_uid)
+            geometry = _exam_geometry(config, pixel_spacing, thickness)
+            volume = _render_exam(reference, geometry, pose, thickness, rng, noise_hu)
+            labels = np.zeros(volume.shape, dtype=np.uint8)
+            voxel_volume = float(np.prod(geometry.spacing))
+            for track in tracks:
+                if days[tp] < track.first_day:
+                    continue
+                count, box, centre = _render_nodule(volume, labels, track, days[tp], geometry, pose.matrix())
+                centre_exam = pose.matrix()[:3, :3] @ track.center + pose.matrix()[:3, 3]
+                truth_nodules.append({
+                    "pid": pid, "nodule_group": track.group, "kind": track.kind, "fate": track.fate,
+                    "doubling_days": track.doubling_days, "exam_id": exam_id, "screen_timepoint": tp,
+                    "primary_series": series_index == 0, "days_since_baseline": days[tp],
+                    "true_volume_mm3": track.volume(days[tp]), "mask_volume_mm3": count * voxel_volume,
+                    "center_anatomy": track.center.tolist(), "center_exam": centre_exam.tolist(),
+                })
+                if series_index == 0:
+                    nodule_id += 1
+                    tracking.setdefault(track.group, {})[tp] = {
+                        "exam": exam_id, "nodid_in_segmentation": float(nodule_id), "volume": count * voxel_volume,
+                        "abnid_in_nlst": [track.group] if track.screen_detected else None, "coords": box,
+                        "center": centre, "centers_in_past_exam_ijk_space": None,
+                        "coords_in_past_exam_ijk_space": None, "abn_prexist": days[tp] > track.first_day,
+                        "screen_detected": track.screen_detected,
+                    }
+            hu = np.clip(np.round(volume), -1024, 3071).astype(np.int16)
+            image_path = Path("images") / pid / f"{exam_id}.nii.gz"
+            write_nifti(hu, geometry, out / image_path)
+            write_nifti(labels, geometry, out / "truth" / "masks" / f"{exam_id}.nii.gz")
+            manifest.append({
+                "pid": pid, "exam_id": exam_id, "screen_timepoint": tp, "days_since_baseline": days[tp],
+                "series_uid": series_uid, "slice_thickness": thickness, "pixel_spacing": pixel_spacing,
+                "image_path": image_path.as_posix(),
+            })
+            truth_exams.append({
+                "pid": pid, "exam_id": exam_id, "screen_timepoint": tp, "primary_series": series_index == 0,
+                "anatomy_to_exam": pose.matrix()[:3, :].ravel().tolist(),
+                "rotation_deg": np.rad2deg(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1))),
+                "translation_mm": float(np.linalg.norm(translation)),
+            })
+    log.info("patient %s: %d exams, %d series, %d nodules", pid, len(pattern), len(manifest), len(tracks))
+    return {"pid": pid, "manifest": manifest, "tracking": tracking, "truth_exams": truth_exams,
+            "truth_nodules": truth_nodules}
+
+
+def generate_cohort(config: CohortConfig, out_dir: str | os.PathLike[str], threads: int = 1) -> None:
+    """Generate the whole cohort into `out_dir` (patients rendered in parallel, results independent of threads)."""
+    out = Path(out_dir)
+    indices = range(config.n_patients)
+    if threads > 1:
+        with ProcessPoolExecutor(max_workers=threads) as pool:
+            patients = list(pool.map(generate_patient, [config] * len(indices), indices, [out] * len(indices)))
+    else:
+        patients = [generate_patient(config, index, out) for index in indices]
+    write_csv(pd.DataFrame([row for p in patients for row in p["manifest"]]), out / "manifest.csv")
+    write_parquet(pd.DataFrame([row for p in patients for row in p["truth_exams"]]), out / "truth" / "exams.parquet")
+    write_parquet(pd.DataFrame([row for p in patients for row in p["truth_nodules"]]),
+                  out / "truth" / "nodules.parquet")
+    with atomic_path(out / "nodules.pt") as tmp:
+        torch.save({p["pid"]: p["tracking"] for p in patients if p["tracking"]}, tmp)
+    log.info("cohort: %d patients, %d series written to %s", len(patients),
+             sum(len(p["manifest"]) for p in patients), out)
+
+
+def truth_transform(truth_exams: pd.DataFrame, fixed_exam_id: str, moving_exam_id: str) -> np.ndarray:
+    """4x4 matrix mapping fixed-exam physical points to moving-exam physical points (ITK registration convention)."""
+    poses = {}
+    for exam_id in (fixed_exam_id, moving_exam_id):
+        row = truth_exams.loc[truth_exams["exam_id"] == exam_id, "anatomy_to_exam"].iloc[0]
+        poses[exam_id] = np.vstack([np.asarray(row, dtype=float).reshape(3, 4), [0, 0, 0, 1]])
+    return poses[moving_exam_id] @ np.linalg.inv(poses[fixed_exam_id])
