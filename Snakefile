@@ -11,9 +11,11 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/synthetic.smk"
 include: "workflow/rules/metadata.smk"
+include: "workflow/rules/registration.smk"
 
 
 rule all:
     default_target: True
     input:
         metadata_targets(),
+        registration_targets(),

@@ -117,7 +117,9 @@ def test_anatomy_is_asymmetric_with_vessel_trees_in_both_lungs(chest):
         assert 100 <= count <= 320
     radii = anatomy.tube_radius[vessels]
     assert radii.min() >= 0.69 and 4.0 <= radii.max() <= 6.0
-    assert np.abs(volume - volume[:, :, ::-1]).mean() > 50.0  # no left-right mirror symmetry
+    mirrored = volume[:, :, ::-1]
+    body = (volume > -950.0) | (mirrored > -950.0)
+    assert np.abs(volume - mirrored)[body].mean() > 50.0  # no left-right mirror symmetry
     profile = (volume > 200.0).mean(axis=(1, 2))  # bone changes along z (vertebrae, discs, ribs)
     assert profile.std() > 0.1 * profile.mean()
 
@@ -141,7 +143,7 @@ def test_body_fits_a_small_field_of_view(seed):
                           indexing="ij")
     lung = (lung_depth_mm(anatomy, np.column_stack([x.ravel(), y.ravel(), z.ravel()])) > 0).reshape(z.shape)
     lung_slices = np.flatnonzero(lung.any(axis=(1, 2)))
-    assert lung[:, :, :23].any() and lung[:, :, 23:].any()
+    assert lung[x < 0].any() and lung[x > 0].any()
     assert lung_slices.min() > 0 and lung_slices.max() < len(lung) - 1
 
 

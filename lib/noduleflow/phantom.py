@@ -22,36 +22,36 @@ _SAFE_MM = 3.0  # lung_depth_mm: extra clearance from the mediastinum and from l
 _VESSEL, _AIRWAY, _GREAT, _RIB = 0, 1, 2, 3  # tube kinds
 _RIGHT, _LEFT = 0, 1
 
-Vec = tuple[float, ...]
-SdFunc = Callable[[np.ndarray, np.ndarray, "np.ndarray | float"], np.ndarray]
+_Vec = tuple[float, ...]
+_SdFunc = Callable[[np.ndarray, np.ndarray, "np.ndarray | float"], np.ndarray]
 
 
 @dataclass(frozen=True, eq=False)
 class ChestAnatomy:
     """All parameters of one synthetic patient's chest (mm, LPS, HU). Lung tuples are (right, left)."""
 
-    body_axes: Vec  # body outline semi-axes at z = 0: x, y anterior, y posterior (centre (0, 0))
-    body_wobble: Vec  # relative semi-axis modulation along z: amplitude, wavelength, phase
-    body_shift: Vec  # lateral shift of the body along z: amplitude, wavelength, phase
+    body_axes: _Vec  # body outline semi-axes at z = 0: x, y anterior, y posterior (centre (0, 0))
+    body_wobble: _Vec  # relative semi-axis modulation along z: amplitude, wavelength, phase
+    body_shift: _Vec  # lateral shift of the body along z: amplitude, wavelength, phase
     fat_mm: float  # subcutaneous fat thickness (70 % of it on the back)
-    wall_mm: Vec  # chest wall from fat to pleural cavity: lateral, anterior, posterior
-    lung_caps: tuple[Vec, Vec]  # apex ellipsoid per lung: x, y, z of its equator, semi-axes x, y, z
-    domes: tuple[Vec, Vec]  # hemidiaphragm z = z_top - kx (x - xd)^2 - ky (y - yd)^2: xd, yd, z_top, kx, ky
-    mediastinum: Vec  # x_mid, junction half-width, z_low, z_high, then below z_low and above z_high an oval:
+    wall_mm: _Vec  # chest wall from fat to pleural cavity: lateral, anterior, posterior
+    lung_caps: tuple[_Vec, _Vec]  # apex ellipsoid per lung: x, y, z of its equator, semi-axes x, y, z
+    domes: tuple[_Vec, _Vec]  # hemidiaphragm z = z_top - kx (x - xd)^2 - ky (y - yd)^2: xd, yd, z_top, kx, ky
+    mediastinum: _Vec  # x_mid, junction half-width, z_low, z_high, then below z_low and above z_high an oval:
     # y centre, right and left half-widths, AP semi-axis (interpolated in between)
-    lung_hu: Vec  # parenchyma mean HU, anterior-posterior gradient amplitude, its y centre and half-extent
+    lung_hu: _Vec  # parenchyma mean HU, anterior-posterior gradient amplitude, its y centre and half-extent
     texture: np.ndarray  # (K, 5) low-frequency waves: kx, ky, kz (rad/mm), amplitude (HU), phase
-    heart: Vec  # x, y, z, semi-axes a, b, c, rotation about z (rad)
-    aorta: Vec  # ascending x, y, descending x, y, radius, ascending bottom z, arch base z
-    svc: Vec  # superior vena cava x, y, radius, bottom z
-    trachea: Vec  # x, y, outer radius, wall thickness, carina z
-    esophagus: Vec  # x, y, radius
-    spine: Vec  # vertebral body centre x, y, body radius, canal radius, spinous length, period, z phase
-    sternum: Vec  # half-width, half-thickness, lower end z
-    scapula: Vec  # medial and lateral border |x|, distance outside the pleural cavity, thickness, lower tip z
-    stomach: Vec  # x, y, z, semi-axes a, b, c
+    heart: _Vec  # x, y, z, semi-axes a, b, c, rotation about z (rad)
+    aorta: _Vec  # ascending x, y, descending x, y, radius, ascending bottom z, arch base z
+    svc: _Vec  # superior vena cava x, y, radius, bottom z
+    trachea: _Vec  # x, y, outer radius, wall thickness, carina z
+    esophagus: _Vec  # x, y, radius
+    spine: _Vec  # vertebral body centre x, y, body radius, canal radius, spinous length, period, z phase
+    sternum: _Vec  # half-width, half-thickness, lower end z
+    scapula: _Vec  # medial and lateral border |x|, distance outside the pleural cavity, thickness, lower tip z
+    stomach: _Vec  # x, y, z, semi-axes a, b, c
     liver_x: float  # below the diaphragm the liver fills x < liver_x
-    table: Vec  # top y at x = 0, thickness, upward curvature (1/mm)
+    table: _Vec  # top y at x = 0, thickness, upward curvature (1/mm)
     tube_p0: np.ndarray  # (N, 3) tube start points
     tube_p1: np.ndarray  # (N, 3) tube end points
     tube_radius: np.ndarray  # (N, 2) radius at start and end
@@ -63,8 +63,8 @@ class ChestAnatomy:
 class _Organ(NamedTuple):
     """A smooth structure: bounding box of its inside, signed distance, paint layers, kept out of the lungs?"""
 
-    box: Vec  # x0, x1, y0, y1, z0, z1
-    sd: SdFunc
+    box: _Vec  # x0, x1, y0, y1, z0, z1
+    sd: _SdFunc
     layers: tuple[tuple[float, float], ...]  # (inset mm, HU), painted in order
     excluded: bool
 
@@ -84,8 +84,8 @@ def _ellipsoid_sd(dx: np.ndarray, dy: np.ndarray, dz: np.ndarray | float, a: flo
     """Approximate signed distance to an axis-aligned ellipsoid, (f - 1) / |grad f| with f the ellipsoid norm."""
     u, v, w = dx / a, dy / b, dz / c
     q = u * u + (v * v + w * w)
-    g = np.sqrt((u / a) ** 2 + ((v / b) ** 2 + (w / c) ** 2 + 1e-12))
-    return (q - np.sqrt(q)) / g
+    g2 = (u / a) ** 2 + ((v / b) ** 2 + (w / c) ** 2)
+    return (np.sqrt(q) - 1.0) * np.sqrt((q + 1e-12) / (g2 + 1e-12 / (a * a)))  # f / |grad f| -> a at the centre
 
 
 def _oval_sd(dx: np.ndarray, dy: np.ndarray, a: float, b_ant: float, b_post: float) -> np.ndarray:
@@ -113,7 +113,7 @@ def _cavity_frame(a: ChestAnatomy, z: np.ndarray | float) -> tuple:
     return cx, ax - a.fat_mm - lateral, b_ant - a.fat_mm - anterior, b_post - 0.7 * a.fat_mm - posterior
 
 
-def _dome_sd(dome: Vec, x: np.ndarray, y: np.ndarray, z: np.ndarray | float) -> np.ndarray:
+def _dome_sd(dome: _Vec, x: np.ndarray, y: np.ndarray, z: np.ndarray | float) -> np.ndarray:
     """Signed distance to a paraboloid hemidiaphragm, positive below it."""
     xd, yd, z_top, kx, ky = dome
     dx, dy = x - xd, y - yd
@@ -198,7 +198,7 @@ def _organs(a: ChestAnatomy) -> list[_Organ]:
 
     sc_in, sc_out, sc_off, sc_t, sc_bottom = a.scapula
 
-    def scapula(sign: float) -> SdFunc:
+    def scapula(sign: float) -> _SdFunc:
         def sd(x, y, z):
             cx, ax, b_ant, b_post = _cavity_frame(a, z)
             shell = np.abs(_oval_sd(x - cx, y, ax + sc_off, b_ant + sc_off, b_post + sc_off)) - 0.5 * sc_t
@@ -513,11 +513,11 @@ def _grow_tree(rng: np.random.Generator, a: ChestAnatomy, side: int, root: np.nd
     """Space-colonisation tree from a hilar root filling one lung; rows (x0, y0, z0, x1, y1, z1, r0, r1).
 
     Nodes grow `step` mm towards the random target points nearest to them; targets are consumed once reached.
-    Radii grow with the square root of the number of leaves downstream, from r_leaf (a leaf) to r_root.
+    Radii grow linearly with the number of leaves downstream, from r_leaf (a leaf) to r_root.
     """
     targets = _lung_points(rng, a, side, n_targets, 3.0)
     pos, parent, blocked = root[None].copy(), [-1], [False]
-    kill, influence = 1.3 * step, 6.0 * step
+    kill = 1.3 * step
     while len(pos) < cap and len(targets):
         diff = targets[:, None, :] - pos[None]
         dist = np.linalg.norm(diff, axis=2)
@@ -525,7 +525,7 @@ def _grow_tree(rng: np.random.Generator, a: ChestAnatomy, side: int, root: np.nd
         dist[:, np.asarray(blocked)] = np.inf
         near = np.argmin(dist, axis=1) if len(targets) else np.zeros(0, int)
         d_near = dist[np.arange(len(targets)), near]
-        active = d_near < influence
+        active = np.isfinite(d_near)
         if not active.any():
             break
         pull = np.zeros_like(pos)
@@ -533,16 +533,25 @@ def _grow_tree(rng: np.random.Generator, a: ChestAnatomy, side: int, root: np.nd
         grow = np.flatnonzero(np.linalg.norm(pull, axis=1) > 0.5)
         if not len(grow):
             break
-        direction = _unit(_unit(pull[grow]) + 0.25 * rng.normal(size=(len(grow), 3)))
-        new = pos[grow] + step * direction
-        clear = -_lung_sd_points(a, np.concatenate([new, pos[grow] + 0.5 * step * direction]), 0.0)[:, side]
-        ok = (clear[:len(grow)] >= r_leaf + 1.0) & (clear[len(grow):] >= r_leaf + 1.0)
-        for i in grow[~ok]:
+        closest = {}  # each node's nearest target, aimed at when the mean pull leads out of the lung
+        for t in np.argsort(d_near):
+            closest.setdefault(int(near[t]), int(t))
+        direction, length = _unit(_unit(pull[grow]) + 0.25 * rng.normal(size=(len(grow), 3))), step
+        for attempt in range(2):
+            if attempt:
+                direction, length = _unit(np.array([diff[closest[i], i] for i in grow])), 0.6 * step
+            new = pos[grow] + length * direction
+            clear = -_lung_sd_points(a, np.concatenate([new, pos[grow] + 0.5 * length * direction]), 0.0)[:, side]
+            ok = (clear[:len(grow)] >= r_leaf + 1.0) & (clear[len(grow):] >= r_leaf + 1.0)
+            take = grow[ok][:cap - len(pos)]
+            pos = np.concatenate([pos, new[ok][:len(take)]])
+            parent += take.tolist()
+            blocked += [False] * len(take)
+            grow = grow[~ok]
+            if not len(grow):
+                break
+        for i in grow:
             blocked[i] = True
-        take = grow[ok][:cap - len(pos)]
-        pos = np.concatenate([pos, new[ok][:len(take)]])
-        parent += take.tolist()
-        blocked += [False] * len(take)
     parent_arr = np.asarray(parent)
     leaves = np.zeros(len(pos))
     has_child = np.zeros(len(pos), bool)
@@ -550,12 +559,13 @@ def _grow_tree(rng: np.random.Generator, a: ChestAnatomy, side: int, root: np.nd
     leaves[~has_child] = 1.0
     for i in range(len(pos) - 1, 0, -1):  # children always come after their parent
         leaves[parent_arr[i]] += leaves[i]
-    radius = r_leaf + (r_root - r_leaf) * np.sqrt((leaves[1:] - 1.0) / max(leaves[1:].max() - 1.0, 1.0))
+    largest = max(leaves[1:].max(initial=2.0) - 1.0, 1.0)
+    radius = r_leaf + (r_root - r_leaf) * (leaves[1:] - 1.0) / largest
     return np.column_stack([pos[parent_arr[1:]], pos[1:], radius, radius])
 
 
 def _dome_curvature(cav_a: float, half: float, y_mid: float, xd: float, yd: float, x_medial: float,
-                    sign: float, cap: Vec) -> float:
+                    sign: float, cap: _Vec) -> float:
     """Largest normalised paraboloid depth ((x-xd)/(cav_a/2))^2 + ((y-yd)/half)^2 over the lung base."""
     gx, gy = np.meshgrid(np.linspace(-cav_a, cav_a, 61), np.linspace(y_mid - half, y_mid + half, 41))
     inside = (gx / cav_a) ** 2 + ((gy - y_mid) / half) ** 2 <= 1.0

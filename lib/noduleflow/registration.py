@@ -1,54 +1,296 @@
-"""Rigid registration of follow-up exams to the patient's baseline exam.
+"""Rigid registration of follow-up exams to the patient's baseline exam, and its quality check (seed steps 2-8).
 
-This module holds the precomputed-transform lookup (seed step 2); transforms found there are reused instead of
-being recomputed.
+Transforms follow ITK's registration convention: with the baseline as fixed image, a transform maps a
+physical point of the baseline to the same anatomy in the follow-up ("fixed_to_moving", stored as the 3x4
+matrix [A | b], row-major). Precomputed transforms (see `plan`) are reused instead of being recomputed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from noduleflow.ids import is_safe_id
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from scipy import ndimage
+
+from noduleflow.imaging import Geometry
+from noduleflow.io import atomic_path
+from noduleflow.plan import ShardExam, transform_file
 
 log = logging.getLogger(__name__)
 
-# ANTs files of the research code (rigid_f<fixed>_m<moving>.mat) and noduleflow's own (<fixed>__<moving>.tfm).
-_ANTS_NAME = re.compile(r"^rigid_f(?P<fixed>\d+)_m(?P<moving>\d+)\.mat$")
-_TFM_SUFFIX = ".tfm"
+@dataclass(frozen=True)
+class RegistrationSettings:
+    """How follow-ups are registered (config key `registration`)."""
+
+    resample_mm: float = 2.0  # both images are smoothed and resampled to this isotropic spacing first
+    shrink_factors: tuple[int, ...] = (4, 2, 1)
+    smoothing_sigmas_mm: tuple[float, ...] = (4.0, 2.0, 0.0)
+    iterations: int = 200
+    histogram_bins: int = 50
+    sampling_fraction: float = 0.25
+    body_threshold_hu: float = -500.0
+    seed: int = 42
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RegistrationSettings:
+        """Build from a config mapping, turning lists into tuples."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
 
-def _parse_transform_name(name: str) -> tuple[str, str] | None:
-    """(fixed, moving) exam ids encoded in a transform file name, or None if the name is not a transform."""
-    match = _ANTS_NAME.match(name)
-    if match:
-        return match["fixed"], match["moving"]
-    if name.endswith(_TFM_SUFFIX):
-        parts = name[: -len(_TFM_SUFFIX)].split("__")
-        if len(parts) == 2 and all(is_safe_id(p) for p in parts):
-            return parts[0], parts[1]
-    return None
+def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Anti-aliased resampling to an isotropic grid covering the same physical extent."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    sigma = [max(0.01, max(0.0, spacing_mm**2 - s**2) ** 0.5 / 2.355) for s in image.GetSpacing()]
+    image = sitk.SmoothingRecursiveGaussian(image, sigma)
+    size = [max(2, int(round(n * s / spacing_mm))) for n, s in zip(image.GetSize(), image.GetSpacing(), strict=True)]
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spacing_mm] * 3,
+                         image.GetDirection(), -1024.0, sitk.sitkFloat32)
 
 
-def find_precomputed_transforms(directory: str | os.PathLike[str] | None) -> dict[tuple[str, str], dict[str, str]]:
-    """Sorted exam pair -> {fixed, moving, filename, path} for every transform file in `directory`.
+def body_mask(image: sitk.Image, threshold_hu: float) -> sitk.Image:
+    """The patient's body: the largest connected component above the threshold, lungs filled in slice by slice.
 
-    If both directions of a pair exist, the first file in name order wins. No directory gives an empty map.
+    The table and the air around the patient are left out, so that the table, which stays still while the
+    patient moves, does not pull the registration.
     """
-    mapping: dict[tuple[str, str], dict[str, str]] = {}
-    if not directory:
-        return mapping
-    for path in sorted(Path(directory).iterdir()):
-        parsed = _parse_transform_name(path.name)
-        if parsed is None or not path.is_file():
-            continue
-        fixed, moving = parsed
-        key = (min(fixed, moving), max(fixed, moving))
-        if key in mapping:
-            log.info("transform %s ignored: %s already covers exams %s", path.name, mapping[key]["filename"], key)
-            continue
-        mapping[key] = {"fixed": fixed, "moving": moving, "filename": path.name, "path": os.fspath(path)}
-    log.info("found %d precomputed transforms in %s", len(mapping), directory)
-    return mapping
+    above = ndimage.binary_opening(sitk.GetArrayViewFromImage(image) > threshold_hu, iterations=1)
+    labels, count = ndimage.label(above)
+    body = np.zeros(above.shape, dtype=np.uint8)
+    if count:
+        largest = labels == 1 + int(np.argmax(ndimage.sum_labels(above, labels, range(1, count + 1))))
+        for k in range(largest.shape[0]):  # 2D filling: the lungs may touch the first or last slice
+            body[k] = ndimage.binary_fill_holes(largest[k])
+    mask = sitk.GetImageFromArray(body)
+    mask.CopyInformation(image)
+    return mask
+
+
+def _ncc(fixed: np.ndarray, moving: np.ndarray, inside: np.ndarray) -> float:
+    """Normalised cross-correlation of two arrays inside a mask."""
+    a = fixed[inside].astype(np.float64)
+    b = moving[inside].astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+
+
+def transform_to_matrix(transform: sitk.Transform) -> np.ndarray:
+    """4x4 matrix of a linear SimpleITK transform (fixed physical point -> moving physical point)."""
+    out = np.eye(4)
+    for column, axis in enumerate(np.eye(3)):
+        origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+        out[:3, column] = np.asarray(transform.TransformPoint(tuple(axis))) - origin
+    out[:3, 3] = transform.TransformPoint((0.0, 0.0, 0.0))
+    return out
+
+
+def matrix_to_transform(matrix: np.ndarray) -> sitk.AffineTransform:
+    """SimpleITK affine transform from a 4x4 matrix."""
+    return sitk.AffineTransform(np.asarray(matrix)[:3, :3].ravel().tolist(), np.asarray(matrix)[:3, 3].tolist())
+
+
+def _rigid_register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
+                    settings: RegistrationSettings) -> tuple[sitk.Transform, float]:
+    """Multi-resolution versor-rigid registration with Mattes mutual information; returns transform and metric."""
+    initial = sitk.CenteredTransformInitializer(
+        sitk.Cast(fixed_mask, sitk.sitkFloat32), sitk.Cast(moving_mask, sitk.sitkFloat32),
+        sitk.VersorRigid3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(settings.sampling_fraction, settings.seed)
+    method.SetMetricFixedMask(fixed_mask)
+    method.SetMetricMovingMask(moving_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=1e-4, numberOfIterations=settings.iterations, relaxationFactor=0.6,
+        gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(list(settings.shrink_factors))
+    method.SetSmoothingSigmasPerLevel(list(settings.smoothing_sigmas_mm))
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(initial, inPlace=False)
+    transform = method.Execute(fixed, moving)
+    return transform, float(method.GetMetricValue())
+
+
+def _rotation_deg(matrix: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def _geometry_columns(prefix: str, geometry: Geometry | None) -> dict[str, Any]:
+    fields = ("shape", "spacing", "origin", "direction")
+    return {f"{prefix}_{name}": None if geometry is None else list(getattr(geometry, name)) for name in fields}
+
+
+def _geometry_of(image: sitk.Image) -> Geometry:
+    return Geometry(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                    tuple(image.GetDirection()))
+
+
+def register_exam(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
+                  precomputed: sitk.Transform | None = None) -> dict[str, Any]:
+    """Register `moving` to `fixed` (or evaluate a precomputed transform) and measure its quality.
+
+    Returns the fixed -> moving matrix and QC numbers: the final metric, the rotation and translation of the
+    transform, and the normalised cross-correlation of fixed and moving inside the fixed body and lungs,
+    before (identity) and after registration.
+    """
+    fixed_small = _downsample(fixed, settings.resample_mm)
+    moving_small = _downsample(moving, settings.resample_mm)
+    fixed_body = body_mask(fixed_small, settings.body_threshold_hu)
+    moving_body = body_mask(moving_small, settings.body_threshold_hu)
+    metric = math.nan
+    if precomputed is None:
+        transform, metric = _rigid_register(fixed_small, moving_small, fixed_body, moving_body, settings)
+    else:
+        transform = precomputed
+    matrix = transform_to_matrix(transform)
+    fixed_array = sitk.GetArrayViewFromImage(fixed_small)
+    body = sitk.GetArrayViewFromImage(fixed_body).astype(bool)
+    lungs = body & (fixed_array < -400)
+    before = sitk.GetArrayFromImage(sitk.Resample(moving_small, fixed_small, sitk.Transform(), sitk.sitkLinear, -1024.0))
+    after = sitk.GetArrayFromImage(sitk.Resample(moving_small, fixed_small, transform, sitk.sitkLinear, -1024.0))
+    return {
+        "fixed_to_moving": matrix[:3, :].ravel().tolist(),
+        "metric": metric,
+        "rotation_deg": _rotation_deg(matrix),
+        "translation_mm": float(np.linalg.norm(matrix[:3, 3])),
+        "body_ncc_before": _ncc(fixed_array, before, body),
+        "body_ncc_after": _ncc(fixed_array, after, body),
+        "lung_ncc_before": _ncc(fixed_array, before, lungs),
+        "lung_ncc_after": _ncc(fixed_array, after, lungs),
+    }
+
+
+def _load_precomputed(exam: ShardExam) -> sitk.Transform:
+    """A stored transform as fixed -> moving, inverted when the file maps the other way round."""
+    matrix = transform_to_matrix(sitk.ReadTransform(exam.precomputed))
+    return matrix_to_transform(np.linalg.inv(matrix) if exam.precomputed_inverted else matrix)
+
+
+def _read_checked(path: str) -> sitk.Image:
+    """Read an image for registration; reject non-3D images and non-finite voxels with a clear message."""
+    image = sitk.ReadImage(path)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"expected a 3D scalar image, got {image.GetDimension()}D")
+    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        raise ValueError("image contains NaN or infinite voxels")
+    return image
+
+
+def register_shard(exams: list[ShardExam], settings: RegistrationSettings, transform_dir: str | os.PathLike[str],
+                   threads: int = 1) -> pd.DataFrame:
+    """Register every exam of a shard to its baseline; one row per exam (baselines included, as identity).
+
+    A failing exam gets its error in the `error` column and the others go on. Each baseline is read once.
+    """
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
+    rows = []
+    by_fixed: dict[str, list[ShardExam]] = {}
+    for exam in sorted(exams, key=lambda e: (e.fixed_exam_id, e.exam_id)):
+        by_fixed.setdefault(exam.fixed_exam_id, []).append(exam)
+    for fixed_id, group in by_fixed.items():
+        try:
+            fixed = _read_checked(group[0].fixed_image_path)
+            fixed_geometry, fixed_error = _geometry_of(fixed), None
+        except Exception as error:  # any unreadable baseline: every exam of the patient is reported
+            fixed, fixed_geometry, fixed_error = None, None, f"baseline {fixed_id} unusable: {error}"
+        for exam in group:
+            start = time.perf_counter()
+            row: dict[str, Any] = {"exam_id": exam.exam_id, "pid": exam.pid, "fixed_exam_id": fixed_id,
+                                   "is_fixed": exam.exam_id == fixed_id, "transform_source": "identity",
+                                   "transform_file": None, "error": fixed_error}
+            result: dict[str, Any] = {"fixed_to_moving": np.eye(4)[:3].ravel().tolist()}
+            moving_geometry = fixed_geometry if row["is_fixed"] else None
+            if fixed is not None and not row["is_fixed"]:
+                try:
+                    moving = _read_checked(exam.image_path)
+                    moving_geometry = _geometry_of(moving)
+                    precomputed = _load_precomputed(exam) if exam.precomputed else None
+                    result = register_exam(fixed, moving, settings, precomputed)
+                    path = transform_file(transform_dir, fixed_id, exam.exam_id)
+                    with atomic_path(path) as tmp:
+                        sitk.WriteTransform(matrix_to_transform(
+                            np.vstack([np.reshape(result["fixed_to_moving"], (3, 4)), [0, 0, 0, 1]])), str(tmp))
+                    row["transform_file"] = os.fspath(path)
+                    row["transform_source"] = "precomputed" if precomputed else "registered"
+                except Exception as error:
+                    row["error"] = f"{type(error).__name__}: {error}"
+                    log.warning("registration of %s to %s failed: %s", exam.exam_id, fixed_id, row["error"])
+            row.update(result)
+            for prefix, geometry in (("fixed", fixed_geometry), ("original", moving_geometry)):
+                row.update(_geometry_columns(prefix, geometry))
+            row["runtime_s"] = time.perf_counter() - start
+            rows.append(row)
+            log.info("%s -> %s: %s", exam.exam_id, fixed_id,
+                     row["error"] or {k: round(v, 3) for k, v in result.items() if k != "fixed_to_moving"})
+    return pd.DataFrame(rows, columns=SHARD_COLUMNS)
+
+
+SHARD_COLUMNS = [
+    "exam_id", "pid", "fixed_exam_id", "is_fixed", "transform_source", "transform_file", "fixed_to_moving",
+    "metric", "rotation_deg", "translation_mm", "body_ncc_before", "body_ncc_after", "lung_ncc_before",
+    "lung_ncc_after", "fixed_shape", "fixed_spacing", "fixed_origin", "fixed_direction", "original_shape",
+    "original_spacing", "original_origin", "original_direction", "error", "runtime_s",
+]
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """When a registration is flagged as bad (config key `registration.qc`)."""
+
+    min_lung_ncc: float = 0.7  # lung similarity after registration (same patient ~0.85-0.95, another ~0.5)
+    max_ncc_drop: float = 0.02  # registration may not make the lung similarity worse than no registration
+    max_rotation_deg: float = 15.0  # screening follow-ups differ by a few degrees
+    max_translation_mm: float = 80.0
+
+
+def quality_reasons(row: Mapping[str, Any], thresholds: QualityThresholds) -> str | None:
+    """Why a registered exam is implausible, or None when it passes."""
+    if row["error"] is not None and not (isinstance(row["error"], float) and math.isnan(row["error"])):
+        return f"registration failed: {row['error']}"
+    if row["is_fixed"]:
+        return None
+    reasons = []
+    if row["lung_ncc_after"] < thresholds.min_lung_ncc:
+        reasons.append(f"lung similarity after registration {row['lung_ncc_after']:.3f} < {thresholds.min_lung_ncc}")
+    if row["lung_ncc_after"] < row["lung_ncc_before"] - thresholds.max_ncc_drop:
+        reasons.append(f"registration made the alignment worse (lung similarity {row['lung_ncc_before']:.3f} -> "
+                       f"{row['lung_ncc_after']:.3f})")
+    if row["rotation_deg"] > thresholds.max_rotation_deg:
+        reasons.append(f"rotation {row['rotation_deg']:.1f} deg > {thresholds.max_rotation_deg}")
+    if row["translation_mm"] > thresholds.max_translation_mm:
+        reasons.append(f"translation {row['translation_mm']:.1f} mm > {thresholds.max_translation_mm}")
+    return "; ".join(reasons) or None
+
+
+def gather_registrations(exams: pd.DataFrame, shards: list[pd.DataFrame],
+                         thresholds: QualityThresholds) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Join the split's exams with their registration rows and apply the quality check.
+
+    Returns every exam with `qc_pass` and `qc_reason`, and the flagged ones (the bad-exams table).
+    """
+    registered = pd.concat([s for s in shards if not s.empty] or [pd.DataFrame(columns=SHARD_COLUMNS)],
+                           ignore_index=True)
+    frame = exams.merge(registered.drop(columns=["pid"]), on="exam_id", how="left", validate="one_to_one")
+    missing = frame["fixed_exam_id"].isna()
+    frame.loc[missing, "error"] = "no registration result (exam missing from its shard)"
+    frame["is_fixed"] = frame["is_fixed"].astype("boolean").fillna(False).astype(bool)
+    frame["qc_reason"] = [quality_reasons(row, thresholds) for row in frame.to_dict("records")]
+    frame["qc_pass"] = frame["qc_reason"].isna()
+    frame = frame.sort_values(["pid", "screen_timepoint"], kind="stable").reset_index(drop=True)
+    bad = frame.loc[~frame["qc_pass"], ["pid", "exam_id", "fixed_exam_id", "screen_timepoint", "qc_reason"]]
+    log.info("registration QC: %d exams, %d flagged", len(frame), len(bad))
+    return frame, bad.rename(columns={"qc_reason": "reason"}).reset_index(drop=True)
+

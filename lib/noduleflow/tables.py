@@ -95,6 +95,30 @@ def select_exams(series: pd.DataFrame, nodules: pd.DataFrame, series_filter: Ser
     return chosen
 
 
+def consecutive_pairs(frame: pd.DataFrame, keys: list[str], fields: list[str]) -> pd.DataFrame:
+    """Each row with the next row of the same `keys` group (`frame` sorted by keys, then time).
+
+    `keys` appear once; `fields` twice, as `<field>_a` (earlier) and `<field>_b` (later); `delta_days` is the
+    difference of `days_since_baseline` (which `fields` must include).
+    """
+    later = frame.groupby(keys, sort=False)[fields].shift(-1)
+    has_next = later[fields[0]].notna()
+    pairs = pd.concat([frame[keys], frame[fields].add_suffix("_a"), later.add_suffix("_b")], axis=1)[has_next]
+    for field in fields:
+        pairs[f"{field}_b"] = pairs[f"{field}_b"].astype(frame[field].dtype)
+    pairs["delta_days"] = pairs["days_since_baseline_b"] - pairs["days_since_baseline_a"]
+    return pairs.reset_index(drop=True)
+
+
+def nodule_pairs(nodules: pd.DataFrame) -> pd.DataFrame:
+    """Consecutive exams of the same physical nodule (pid + nodule_group) among those inside registered space."""
+    usable = nodules[~nodules["box_outside"]].sort_values(["pid", "nodule_group", "exam_idx"], kind="stable")
+    fields = [c for c in usable.columns if c not in ("pid", "nodule_group")]
+    pairs = consecutive_pairs(usable.reset_index(drop=True), ["pid", "nodule_group"], fields)
+    log.info("nodule pairs: %d from %d nodules", len(pairs), usable.groupby(["pid", "nodule_group"]).ngroups)
+    return pairs
+
+
 def split_tables(series: pd.DataFrame, nodules: pd.DataFrame, split: str, seed: int,
                  fractions: Mapping[str, float], n_shards: int,
                  series_filter: SeriesFilter) -> tuple[dict[str, pd.DataFrame], ProblemLog]:
@@ -117,13 +141,7 @@ def split_tables(series: pd.DataFrame, nodules: pd.DataFrame, split: str, seed: 
     timelines.insert(2, "fixed_exam_id", [ids[0] for ids in timelines["exam_id"]])
     timelines.insert(3, "shard", groups["shard"].first().to_numpy())
 
-    later = exams.groupby("pid", sort=False)[PAIR_FIELDS].shift(-1)
-    pairs = pd.concat([exams[["pid", "shard"]], exams[PAIR_FIELDS].add_suffix("_a"), later.add_suffix("_b")], axis=1)
-    pairs = pairs[pairs["exam_id_b"].notna()].copy()
-    pairs["delta_days"] = pairs["days_since_baseline_b"] - pairs["days_since_baseline_a"]
-    for column in ("screen_timepoint_b", "n_nodules_b"):
-        pairs[column] = pairs[column].astype("int64")
-    pairs = pairs.reset_index(drop=True)
+    pairs = consecutive_pairs(exams, ["pid", "shard"], PAIR_FIELDS)
     negative = pairs[pairs["delta_days"] <= 0]
     for row in negative.itertuples(index=False):
         problems.add(f"exam pair with non-positive interval {row.delta_days} days: dates contradict timepoints",

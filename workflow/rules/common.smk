@@ -38,3 +38,9 @@ def metadata_targets():
         "results/metadata/input_problems.csv",
         *[f"results/metadata/{split}/{table}.parquet" for split in SPLITS for table in per_split],
     ]
+
+
+def registration_targets():
+    """Every default output of the registration stage (seed steps 5-12)."""
+    per_split = ["exams_registered.parquet", "bad_exams.csv", "nodules_fixed_bboxes.parquet", "paired_nodules.parquet"]
+    return [f"results/metadata/{split}/{name}" for split in SPLITS for name in per_split]

@@ -49,7 +49,7 @@ rule nodule_tracking:
         "../scripts/nodule_tracking.py"
 
 
-rule split_tables:
+checkpoint split_tables:
     input:
         series=rules.exam_table.output.series,
         tracking=rules.nodule_tracking.output.tracking,

@@ -2,7 +2,7 @@
 
 from noduleflow.io import write_pickle
 from noduleflow.logs import log_to
-from noduleflow.registration import find_precomputed_transforms
+from noduleflow.plan import find_precomputed_transforms
 
 with log_to(snakemake.log[0]):
     directory = snakemake.input.transforms if snakemake.input.get("transforms") else None

@@ -1,0 +1,12 @@
+"""Rule nodule_boxes: nodule boxes in registered space (noduleflow.boxes)."""
+
+import pandas as pd
+
+from noduleflow.boxes import boxes_in_registered_space
+from noduleflow.io import write_parquet
+from noduleflow.logs import log_to
+
+with log_to(snakemake.log[0]):
+    table = boxes_in_registered_space(pd.read_parquet(snakemake.input.exams), pd.read_parquet(snakemake.input.tracking),
+                                      snakemake.params.spacing)
+    write_parquet(table, snakemake.output[0])

@@ -1,0 +1,12 @@
+"""Rule register_shard: register the exams of one shard to their baselines (noduleflow.registration)."""
+
+from noduleflow.io import write_parquet
+from noduleflow.logs import log_to
+from noduleflow.plan import ShardExam
+from noduleflow.registration import RegistrationSettings, register_shard
+
+with log_to(snakemake.log[0]):
+    settings = RegistrationSettings.from_mapping({**snakemake.params.method, "seed": snakemake.params.seed})
+    table = register_shard([ShardExam(**exam) for exam in snakemake.params.exams], settings,
+                           snakemake.params.transform_dir, threads=snakemake.threads)
+    write_parquet(table, snakemake.output[0])

@@ -1,0 +1,14 @@
+"""Rule registration_qc: gather a split's shards and flag bad registrations (noduleflow.registration)."""
+
+import pandas as pd
+
+from noduleflow.io import write_csv, write_parquet
+from noduleflow.logs import log_to
+from noduleflow.registration import QualityThresholds, gather_registrations
+
+with log_to(snakemake.log[0]):
+    exams, bad = gather_registrations(pd.read_parquet(snakemake.input.exams),
+                                      [pd.read_parquet(path) for path in snakemake.input.shards],
+                                      QualityThresholds(**snakemake.params.qc))
+    write_parquet(exams, snakemake.output.exams)
+    write_csv(bad, snakemake.output.bad)
