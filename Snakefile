@@ -19,3 +19,14 @@ rule all:
     input:
         metadata_targets(),
         registration_targets(),
+
+
+# One target per stage: `snakemake metadata` builds seed steps 1-4 only.
+rule metadata:
+    input:
+        metadata_targets(),
+
+
+rule registration:
+    input:
+        registration_targets(),

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from noduleflow.ids import is_safe_id, nlst_exam_id, shard_of, stable_fraction
-from noduleflow.imaging import Geometry, ImageHeaderError, read_geometry, write_nifti
+from noduleflow.imaging import Geometry, ImageHeaderError, read_geometry, read_image, write_nifti
 from noduleflow.io import atomic_path, load_plain_pickle, write_parquet
 
 
@@ -85,8 +85,19 @@ def test_nifti_geometry_round_trips_and_matches_simpleitk(tmp_path):
     np.testing.assert_allclose(point, (geometry.matrix() @ [3, 2, 1, 1])[:3], atol=1e-4)
 
 
-def _write_raw(path, data, affine=np.eye(4)):
-    nib.save(nib.Nifti1Image(data, affine), path)
+def test_non_finite_voxels_are_reported_not_zeroed(tmp_path):
+    geometry = Geometry((4, 5, 6), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    array = np.zeros((6, 5, 4), np.float32)
+    write_nifti(array, geometry, tmp_path / "ok.nii.gz")
+    assert read_image(tmp_path / "ok.nii.gz").GetSize() == (4, 5, 6)
+    array[3, 2, 1] = np.nan
+    write_nifti(array, geometry, tmp_path / "nan.nii.gz")
+    with pytest.raises(ImageHeaderError, match="1 NaN"):
+        read_image(tmp_path / "nan.nii.gz")
+
+
+def _write_raw(path, data, affine=None):
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ import pickle
 import pandas as pd
 import pytest
 import torch
-from conftest import lesion, make_manifest, manifest_row
 
+from conftest import lesion, make_manifest, manifest_row
 from noduleflow.manifest import ManifestError, build_exam_series, exam_to_nifti
 from noduleflow.nodules import TrackingFileError, build_tracking_table, load_tracking, tracking_from_table
 

@@ -110,7 +110,7 @@ def test_known_misalignment_maps_follow_up_onto_baseline(cohort):
     assert _body_ncc(fixed, aligned) > 0.85
     assert _body_ncc(fixed, aligned) > _body_ncc(fixed, unaligned) + 0.1
     # nodule centres move with the known transform, up to the small breathing deformation
-    for group, rows in truth[truth["exam_id"].isin([fixed_id, moving_id])].groupby("nodule_group"):
+    for _, rows in truth[truth["exam_id"].isin([fixed_id, moving_id])].groupby("nodule_group"):
         if len(rows) == 2:
             centre = rows.set_index("exam_id")["center_exam"]
             mapped = matrix @ np.append(centre[fixed_id], 1.0)

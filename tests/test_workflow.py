@@ -6,13 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, make_workdir, snakemake
 
+from conftest import REPO, make_workdir, snakemake
 from noduleflow.io import load_plain_pickle
 from noduleflow.nodules import tracking_from_table
 
 pytestmark = pytest.mark.slow
 SPLITS = ("train", "val", "test")
+
+
+def _manifest(workdir):
+    return pd.read_csv(workdir / "results/synthetic/manifest.csv", dtype={"pid": str, "exam_id": str})
 
 
 def _tables(workdir, name):
@@ -39,7 +43,7 @@ def test_splits_are_disjoint_and_cover_every_patient_with_nodules(demo_run):
 
 
 def test_one_exam_per_timepoint_the_thinnest_series(demo_run):
-    manifest = pd.read_csv(demo_run / "results/synthetic/manifest.csv", dtype={"pid": str, "exam_id": str})
+    manifest = _manifest(demo_run)
     for frame in _tables(demo_run, "exams").values():
         assert not frame.duplicated(["pid", "screen_timepoint"]).any()
         for row in frame.itertuples():
@@ -50,14 +54,15 @@ def test_one_exam_per_timepoint_the_thinnest_series(demo_run):
 
 
 def test_pairs_are_consecutive_with_the_interval_between_exam_dates(demo_run):
-    manifest = pd.read_csv(demo_run / "results/synthetic/manifest.csv", dtype={"pid": str, "exam_id": str}).set_index("exam_id")
+    manifest = _manifest(demo_run).set_index("exam_id")
     exams = pd.concat(_tables(demo_run, "exams").values())
     pairs = pd.concat(_tables(demo_run, "paired_exams").values())
     assert len(pairs) == len(exams) - exams["pid"].nunique()
     for row in pairs.itertuples():
         timepoints = sorted(exams.loc[exams["pid"] == row.pid, "screen_timepoint"])
         assert timepoints.index(row.screen_timepoint_b) == timepoints.index(row.screen_timepoint_a) + 1
-        expected = manifest.loc[row.exam_id_b, "days_since_baseline"] - manifest.loc[row.exam_id_a, "days_since_baseline"]
+        days = manifest["days_since_baseline"]
+        expected = days[row.exam_id_b] - days[row.exam_id_a]
         assert row.delta_days == pytest.approx(expected) and row.delta_days > 300
 
 
@@ -122,7 +127,7 @@ def test_bad_inputs_are_reported_and_the_rest_processed(demo_run, tmp_path):
 
     workdir = make_workdir(tmp_path / "run", data={"source": "files", "manifest": str(data / "manifest.csv"),
                                                    "nodules": str(data / "nodules.pt")})
-    snakemake(workdir, "--cores", "2")
+    snakemake(workdir, "--cores", "2", "metadata")
     problems = pd.read_csv(workdir / "results/metadata/input_problems.csv", dtype=str)
     reason = dict(zip(problems["exam_id"] + "/" + problems["stage"], problems["reason"], strict=True))
     assert "not found" in reason[f"{missing}/manifest"]

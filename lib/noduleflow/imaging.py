@@ -125,5 +125,16 @@ def _check_data_size(path: str, expected: int) -> None:
 
 
 def read_image(path: str | os.PathLike[str]) -> sitk.Image:
-    """Read a NIfTI file as a SimpleITK image (LPS physical space)."""
-    return sitk.ReadImage(os.fspath(path))
+    """Read a NIfTI file as a SimpleITK image on its LPS geometry; raise ImageHeaderError if it is unusable.
+
+    nibabel reads the voxels (ITK's reader silently turns NaN into 0), so non-finite voxels are reported.
+    """
+    geometry = read_geometry(path)
+    array = np.asanyarray(nib.load(os.fspath(path)).dataobj)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ImageHeaderError(f"image contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image

@@ -70,7 +70,8 @@ def load_tracking(path: str | os.PathLike[str]) -> dict[str, Any]:
     elif isinstance(data, list | tuple):
         items = data
     else:
-        raise TrackingFileError(f"{path}: expected a dict pid -> nodules or a list of (pid, nodules), got {type(data).__name__}")
+        raise TrackingFileError(
+            f"{path}: expected a dict pid -> nodules or a list of (pid, nodules), got {type(data).__name__}")
     tracking: dict[str, Any] = {}
     for item in items:
         if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[1], Mapping)):

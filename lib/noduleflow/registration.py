@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from noduleflow.imaging import Geometry
+from noduleflow.imaging import Geometry, read_image
 from noduleflow.io import atomic_path
 from noduleflow.plan import ShardExam, transform_file
 
@@ -38,6 +37,7 @@ class RegistrationSettings:
     histogram_bins: int = 50
     sampling_fraction: float = 0.25
     body_threshold_hu: float = -500.0
+    threads: int = 1  # ITK threads; more is faster, but multi-threaded metric sums differ in the last bits
     seed: int = 42
 
     @classmethod
@@ -159,8 +159,8 @@ def register_exam(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationS
     fixed_array = sitk.GetArrayViewFromImage(fixed_small)
     body = sitk.GetArrayViewFromImage(fixed_body).astype(bool)
     lungs = body & (fixed_array < -400)
-    before = sitk.GetArrayFromImage(sitk.Resample(moving_small, fixed_small, sitk.Transform(), sitk.sitkLinear, -1024.0))
-    after = sitk.GetArrayFromImage(sitk.Resample(moving_small, fixed_small, transform, sitk.sitkLinear, -1024.0))
+    before, after = (sitk.GetArrayFromImage(sitk.Resample(moving_small, fixed_small, t, sitk.sitkLinear, -1024.0))
+                     for t in (sitk.Transform(), transform))
     return {
         "fixed_to_moving": matrix[:3, :].ravel().tolist(),
         "metric": metric,
@@ -179,30 +179,28 @@ def _load_precomputed(exam: ShardExam) -> sitk.Transform:
     return matrix_to_transform(np.linalg.inv(matrix) if exam.precomputed_inverted else matrix)
 
 
-def _read_checked(path: str) -> sitk.Image:
-    """Read an image for registration; reject non-3D images and non-finite voxels with a clear message."""
-    image = sitk.ReadImage(path)
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"expected a 3D scalar image, got {image.GetDimension()}D")
-    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
-        raise ValueError("image contains NaN or infinite voxels")
-    return image
+SHARD_COLUMNS = [
+    "exam_id", "pid", "fixed_exam_id", "is_fixed", "transform_source", "transform_file", "fixed_to_moving",
+    "metric", "rotation_deg", "translation_mm", "body_ncc_before", "body_ncc_after", "lung_ncc_before",
+    "lung_ncc_after", "fixed_shape", "fixed_spacing", "fixed_origin", "fixed_direction", "original_shape",
+    "original_spacing", "original_origin", "original_direction", "error", "runtime_s",
+]
 
 
-def register_shard(exams: list[ShardExam], settings: RegistrationSettings, transform_dir: str | os.PathLike[str],
-                   threads: int = 1) -> pd.DataFrame:
+def register_shard(exams: list[ShardExam], settings: RegistrationSettings,
+                   transform_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """Register every exam of a shard to its baseline; one row per exam (baselines included, as identity).
 
     A failing exam gets its error in the `error` column and the others go on. Each baseline is read once.
     """
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
     rows = []
     by_fixed: dict[str, list[ShardExam]] = {}
     for exam in sorted(exams, key=lambda e: (e.fixed_exam_id, e.exam_id)):
         by_fixed.setdefault(exam.fixed_exam_id, []).append(exam)
     for fixed_id, group in by_fixed.items():
         try:
-            fixed = _read_checked(group[0].fixed_image_path)
+            fixed = read_image(group[0].fixed_image_path)
             fixed_geometry, fixed_error = _geometry_of(fixed), None
         except Exception as error:  # any unreadable baseline: every exam of the patient is reported
             fixed, fixed_geometry, fixed_error = None, None, f"baseline {fixed_id} unusable: {error}"
@@ -215,7 +213,7 @@ def register_shard(exams: list[ShardExam], settings: RegistrationSettings, trans
             moving_geometry = fixed_geometry if row["is_fixed"] else None
             if fixed is not None and not row["is_fixed"]:
                 try:
-                    moving = _read_checked(exam.image_path)
+                    moving = read_image(exam.image_path)
                     moving_geometry = _geometry_of(moving)
                     precomputed = _load_precomputed(exam) if exam.precomputed else None
                     result = register_exam(fixed, moving, settings, precomputed)
@@ -238,12 +236,6 @@ def register_shard(exams: list[ShardExam], settings: RegistrationSettings, trans
     return pd.DataFrame(rows, columns=SHARD_COLUMNS)
 
 
-SHARD_COLUMNS = [
-    "exam_id", "pid", "fixed_exam_id", "is_fixed", "transform_source", "transform_file", "fixed_to_moving",
-    "metric", "rotation_deg", "translation_mm", "body_ncc_before", "body_ncc_after", "lung_ncc_before",
-    "lung_ncc_after", "fixed_shape", "fixed_spacing", "fixed_origin", "fixed_direction", "original_shape",
-    "original_spacing", "original_origin", "original_direction", "error", "runtime_s",
-]
 
 
 @dataclass(frozen=True)
@@ -279,11 +271,13 @@ def gather_registrations(exams: pd.DataFrame, shards: list[pd.DataFrame],
                          thresholds: QualityThresholds) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Join the split's exams with their registration rows and apply the quality check.
 
-    Returns every exam with `qc_pass` and `qc_reason`, and the flagged ones (the bad-exams table).
+    Returns every exam with `qc_pass` and `qc_reason`, and the flagged ones (the bad-exams table). Runtimes
+    stay in the shard tables, so the gathered table is the same whenever and however the shards ran.
     """
     registered = pd.concat([s for s in shards if not s.empty] or [pd.DataFrame(columns=SHARD_COLUMNS)],
                            ignore_index=True)
-    frame = exams.merge(registered.drop(columns=["pid"]), on="exam_id", how="left", validate="one_to_one")
+    frame = exams.merge(registered.drop(columns=["pid", "runtime_s"]), on="exam_id", how="left",
+                        validate="one_to_one")
     missing = frame["fixed_exam_id"].isna()
     frame.loc[missing, "error"] = "no registration result (exam missing from its shard)"
     frame["is_fixed"] = frame["is_fixed"].astype("boolean").fillna(False).astype(bool)

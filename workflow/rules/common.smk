@@ -3,6 +3,15 @@
 # workflow/scripts/noduleflow -> lib/noduleflow (Snakemake puts a script's folder on its import path).
 from snakemake.utils import validate
 
+import functools
+import os
+from dataclasses import asdict
+
+import pandas as pd
+
+from noduleflow.ids import shard_name
+from noduleflow.plan import find_precomputed_transforms, shard_exams
+
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -12,6 +21,7 @@ SYNTHETIC = "results/synthetic"
 
 wildcard_constraints:
     split="|".join(SPLITS),
+    shard=r"\d{3}",
 
 
 def manifest_path():
@@ -44,3 +54,30 @@ def registration_targets():
     """Every default output of the registration stage (seed steps 5-12)."""
     per_split = ["exams_registered.parquet", "bad_exams.csv", "nodules_fixed_bboxes.parquet", "paired_nodules.parquet"]
     return [f"results/metadata/{split}/{name}" for split in SPLITS for name in per_split]
+
+
+def shard_names(split):
+    """All shard names of a split."""
+    return [shard_name(shard) for shard in range(config["shards"][split])]
+
+
+@functools.cache
+def _precomputed():
+    return find_precomputed_transforms(config["data"]["precomputed_transforms"])
+
+
+@functools.lru_cache(maxsize=8)
+def _split_exams(path, mtime_ns):
+    return pd.read_parquet(path)
+
+
+def registration_shard(wildcards):
+    """The exams of a shard as plain dicts (a params value), once the split's exam table exists."""
+    path = checkpoints.split_tables.get(split=wildcards.split).output.exams
+    exams = _split_exams(path, os.stat(path).st_mtime_ns)
+    return [asdict(exam) for exam in shard_exams(exams, int(wildcards.shard), _precomputed())]
+
+
+def registration_images(wildcards):
+    """Images read by a shard job: its exams and their baselines."""
+    return sorted({p for exam in registration_shard(wildcards) for p in (exam["image_path"], exam["fixed_image_path"])})

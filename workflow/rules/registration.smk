@@ -2,45 +2,6 @@
 # A shard job depends only on its images and on the list of exams it holds (a params value known once the
 # split tables exist), so new annotations or QC thresholds never re-register, and a new patient re-registers
 # only its own shard.
-import functools
-import os
-from dataclasses import asdict
-
-import pandas as pd
-
-from noduleflow.ids import shard_name
-from noduleflow.plan import find_precomputed_transforms, shard_exams
-
-
-wildcard_constraints:
-    shard=r"\d{3}",
-
-
-def shard_names(split):
-    """All shard names of a split."""
-    return [shard_name(shard) for shard in range(config["shards"][split])]
-
-
-@functools.cache
-def _precomputed():
-    return find_precomputed_transforms(config["data"]["precomputed_transforms"])
-
-
-@functools.lru_cache(maxsize=8)
-def _split_exams(path, mtime_ns):
-    return pd.read_parquet(path)
-
-
-def registration_shard(wildcards):
-    """The exams of a shard as plain dicts (a params value), once the split's exam table exists."""
-    path = checkpoints.split_tables.get(split=wildcards.split).output.exams
-    exams = _split_exams(path, os.stat(path).st_mtime_ns)
-    return [asdict(exam) for exam in shard_exams(exams, int(wildcards.shard), _precomputed())]
-
-
-def registration_images(wildcards):
-    """Images read by a shard job: its exams and their baselines."""
-    return sorted({p for exam in registration_shard(wildcards) for p in (exam["image_path"], exam["fixed_image_path"])})
 
 
 rule register_shard:
@@ -53,7 +14,7 @@ rule register_shard:
         method=config["registration"]["method"],
         seed=config["seed"],
         transform_dir="results/registration/transforms",
-    threads: 2
+    threads: config["registration"]["threads"]
     log:
         "logs/registration/{split}/{shard}.log",
     benchmark:

@@ -6,7 +6,8 @@ from noduleflow.plan import ShardExam
 from noduleflow.registration import RegistrationSettings, register_shard
 
 with log_to(snakemake.log[0]):
-    settings = RegistrationSettings.from_mapping({**snakemake.params.method, "seed": snakemake.params.seed})
+    settings = RegistrationSettings.from_mapping(
+        {**snakemake.params.method, "seed": snakemake.params.seed, "threads": snakemake.threads})
     table = register_shard([ShardExam(**exam) for exam in snakemake.params.exams], settings,
-                           snakemake.params.transform_dir, threads=snakemake.threads)
+                           snakemake.params.transform_dir)
     write_parquet(table, snakemake.output[0])

@@ -1,0 +1,302 @@
+"""Registration against the synthetic truth: accuracy, boxes in registered space, QC flags, reruns, kills."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import REPO, make_workdir, snakemake
+from noduleflow.boxes import map_box, registered_grid
+from noduleflow.ids import shard_name, shard_of
+from noduleflow.imaging import Geometry, read_image, write_nifti
+from noduleflow.phantom import render_anatomy, sample_anatomy
+from noduleflow.plan import find_precomputed_transforms, shard_exams
+from noduleflow.registration import (
+    QualityThresholds,
+    RegistrationSettings,
+    matrix_to_transform,
+    quality_reasons,
+    register_shard,
+)
+from noduleflow.synthetic import truth_transform
+from noduleflow.tables import computed_split
+
+SPLITS = ("train", "val", "test")
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _rigid(angles_deg, translation):
+    transform = sitk.Euler3DTransform()
+    transform.SetRotation(*np.deg2rad(angles_deg))
+    transform.SetTranslation(translation)
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.reshape(transform.GetMatrix(), (3, 3))
+    matrix[:3, 3] = translation
+    return matrix
+
+
+def test_map_box_follows_a_known_translation():
+    exam = Geometry((100, 100, 40), (0.7, 0.7, 2.0), (-35.0, -35.0, -40.0), IDENTITY)
+    grid = registered_grid(exam, (0.703125, 0.703125, 2.5))
+    assert grid.shape == (100, 100, 32)
+    box = (40, 44, 50, 56, 10, 12)  # i (y), j (x), k (z)
+    same, center, clipped = map_box(box, (42, 53, 11), exam, np.eye(4), grid)
+    shifted_matrix = np.eye(4)
+    shifted_matrix[:3, 3] = (7.03125, 0.0, 0.0)  # baseline point p is at p + 7 mm in x in this exam
+    shifted, shifted_center, _ = map_box(box, (42, 53, 11), exam, shifted_matrix, grid)
+    assert not clipped
+    assert shifted[0:2] == same[0:2] and shifted[4:6] == same[4:6]
+    assert [v - 10 for v in same[2:4]] == shifted[2:4]
+    assert shifted_center[1] == pytest.approx(center[1] - 10)
+    outside, _, flagged = map_box((1, 3, 1, 3, 0, 1), (2, 2, 0), exam, _rigid((0, 0, 0), (100.0, 0, 0)), grid)
+    assert outside is None and flagged
+    partly, _, flagged = map_box((1, 3, 1, 3, 0, 1), (2, 2, 0), exam, _rigid((0, 0, 0), (1.5, 0, 0)), grid)
+    assert partly[2] == 0 and flagged
+
+
+def test_quality_reasons_name_each_violated_threshold():
+    good = {"error": None, "is_fixed": False, "lung_ncc_before": 0.2, "lung_ncc_after": 0.93, "rotation_deg": 4.0,
+            "translation_mm": 12.0}
+    thresholds = QualityThresholds()
+    assert quality_reasons(good, thresholds) is None
+    assert "lung similarity" in quality_reasons({**good, "lung_ncc_after": 0.4}, thresholds)
+    assert "worse" in quality_reasons({**good, "lung_ncc_before": 0.97}, thresholds)
+    assert "rotation" in quality_reasons({**good, "rotation_deg": 40.0}, thresholds)
+    assert "translation" in quality_reasons({**good, "translation_mm": 200.0}, thresholds)
+    assert "failed: boom" in quality_reasons({**good, "error": "boom"}, thresholds)
+
+
+@pytest.fixture(scope="module")
+def phantom_pair(tmp_path_factory):
+    """A coarse phantom baseline and a follow-up misaligned by a known rigid transform."""
+    folder = tmp_path_factory.mktemp("pair")
+    anatomy = sample_anatomy(np.random.default_rng(3), (220.0, 180.0, 130.0))
+    geometry = Geometry((160, 130, 60), (1.4, 1.4, 2.2), (-111.3, -90.3, -64.9), IDENTITY)
+    baseline = render_anatomy(anatomy, geometry.shape, geometry.spacing, geometry.origin)
+    write_nifti(np.round(baseline).astype(np.int16), geometry, folder / "fixed.nii.gz")
+    truth = _rigid((2.0, -3.0, 4.0), (6.0, -8.0, 5.0))  # baseline -> follow-up
+    image = sitk.GetImageFromArray(baseline)
+    image.SetOrigin(geometry.origin)
+    image.SetSpacing(geometry.spacing)
+    moved = sitk.Resample(image, image, matrix_to_transform(np.linalg.inv(truth)), sitk.sitkLinear, -1000.0)
+    write_nifti(np.round(sitk.GetArrayFromImage(moved)).astype(np.int16), geometry, folder / "moving.nii.gz")
+    return folder, truth
+
+
+def _lung_tre(fixed_path, estimated, truth):
+    """Mean and max distance (mm) between two fixed -> moving transforms over lung voxels of the baseline."""
+    image = read_image(fixed_path)
+    array = sitk.GetArrayFromImage(image)
+    rng = np.random.default_rng(0)
+    zyx = np.argwhere((array > -950) & (array < -700))
+    zyx = zyx[rng.choice(len(zyx), size=min(2000, len(zyx)), replace=False)]
+    points = np.array([image.TransformIndexToPhysicalPoint([int(v) for v in p[::-1]]) for p in zyx])
+    homogeneous = np.c_[points, np.ones(len(points))]
+    error = np.linalg.norm((homogeneous @ estimated.T - homogeneous @ truth.T)[:, :3], axis=1)
+    return error.mean(), error.max()
+
+
+def _matrix(row):
+    return np.vstack([np.reshape(row["fixed_to_moving"], (3, 4)), [0, 0, 0, 1]])
+
+
+def test_registration_recovers_a_known_transform(phantom_pair, tmp_path):
+    folder, truth = phantom_pair
+    exams = pd.DataFrame({"pid": "100001", "exam_id": ["a", "b"], "screen_timepoint": [0, 1], "shard": 0,
+                          "image_path": [str(folder / "fixed.nii.gz"), str(folder / "moving.nii.gz")]})
+    table = register_shard(shard_exams(exams, 0, {}), RegistrationSettings(), tmp_path)
+    follow_up = table.set_index("exam_id").loc["b"]
+    assert follow_up["transform_source"] == "registered" and follow_up["error"] is None
+    mean, worst = _lung_tre(folder / "fixed.nii.gz", _matrix(follow_up), truth)
+    assert mean < 0.5 and worst < 1.0
+    assert follow_up["lung_ncc_after"] > 0.9 > follow_up["lung_ncc_before"]
+    assert sitk.ReadTransform(str(tmp_path / "a__b.tfm")).TransformPoint((1.0, 2.0, 3.0)) == pytest.approx(
+        (_matrix(follow_up) @ [1.0, 2.0, 3.0, 1.0])[:3])
+
+
+def test_precomputed_transforms_are_reused_and_inverted_when_stored_the_other_way(phantom_pair, tmp_path):
+    folder, truth = phantom_pair
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    sitk.WriteTransform(matrix_to_transform(np.linalg.inv(truth)), str(stored / "b__a.tfm"))  # moving -> fixed
+    (stored / "notes.txt").write_text("ignored")
+    mapping = find_precomputed_transforms(stored)
+    assert mapping == {("a", "b"): {"fixed": "b", "moving": "a", "filename": "b__a.tfm",
+                                    "path": str(stored / "b__a.tfm")}}
+    exams = pd.DataFrame({"pid": "100001", "exam_id": ["a", "b"], "screen_timepoint": [0, 1], "shard": 0,
+                          "image_path": [str(folder / "fixed.nii.gz"), str(folder / "moving.nii.gz")]})
+    plan = shard_exams(exams, 0, mapping)
+    assert plan[1].precomputed_inverted
+    row = register_shard(plan, RegistrationSettings(), tmp_path / "out").set_index("exam_id").loc["b"]
+    assert row["transform_source"] == "precomputed"
+    np.testing.assert_allclose(_matrix(row), truth, atol=1e-6)
+
+
+# --- the workflow on the small synthetic cohort -------------------------------------------------------------
+
+def _split_table(workdir, name):
+    return pd.concat([pd.read_parquet(workdir / "results" / "metadata" / s / f"{name}.parquet") for s in SPLITS])
+
+
+@pytest.mark.slow
+def test_every_follow_up_is_registered_within_1mm(demo_run):
+    truth = pd.read_parquet(demo_run / "results/synthetic/truth/exams.parquet")
+    registered = _split_table(demo_run, "exams_registered")
+    follow_ups = registered[~registered["is_fixed"]]
+    assert len(follow_ups) >= 8 and registered["qc_pass"].all()
+    for row in follow_ups.to_dict("records"):
+        fixed_path = demo_run / registered.set_index("exam_id").loc[row["fixed_exam_id"], "image_path"]
+        mean, worst = _lung_tre(fixed_path, _matrix(row), truth_transform(truth, row["fixed_exam_id"], row["exam_id"]))
+        assert mean < 1.0 and worst < 2.0, (row["exam_id"], mean, worst)
+    for split in SPLITS:
+        assert pd.read_csv(demo_run / "results/metadata" / split / "bad_exams.csv").empty
+
+
+@pytest.mark.slow
+def test_mapped_boxes_hold_the_true_centres_within_2mm(demo_run):
+    truth_exams = pd.read_parquet(demo_run / "results/synthetic/truth/exams.parquet").set_index("exam_id")
+    truth = pd.read_parquet(demo_run / "results/synthetic/truth/nodules.parquet")
+    boxes = _split_table(demo_run, "nodules_fixed_bboxes")
+    registered = _split_table(demo_run, "exams_registered").set_index("exam_id")
+    spacing = np.array([0.703125, 0.703125, 2.5])
+    assert len(boxes) == (truth["primary_series"]).sum() and not boxes["box_clipped"].any()
+    for row in boxes.itertuples():
+        anatomy = truth[(truth["pid"] == row.pid) & (truth["nodule_group"] == row.nodule_group)]
+        pose = np.vstack([np.reshape(truth_exams.loc[row.fixed_exam_id, "anatomy_to_exam"], (3, 4)), [0, 0, 0, 1]])
+        true_centre = (pose @ np.append(anatomy["center_anatomy"].iloc[0], 1.0))[:3]
+        origin = np.asarray(registered.loc[row.fixed_exam_id, "fixed_origin"])
+        index = (true_centre - origin) / spacing  # x, y, z in registered space
+        mapped = origin + np.array([row.center_fixed[1], row.center_fixed[0], row.center_fixed[2]]) * spacing
+        assert np.linalg.norm(mapped - true_centre) < 2.0
+        i0, i1, j0, j1, k0, k1 = row.coords_fixed
+        assert j0 - 0.5 <= index[0] <= j1 + 0.5 and i0 - 0.5 <= index[1] <= i1 + 0.5
+        assert k0 - 0.5 <= index[2] <= k1 + 0.5
+    pairs = _split_table(demo_run, "paired_nodules")
+    assert (pairs["exam_idx_b"] > pairs["exam_idx_a"]).all() and (pairs["delta_days"] > 300).all()
+    assert len(pairs) == len(boxes) - boxes.groupby(["pid", "nodule_group"]).ngroups
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_gathered_table(demo_run, tmp_path):
+    workdir = tmp_path / "killed"
+    shutil.copytree(demo_run, workdir, symlinks=True)
+    shutil.rmtree(workdir / "results" / "registration" / "train")
+    target = "results/metadata/train/exams_registered.parquet"
+    (workdir / target).unlink()
+    logs = workdir / ".snakemake" / "log"
+    earlier = set(logs.glob("*.log"))
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--cores", "2", target]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shards = workdir / "results" / "registration" / "train"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once Snakemake has finished (not just started) a first shard
+        if any("(Rule: register_shard)" in p.read_text() for p in set(logs.glob("*.log")) - earlier):
+            break
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = sorted(p.name for p in shards.glob("*.parquet"))
+    assert 1 <= len(done) < 4, "the run should be killed while shards are still running"
+    snakemake(workdir, "--unlock")  # a SIGKILL leaves Snakemake's lock behind
+    result = snakemake(workdir, "--cores", "2", "--rerun-incomplete", target)
+    rerun = [line for line in result.stderr.splitlines() if "wildcards: split=train, shard=" in line]
+    assert not any(name[:3] in line for name in done for line in rerun), "finished shards must not run again"
+    assert (workdir / target).read_bytes() == (demo_run / target).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def files_run(demo_run, tmp_path_factory):
+    """The demo data as 'real' files, with one patient held back, a swapped follow-up and one with NaN voxels."""
+    root = tmp_path_factory.mktemp("files")
+    data = root / "data"
+    shutil.copytree(demo_run / "results" / "synthetic", data, ignore=shutil.ignore_patterns("truth"))
+    manifest = pd.read_csv(data / "manifest.csv", dtype={"pid": str, "exam_id": str})
+    tracking = torch.load(data / "nodules.pt", weights_only=True)
+    registered = _split_table(demo_run, "exams_registered")
+    follow_ups = registered[~registered["is_fixed"]].drop_duplicates("pid")
+    held_back, swapped, corrupted, donor = follow_ups["pid"].iloc[:4]
+    by_exam = manifest.set_index("exam_id")
+    swapped_exam = follow_ups.set_index("pid").loc[swapped, "exam_id"]
+    donor_exam = follow_ups.set_index("pid").loc[donor, "exam_id"]
+    shutil.copy(data / by_exam.loc[donor_exam, "image_path"], data / by_exam.loc[swapped_exam, "image_path"])
+    corrupted_exam = follow_ups.set_index("pid").loc[corrupted, "exam_id"]
+    image = read_image(data / by_exam.loc[corrupted_exam, "image_path"])
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array[array.shape[0] // 2, 100:110, 100:110] = np.nan
+    geometry = Geometry(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    write_nifti(array, geometry, data / by_exam.loc[corrupted_exam, "image_path"])
+    manifest[manifest["pid"] != held_back].to_csv(data / "manifest.csv", index=False)
+    torch.save({pid: groups for pid, groups in tracking.items() if pid != held_back}, data / "nodules.pt")
+    workdir = make_workdir(root / "run", data={"source": "files", "manifest": str(data / "manifest.csv"),
+                                               "nodules": str(data / "nodules.pt")})
+    snakemake(workdir, "--cores", "2")
+    return {"workdir": workdir, "data": data, "manifest": manifest, "tracking": tracking, "held_back": held_back,
+            "swapped": swapped_exam, "corrupted": corrupted_exam}
+
+
+@pytest.mark.slow
+def test_a_swapped_or_corrupted_follow_up_is_flagged_with_a_reason(files_run):
+    workdir = files_run["workdir"]
+    bad = pd.concat([pd.read_csv(workdir / "results/metadata" / s / "bad_exams.csv", dtype=str) for s in SPLITS])
+    reasons = dict(zip(bad["exam_id"], bad["reason"], strict=True))
+    assert set(reasons) == {files_run["swapped"], files_run["corrupted"]}
+    assert "lung similarity" in reasons[files_run["swapped"]]
+    assert "NaN" in reasons[files_run["corrupted"]]
+    boxes = _split_table(workdir, "nodules_fixed_bboxes")
+    assert not boxes["exam"].isin(list(reasons)).any()
+    assert len(boxes) > 0
+
+
+def _planned(result):
+    """Job counts per rule from a dry-run's job stats."""
+    text = result.stdout + result.stderr
+    stats = text[text.index("Job stats:"):].split("\n\n")[0].splitlines()[3:]
+    return {name: int(count) for name, count in (line.split() for line in stats) if name != "total"}
+
+
+@pytest.mark.slow
+def test_reruns_touch_only_what_is_stale(files_run):
+    workdir, data = files_run["workdir"], files_run["data"]
+    nothing = snakemake(workdir, "-n")
+    assert "Nothing to be done" in nothing.stdout + nothing.stderr
+
+    # a changed QC threshold reruns QC and what follows, never registration
+    config = workdir / "config" / "config.yaml"
+    original = config.read_text()
+    config.write_text(original.replace("min_lung_ncc: 0.7", "min_lung_ncc: 0.75"))
+    plan = _planned(snakemake(workdir, "-n"))
+    assert plan["registration_qc"] == 3 and "register_shard" not in plan
+    config.write_text(original)
+
+    # edited annotations: once the split tables are rebuilt, no registration job is planned
+    tracking = torch.load(data / "nodules.pt", weights_only=True)
+    pid = next(iter(tracking))
+    group = next(iter(tracking[pid]))
+    lesion = next(iter(tracking[pid][group].values()))
+    lesion["volume"] += 5.0
+    torch.save(tracking, data / "nodules.pt")
+    snakemake(workdir, "--cores", "2", "--until", "split_tables")
+    plan = _planned(snakemake(workdir, "-n"))
+    assert "register_shard" not in plan and plan["nodule_boxes"] >= 1
+
+    # one more patient: exactly that patient's shard is registered
+    snakemake(workdir, "--cores", "2")
+    held_back = files_run["held_back"]
+    files_run["manifest"].to_csv(data / "manifest.csv", index=False)
+    tracking[held_back] = files_run["tracking"][held_back]
+    torch.save(tracking, data / "nodules.pt")
+    snakemake(workdir, "--cores", "2", "--until", "split_tables")
+    result = snakemake(workdir, "-n")
+    assert _planned(result)["register_shard"] == 1
+    split = computed_split(held_back, 42, {"train": 0.7, "val": 0.1, "test": 0.2})
+    shard = shard_name(shard_of(held_back, {"train": 4, "val": 1, "test": 2}[split]))
+    assert f"results/registration/{split}/{shard}.parquet" in result.stdout + result.stderr
