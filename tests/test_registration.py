@@ -17,6 +17,7 @@ from conftest import REPO, make_workdir, snakemake
 from noduleflow.boxes import map_box, registered_grid
 from noduleflow.ids import shard_name, shard_of
 from noduleflow.imaging import Geometry, read_image, write_nifti
+from noduleflow.io import load_plain_pickle
 from noduleflow.phantom import render_anatomy, sample_anatomy
 from noduleflow.plan import find_precomputed_transforms, shard_exams
 from noduleflow.registration import (
@@ -300,3 +301,22 @@ def test_reruns_touch_only_what_is_stale(files_run):
     split = computed_split(held_back, 42, {"train": 0.7, "val": 0.1, "test": 0.2})
     shard = shard_name(shard_of(held_back, {"train": 4, "val": 1, "test": 2}[split]))
     assert f"results/registration/{split}/{shard}.parquet" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_registered_niftis_line_up_with_their_baseline(demo_run):
+    snakemake(demo_run, "--cores", "2", "registered_niftis")
+    written = load_plain_pickle(demo_run / "results/metadata/exam_to_nifti_transformed.pkl")
+    registered = _split_table(demo_run, "exams_registered").set_index("exam_id")
+    assert len(written) == 4
+    for exam_id, path in written.items():
+        assert (demo_run / "results/registration/qc" / f"{exam_id}.png").stat().st_size > 10_000
+        follow_up = read_image(demo_run / path)
+        baseline = read_image(demo_run / registered.loc[registered.loc[exam_id, "fixed_exam_id"], "image_path"])
+        assert follow_up.GetSpacing() == pytest.approx((0.703125, 0.703125, 2.5))
+        unregistered = read_image(demo_run / registered.loc[exam_id, "image_path"])
+        a, b, c = (sitk.GetArrayFromImage(sitk.Resample(i, follow_up, sitk.Transform(), sitk.sitkLinear, -1024.0))
+                   .astype(float) for i in (baseline, follow_up, unregistered))
+        lungs = (a > -950) & (a < -600)
+        aligned, before = np.corrcoef(a[lungs], b[lungs])[0, 1], np.corrcoef(a[lungs], c[lungs])[0, 1]
+        assert aligned > 0.4 and aligned > before + 0.25, (aligned, before)

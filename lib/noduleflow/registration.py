@@ -11,8 +11,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,9 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from noduleflow.imaging import Geometry, read_image
+from noduleflow.boxes import registered_grid
+from noduleflow.figures import registration_figure
+from noduleflow.imaging import Geometry, read_image, write_nifti
 from noduleflow.io import atomic_path
 from noduleflow.plan import ShardExam, transform_file
 
@@ -288,3 +291,47 @@ def gather_registrations(exams: pd.DataFrame, shards: list[pd.DataFrame],
     log.info("registration QC: %d exams, %d flagged", len(frame), len(bad))
     return frame, bad.rename(columns={"qc_reason": "reason"}).reset_index(drop=True)
 
+
+
+def _resample(image: sitk.Image, grid: Geometry, fixed_to_moving: np.ndarray) -> np.ndarray:
+    """`image` (a moving exam) on `grid` (in fixed space) through a fixed -> moving matrix, as an int16 array."""
+    out = sitk.Resample(image, grid.reference_image(), matrix_to_transform(fixed_to_moving), sitk.sitkLinear,
+                        -1024.0, sitk.sitkFloat32)
+    return np.round(sitk.GetArrayFromImage(out)).astype(np.int16)
+
+
+def write_registered_exams(exams: pd.DataFrame, nodules: pd.DataFrame, spacing: Sequence[float], count: int,
+                           nifti_dir: str | os.PathLike[str], picture_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Write up to `count` follow-ups resampled into registered space, with a QC picture each (seed steps 5, 10-11).
+
+    Flagged exams come first (they are the ones to look at), then the others by exam id. The picture shows the
+    baseline, the follow-up before and after registration, on the axial slice through one of its nodules.
+    Returns exam_id -> registered NIfTI path.
+    """
+    follow_ups = exams[~exams["is_fixed"] & exams["fixed_to_moving"].notna()]
+    chosen = follow_ups.sort_values(["qc_pass", "exam_id"], kind="stable").head(count)
+    Path(nifti_dir).mkdir(parents=True, exist_ok=True)
+    Path(picture_dir).mkdir(parents=True, exist_ok=True)
+    written = {}
+    for exam in chosen.to_dict("records"):
+        fixed_row = exams.set_index("exam_id").loc[exam["fixed_exam_id"]]
+        fixed_geometry = Geometry(*(tuple(exam[f"fixed_{n}"]) for n in ("shape", "spacing", "origin", "direction")))
+        grid = registered_grid(fixed_geometry, spacing)
+        matrix = np.vstack([np.reshape(exam["fixed_to_moving"], (3, 4)), [0, 0, 0, 1]])
+        moving = read_image(exam["image_path"])
+        after = _resample(moving, grid, matrix)
+        path = Path(nifti_dir) / f"{exam['exam_id']}.nii.gz"
+        write_nifti(after, grid, path)
+        written[exam["exam_id"]] = os.fspath(path)
+        mine = nodules[(nodules["exam"] == exam["exam_id"]) & nodules["coords_fixed"].notna()]
+        box = list(mine["coords_fixed"].iloc[0]) if len(mine) else None
+        k = (box[4] + box[5]) // 2 if box else grid.shape[2] // 2
+        panels = [("baseline", _resample(read_image(fixed_row["image_path"]), grid, np.eye(4))[k]),
+                  ("follow-up, not registered", _resample(moving, grid, np.eye(4))[k]),
+                  ("follow-up, registered", after[k])]
+        verdict = "passed QC" if exam["qc_pass"] else f"FLAGGED: {exam['qc_reason']}"
+        registration_figure(panels, box[:4] if box else None,
+                            f"{exam['exam_id']} -> {exam['fixed_exam_id']} ({verdict})",
+                            Path(picture_dir) / f"{exam['exam_id']}.png")
+    log.info("wrote %d registered exams", len(written))
+    return written

@@ -70,3 +70,23 @@ rule nodule_pairs:
         "../../envs/data.yaml"
     script:
         "../scripts/nodule_pairs.py"
+
+
+# Optional target (`snakemake registered_niftis`): a few follow-ups written in registered space, with pictures.
+rule registered_niftis:
+    input:
+        exams=expand(rules.registration_qc.output.exams, split=SPLITS),
+        nodules=expand(rules.nodule_boxes.output[0], split=SPLITS),
+    output:
+        mapping="results/metadata/exam_to_nifti_transformed.pkl",
+        niftis=directory("results/registration/registered"),
+        pictures=directory("results/registration/qc"),
+    params:
+        how_many=config["registration"]["registered_niftis"],
+        spacing=config["patch"]["spacing_mm"],
+    log:
+        "logs/registration/registered_niftis.log",
+    conda:
+        "../../envs/registration.yaml"
+    script:
+        "../scripts/registered_niftis.py"
