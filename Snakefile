@@ -12,6 +12,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/synthetic.smk"
 include: "workflow/rules/metadata.smk"
 include: "workflow/rules/registration.smk"
+include: "workflow/rules/cache.smk"
 
 
 rule all:
@@ -19,6 +20,7 @@ rule all:
     input:
         metadata_targets(),
         registration_targets(),
+        cache_targets(),
 
 
 # One target per stage: `snakemake metadata` builds seed steps 1-4 only.
@@ -30,3 +32,8 @@ rule metadata:
 rule registration:
     input:
         registration_targets(),
+
+
+rule cache:
+    input:
+        cache_targets(),

@@ -3,7 +3,7 @@
 Each pair is a synthetic chest of NLST-like size (512 x 512 x 160 voxels at 0.7 x 0.7 x 2.5 mm, the baseline)
 and the same anatomy seen through a known rigid transform (the follow-up), each with its own noise. Prints, per
 method, seconds per pair (registration only) and the target registration error (TRE) over points inside the
-lungs. ANTsPy is optional (`pip install antspyx==0.6.3`); without it only noduleflow is measured.
+lungs. ANTsPy is optional (see benchmarks/README.md); without it only noduleflow is measured.
 
     .venv/bin/python benchmarks/registration.py [--pairs 3] [--seed 0] [--ants-pairs 1] [--skip-ants]
 """
@@ -154,10 +154,12 @@ def main() -> None:
     parser.add_argument("--ants-pairs", type=int, default=1, help="pairs also run with ANTsPy, which is slow (1)")
     parser.add_argument("--skip-ants", action="store_true", help="measure noduleflow only")
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
     ants_pairs = 0 if args.skip_ants else min(args.ants_pairs, args.pairs)
     if ants is None and ants_pairs:
         print(f"ANTsPy is not available ({ANTS_MISSING}); measuring noduleflow only. "
-              "Install it with `pip install antspyx==0.6.3` to compare.")
+              "See benchmarks/README.md to install it.")
         ants_pairs = 0
     print(f"{args.pairs} pairs of {SIZE[0]} x {SIZE[1]} x {SIZE[2]} voxels at {SPACING[0]} x {SPACING[1]} x "
           f"{SPACING[2]} mm, seed {args.seed}, {os.cpu_count()} CPUs; TRE over {TRE_POINTS} lung points per pair")

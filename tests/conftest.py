@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,23 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     return result
 
 
+def kill_after_first_job(workdir: Path, target: str, rule: str) -> None:
+    """Start the workflow towards `target`, SIGKILL it once a first `rule` job has finished, unlock the folder."""
+    logs = workdir / ".snakemake" / "log"
+    earlier = set(logs.glob("*.log"))
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--cores", "2", target]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # finished, not just started: Snakemake has logged the job's end
+        if any(f"(Rule: {rule})" in p.read_text() for p in set(logs.glob("*.log")) - earlier):
+            break
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    snakemake(workdir, "--unlock")  # a SIGKILL leaves Snakemake's lock behind
+
+
 def make_workdir(folder: Path, **overrides) -> Path:
     """A working directory with the default config, updated by `overrides` (top-level keys merged one level)."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -93,10 +112,3 @@ def demo_run(tmp_path_factory) -> Path:
     snakemake(workdir, "--cores", "2")
     return workdir
 
-
-@pytest.fixture()
-def copy_of(tmp_path):
-    """Copy a folder into this test's temporary directory."""
-    def copy(source: Path, name: str) -> Path:
-        return Path(shutil.copytree(source, tmp_path / name, symlinks=True))
-    return copy

@@ -1,11 +1,6 @@
 """Registration against the synthetic truth: accuracy, boxes in registered space, QC flags, reruns, kills."""
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -13,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import REPO, make_workdir, snakemake
+from conftest import kill_after_first_job, make_workdir, snakemake
 from noduleflow.boxes import map_box, registered_grid
 from noduleflow.ids import shard_name, shard_of
 from noduleflow.imaging import Geometry, read_image, write_nifti
@@ -192,22 +187,9 @@ def test_a_killed_run_resumes_to_the_same_gathered_table(demo_run, tmp_path):
     shutil.rmtree(workdir / "results" / "registration" / "train")
     target = "results/metadata/train/exams_registered.parquet"
     (workdir / target).unlink()
-    logs = workdir / ".snakemake" / "log"
-    earlier = set(logs.glob("*.log"))
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--cores", "2", target]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    shards = workdir / "results" / "registration" / "train"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once Snakemake has finished (not just started) a first shard
-        if any("(Rule: register_shard)" in p.read_text() for p in set(logs.glob("*.log")) - earlier):
-            break
-        time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    done = sorted(p.name for p in shards.glob("*.parquet"))
+    kill_after_first_job(workdir, target, "register_shard")
+    done = sorted(p.name for p in (workdir / "results" / "registration" / "train").glob("*.parquet"))
     assert 1 <= len(done) < 4, "the run should be killed while shards are still running"
-    snakemake(workdir, "--unlock")  # a SIGKILL leaves Snakemake's lock behind
     result = snakemake(workdir, "--cores", "2", "--rerun-incomplete", target)
     rerun = [line for line in result.stderr.splitlines() if "wildcards: split=train, shard=" in line]
     assert not any(name[:3] in line for name in done for line in rerun), "finished shards must not run again"

@@ -56,6 +56,12 @@ def registration_targets():
     return [f"results/metadata/{split}/{name}" for split in SPLITS for name in per_split]
 
 
+def cache_targets():
+    """Every default output of the patch cache (seed steps 13-15)."""
+    per_split = ["index.parquet", "skipped.csv", "small_boxes.parquet"]
+    return [f"results/cache/raw/{split}/{name}" for split in SPLITS for name in per_split]
+
+
 def shard_names(split):
     """All shard names of a split."""
     return [shard_name(shard) for shard in range(config["shards"][split])]

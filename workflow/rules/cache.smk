@@ -1,0 +1,63 @@
+# Nodule patch cache (seed steps 13-15): patches cut in registered space per shard, one index per split,
+# small boxes with reference volumes.
+
+
+rule cache_shard:
+    input:
+        exams=rules.registration_qc.output.exams,
+        nodules=rules.nodule_boxes.output[0],
+    output:
+        patches="results/cache/raw/{split}/{shard}.npy",
+        slices="results/cache/raw/{split}/{shard}_slices.npy",
+        index="results/cache/raw/{split}/{shard}.parquet",
+        skipped="results/cache/raw/{split}/{shard}_skipped.csv",
+    params:
+        patch=config["patch"],
+    log:
+        "logs/cache/{split}/{shard}.log",
+    benchmark:
+        "benchmarks/cache/{split}/{shard}.tsv"
+    conda:
+        "../../envs/registration.yaml"
+    script:
+        "../scripts/cache_shard.py"
+
+
+rule cache_index:
+    input:
+        patches=lambda wildcards: expand(rules.cache_shard.output.patches, split=wildcards.split,
+                                         shard=shard_names(wildcards.split)),
+        slices=lambda wildcards: expand(rules.cache_shard.output.slices, split=wildcards.split,
+                                        shard=shard_names(wildcards.split)),
+        indexes=lambda wildcards: expand(rules.cache_shard.output.index, split=wildcards.split,
+                                         shard=shard_names(wildcards.split)),
+        skipped=lambda wildcards: expand(rules.cache_shard.output.skipped, split=wildcards.split,
+                                         shard=shard_names(wildcards.split)),
+    output:
+        index="results/cache/raw/{split}/index.parquet",
+        skipped="results/cache/raw/{split}/skipped.csv",
+    params:
+        patch=config["patch"],
+    log:
+        "logs/cache/index_{split}.log",
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/cache_index.py"
+
+
+rule small_boxes:
+    input:
+        index=rules.cache_index.output.index,
+        patches=rules.cache_index.input.patches,
+    output:
+        "results/cache/raw/{split}/small_boxes.parquet",
+    params:
+        patch=config["patch"],
+        segmentation=config["segmentation"],
+    log:
+        "logs/cache/small_boxes_{split}.log",
+    conda:
+        "../../envs/registration.yaml"
+    script:
+        "../scripts/small_boxes.py"

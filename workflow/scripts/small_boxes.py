@@ -1,0 +1,16 @@
+"""Rule small_boxes: boxes in patch coordinates and reference volumes (noduleflow.patches)."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
+from noduleflow.io import write_parquet
+from noduleflow.logs import log_to
+from noduleflow.patches import PatchSettings, small_boxes
+
+with log_to(snakemake.log[0]):
+    table = small_boxes(pd.read_parquet(snakemake.input.index), Path(snakemake.input.index).parent,
+                        PatchSettings.from_mapping(snakemake.params.patch),
+                        HalfMaximumSegmenter.from_mapping(snakemake.params.segmentation))
+    write_parquet(table, snakemake.output[0])
