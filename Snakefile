@@ -13,6 +13,7 @@ include: "workflow/rules/synthetic.smk"
 include: "workflow/rules/metadata.smk"
 include: "workflow/rules/registration.smk"
 include: "workflow/rules/cache.smk"
+include: "workflow/rules/models.smk"
 
 
 rule all:
@@ -21,6 +22,7 @@ rule all:
         metadata_targets(),
         registration_targets(),
         cache_targets(),
+        model_targets(),
 
 
 # One target per stage: `snakemake metadata` builds seed steps 1-4 only.
@@ -37,3 +39,8 @@ rule registration:
 rule cache:
     input:
         cache_targets(),
+
+
+rule models:
+    input:
+        model_targets(),

@@ -85,9 +85,16 @@ def kill_after_first_job(workdir: Path, target: str, rule: str) -> None:
     snakemake(workdir, "--unlock")  # a SIGKILL leaves Snakemake's lock behind
 
 
-def make_workdir(folder: Path, **overrides) -> Path:
-    """A working directory with the default config, updated by `overrides` (top-level keys merged one level)."""
+def make_workdir(folder: Path, quick_models: bool = False, **overrides) -> Path:
+    """A working directory with the default config, updated by `overrides` (top-level keys merged one level).
+
+    quick_models: train every model for a few steps only (the tests check wiring and falling losses).
+    """
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    if quick_models:
+        models = config["models"]
+        for section in [models["vae"], *models["pretrain"].values(), *models["runs"].values()]:
+            section["training"].update(steps=30, checkpoint_every=15, log_every=10)
     for key, value in overrides.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) \
             else value
@@ -108,7 +115,7 @@ SMALL_COHORT = {
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """The workflow's default target run once on a small synthetic cohort; returns its working directory."""
-    workdir = make_workdir(tmp_path_factory.mktemp("demo"), synthetic=SMALL_COHORT)
+    workdir = make_workdir(tmp_path_factory.mktemp("demo"), quick_models=True, synthetic=SMALL_COHORT)
     snakemake(workdir, "--cores", "2")
     return workdir
 

@@ -127,13 +127,19 @@ def _check_data_size(path: str, expected: int) -> None:
 def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     """Read a NIfTI file as a SimpleITK image on its LPS geometry; raise ImageHeaderError if it is unusable.
 
-    nibabel reads the voxels (ITK's reader silently turns NaN into 0), so non-finite voxels are reported.
+    Integer images (all CT exports) are read by ITK, which decompresses about 3x faster than nibabel; floating
+    point images are read by nibabel, because ITK's reader silently turns NaN into 0, and non-finite voxels
+    are reported.
     """
     geometry = read_geometry(path)
-    array = np.asanyarray(nib.load(os.fspath(path)).dataobj)
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise ImageHeaderError(f"image contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    header = nib.load(os.fspath(path))
+    if header.get_data_dtype().kind == "f":
+        array = np.asanyarray(header.dataobj)
+        if not np.isfinite(array).all():
+            raise ImageHeaderError(f"image contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    else:
+        image = sitk.ReadImage(os.fspath(path))
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)

@@ -22,6 +22,8 @@ SYNTHETIC = "results/synthetic"
 wildcard_constraints:
     split="|".join(SPLITS),
     shard=r"\d{3}",
+    dims="2d|3d",
+    run="[A-Za-z0-9_-]+",
 
 
 def manifest_path():
@@ -87,3 +89,25 @@ def registration_shard(wildcards):
 def registration_images(wildcards):
     """Images read by a shard job: its exams and their baselines."""
     return sorted({p for exam in registration_shard(wildcards) for p in (exam["image_path"], exam["fixed_image_path"])})
+
+
+def model_targets():
+    """Every trained model of the default config."""
+    return [
+        "results/models/vae/model.pt",
+        *[f"results/models/pretrain_{dims}/model.pt" for dims in config["models"]["pretrain"]],
+        *[f"results/models/runs/{run}/model.pt" for run in config["models"]["runs"]],
+    ]
+
+
+def space_folder(space, split):
+    """The cache a model of this space reads: the raw cache (patches or slices) or the latent cache."""
+    if space == "latent":
+        return f"results/cache/latent/{split}"
+    return f"results/cache/raw/{split}/index.parquet"
+
+
+def pretrained_input(wildcards):
+    """The pretrained model a paired run starts from, if it asks for one."""
+    run = config["models"]["runs"][wildcards.run]
+    return f"results/models/pretrain_{run['pretrained']}/model.pt" if run.get("pretrained") else []

@@ -1,0 +1,1 @@
+"""Generative models: the VAE that compresses nodule patches, and flow-matching velocity networks."""

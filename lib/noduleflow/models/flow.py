@@ -1,0 +1,124 @@
+"""Flow matching (seed steps 18-19): the objective, ODE samplers and the velocity network.
+
+A flow carries x0 to x1 along straight paths x_t = t x1 + (1 - t) x0 (+ sigma noise); the network learns the
+velocity u = x1 - x0. Unconditional pretraining flows from noise to data. Paired forecasting flows either from
+the prior itself to the follow-up ("bridge"), or from noise to the follow-up with the prior concatenated as
+conditioning channels ("noise"); the interval in days conditions the network through a trained embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+FORMULATIONS = ("bridge", "noise")
+
+
+class IntervalEmbedding(nn.Module):
+    """Days between exams -> sinusoidal features -> MLP -> a (B, 1, dim) cross-attention context (trained)."""
+
+    def __init__(self, dim: int, max_period: float = 10_000.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.max_period = max_period
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, days: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        frequencies = torch.exp(-math.log(self.max_period) * torch.arange(half, device=days.device) / half)
+        angles = days.float()[:, None] * frequencies[None]
+        return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=1))[:, None, :]
+
+
+class VelocityNet(nn.Module):
+    """MONAI DiffusionModelUNet predicting the flow's velocity, optionally conditioned on a prior and an interval.
+
+    hparams: spatial_dims, data_channels, prior_channels (0, or data_channels for the "noise" formulation),
+    channels, attention_levels, num_res_blocks, num_head_channels, norm_num_groups, interval_dim (0: none).
+    """
+
+    def __init__(self, hparams: dict[str, Any]) -> None:
+        super().__init__()
+        self.hparams = dict(hparams)
+        interval_dim = hparams["interval_dim"]
+        self.unet = DiffusionModelUNet(
+            spatial_dims=hparams["spatial_dims"], in_channels=hparams["data_channels"] + hparams["prior_channels"],
+            out_channels=hparams["data_channels"], channels=tuple(hparams["channels"]),
+            attention_levels=tuple(hparams["attention_levels"]), num_res_blocks=hparams["num_res_blocks"],
+            num_head_channels=hparams["num_head_channels"], norm_num_groups=hparams["norm_num_groups"],
+            resblock_updown=True, with_conditioning=interval_dim > 0,
+            cross_attention_dim=interval_dim if interval_dim > 0 else None)
+        self.interval = IntervalEmbedding(interval_dim) if interval_dim > 0 else None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, prior: torch.Tensor | None = None,
+                delta_days: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity at x and flow time t in [0, 1] (MONAI's timestep embedding expects a 0-1000 scale)."""
+        if self.hparams["prior_channels"]:
+            x = torch.cat([x, prior], dim=1)
+        context = self.interval(delta_days) if self.interval is not None else None
+        return self.unet(x, timesteps=t * 1000.0, context=context)
+
+
+def _broadcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def flow_matching_loss(net: VelocityNet, x0: torch.Tensor, x1: torch.Tensor, generator: torch.Generator,
+                       sigma: float = 0.0, prior: torch.Tensor | None = None, delta_days: torch.Tensor | None = None,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(Weighted) mean squared error between the predicted and the true velocity at a random time."""
+    t = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = _broadcast(t, x0) * x1 + (1 - _broadcast(t, x0)) * x0 + sigma * noise
+    error = (net(x_t, t, prior, delta_days) - (x1 - x0)).pow(2)
+    if weights is None:
+        return error.mean()
+    weights = weights.expand_as(error)
+    return (weights * error).sum() / (weights.sum() + 1e-8)
+
+
+def box_weights(shape: Sequence[int], boxes: Sequence[torch.Tensor], margin: Sequence[int], weight: float,
+                scale: Sequence[float]) -> torch.Tensor:
+    """Per-sample loss weights (B, 1, *spatial): `weight` inside the union of the boxes grown by `margin`, 1 outside.
+
+    Boxes are (B, 6) tensors (i0, i1, j0, j1, k0, k1) = (y, x, z) in patch voxels; `margin` (x, y, z) is in
+    patch voxels; `scale` (x, y, z) maps patch voxels to this grid, e.g. 1/4 on a latent grid downsampled 4
+    times. 2D grids (slices) use y and x only.
+    """
+    batch, spatial = shape[0], list(shape[2:])
+    out = torch.ones(batch, 1, *spatial)
+    for b in range(batch):
+        region = torch.zeros(spatial, dtype=torch.bool)
+        for box in boxes:
+            y0, y1, x0, x1, z0, z1 = (int(v) for v in box[b])
+            spans = [(z0, z1), (y0, y1), (x0, x1)][-len(spatial):]
+            margins = list(reversed(margin))[-len(spatial):]
+            factors = list(reversed(scale))[-len(spatial):]
+            slices = tuple(slice(max(int((lo - m) * f), 0), min(int(math.ceil((hi + 1 + m) * f)), n))
+                           for (lo, hi), m, f, n in zip(spans, margins, factors, spatial, strict=True))
+            region[slices] = True
+        out[b, 0][region] = weight
+    return out
+
+
+@torch.no_grad()
+def sample(net: VelocityNet, x0: torch.Tensor, steps: int, method: str = "heun", prior: torch.Tensor | None = None,
+           delta_days: torch.Tensor | None = None) -> torch.Tensor:
+    """Integrate the flow from x0 at t = 0 to t = 1 with Euler or Heun (2nd order) steps."""
+    if method not in ("euler", "heun"):
+        raise ValueError(f"unknown sampler {method!r}: use 'euler' or 'heun'")
+    x = x0
+    dt = 1.0 / steps
+    for k in range(steps):
+        t = torch.full((x.shape[0],), k * dt, device=x.device, dtype=x.dtype)
+        velocity = net(x, t, prior, delta_days)
+        if method == "heun":
+            predicted = x + dt * velocity
+            velocity = 0.5 * (velocity + net(predicted, t + dt, prior, delta_days))
+        x = x + dt * velocity
+    return x

@@ -1,0 +1,159 @@
+"""What each model trains on and with which loss: the VAE, unconditional pretraining and paired forecasting.
+
+Spaces: "raw" (3D patches of the raw cache), "slices" (2D axial slices of the raw cache) and "latent" (3D VAE
+latents of the latent cache). Every function here wires a cache folder and a config section to
+`noduleflow.training.train`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from noduleflow.datasets import NodulePairs, NodulePatches
+from noduleflow.models.flow import FORMULATIONS, VelocityNet, box_weights, flow_matching_loss
+from noduleflow.models.vae import build_vae, vae_loss
+from noduleflow.training import TrainSettings, load_model, save_model, train
+
+log = logging.getLogger(__name__)
+
+SPACES = ("raw", "slices", "latent")
+
+
+def _non_empty(dataset: Dataset) -> Dataset | None:
+    """The validation set, or None (no validation, with a warning) when the split has nothing to offer."""
+    if len(dataset) == 0:
+        log.warning("the validation split is empty: training runs without validation")
+        return None
+    return dataset
+
+
+def _patches(folder: str | os.PathLike[str], space: str) -> NodulePatches:
+    return NodulePatches(folder, slices=space == "slices")
+
+
+def train_vae(config: dict[str, Any], train_folder: str, val_folder: str, model_path: str, work_dir: str,
+              seed: int) -> None:
+    """Train the 3D VAE on the raw patches of the train split, validated on the val split."""
+    hparams = {"spatial_dims": 3, **{k: config[k] for k in ("channels", "latent_channels", "num_res_blocks",
+                                                           "norm_num_groups")}}
+    settings = TrainSettings.from_mapping({**config["training"], "seed": seed})
+    model = build_vae(hparams)
+    kl_weight = float(config["kl_weight"])
+    result = train(model, lambda m, batch, g: vae_loss(m, batch["image"], g, kl_weight),
+                   _patches(train_folder, "raw"), settings, work_dir,
+                   {"hparams": hparams, "kl_weight": kl_weight, "settings": config["training"], "seed": seed},
+                   val_dataset=_non_empty(_patches(val_folder, "raw")), val_every=settings.checkpoint_every)
+    save_model(model_path, result.model, hparams, result.history)
+
+
+def load_vae(path: str | os.PathLike[str]) -> nn.Module:
+    """A trained VAE in eval mode."""
+    state, hparams = load_model(path)
+    model = build_vae(hparams)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _net_hparams(net: dict[str, Any], space: str, data_channels: int, prior_channels: int,
+                 interval_dim: int) -> dict[str, Any]:
+    return {"spatial_dims": 2 if space == "slices" else 3, "data_channels": data_channels,
+            "prior_channels": prior_channels, "interval_dim": interval_dim, **net}
+
+
+def _initialise(net: VelocityNet, pretrained: str | os.PathLike[str]) -> None:
+    """Copy every pretrained weight whose name and shape match (new conditioning layers keep their init)."""
+    state, _ = load_model(pretrained)
+    own = net.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    net.load_state_dict(matching, strict=False)
+    log.info("initialised %d of %d tensors from %s", len(matching), len(own), pretrained)
+
+
+def train_pretraining(config: dict[str, Any], space: str, data_channels: int, train_folder: str, val_folder: str,
+                      model_path: str, work_dir: str, seed: int) -> None:
+    """Unconditional flow matching from noise to cached patches, slices or latents."""
+    hparams = _net_hparams(config["net"], space, data_channels, 0, 0)
+    settings = TrainSettings.from_mapping({**config["training"], "seed": seed})
+    sigma = float(config["sigma"])
+
+    def loss(net: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        x1 = batch["image"]
+        x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+        return flow_matching_loss(net, x0, x1, generator, sigma)
+
+    result = train(VelocityNet(hparams), loss, _patches(train_folder, space), settings, work_dir,
+                   {"hparams": hparams, "sigma": sigma, "settings": config["training"], "seed": seed},
+                   val_dataset=_non_empty(_patches(val_folder, space)), val_every=settings.checkpoint_every)
+    save_model(model_path, result.model, hparams, result.history)
+
+
+def paired_dataset(folder: str | os.PathLike[str], pairs_path: str | os.PathLike[str], space: str) -> NodulePairs:
+    """Prior/follow-up pairs of one split from a cache folder."""
+    return NodulePairs(folder, pd.read_parquet(pairs_path), slices=space == "slices")
+
+
+def paired_loss(run: dict[str, Any], box_scale: tuple[float, float, float]):
+    """The loss of a paired run: its formulation, interval conditioning and optional box weighting."""
+    formulation, sigma = run["formulation"], float(run["sigma"])
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {formulation!r}; expected one of {FORMULATIONS}")
+    weight, margin = float(run["box_weight"]), tuple(run["box_margin"])
+
+    def loss(net: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        prior, x1 = batch["prior"], batch["follow_up"]
+        delta = batch["delta_days"] if run["interval"] else None
+        if formulation == "bridge":
+            x0, condition = prior, None
+        else:
+            x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+            condition = prior
+        weights = None
+        if weight != 1.0:
+            weights = box_weights(x1.shape, (batch["bbox_a"], batch["bbox_b"]), margin, weight, box_scale).to(x1)
+        return flow_matching_loss(net, x0, x1, generator, sigma, condition, delta, weights)
+
+    return loss
+
+
+def run_hparams(run: dict[str, Any], data_channels: int) -> dict[str, Any]:
+    """Network hyper-parameters of a paired run."""
+    prior_channels = data_channels if run["formulation"] == "noise" else 0
+    return _net_hparams(run["net"], run["space"], data_channels, prior_channels,
+                        run["interval_dim"] if run["interval"] else 0)
+
+
+def train_paired(run: dict[str, Any], data_channels: int, box_scale: tuple[float, float, float], train_folder: str,
+                 train_pairs: str, val_folder: str, val_pairs: str, pretrained: str | None, model_path: str,
+                 work_dir: str, seed: int) -> None:
+    """Paired conditional flow matching: prior patch and interval -> follow-up patch."""
+    hparams = run_hparams(run, data_channels)
+    settings = TrainSettings.from_mapping({**run["training"], "seed": seed})
+    net = VelocityNet(hparams)
+    if pretrained:
+        _initialise(net, pretrained)
+    result = train(net, paired_loss(run, box_scale), paired_dataset(train_folder, train_pairs, run["space"]),
+                   settings, work_dir, {"run": run, "hparams": hparams, "pretrained": bool(pretrained), "seed": seed},
+                   val_dataset=_non_empty(paired_dataset(val_folder, val_pairs, run["space"])),
+                   val_every=settings.checkpoint_every)
+    save_model(model_path, result.model, {**hparams, "run": run}, result.history)
+
+
+def latent_channels_and_scale(vae_config: dict[str, Any]) -> tuple[int, tuple[float, float, float]]:
+    """Channels of the latent space and the factor from patch voxels to latent voxels (x, y, z)."""
+    factor = 1.0 / 2 ** (len(vae_config["channels"]) - 1)
+    return int(vae_config["latent_channels"]), (factor, factor, factor)
+
+
+
+def cache_folder(path: str | os.PathLike[str]) -> Path:
+    """The cache folder behind a rule input: a latent cache folder itself, or the folder of a raw index."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent

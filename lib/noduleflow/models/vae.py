@@ -1,0 +1,63 @@
+"""The VAE on nodule patches (MONAI AutoencoderKL), its loss, and the latent cache it produces (seed 15-17)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import AutoencoderKL
+
+from noduleflow.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def build_vae(hparams: dict[str, Any]) -> AutoencoderKL:
+    """An AutoencoderKL without attention (3D patches are large); hparams: spatial_dims, channels,
+    latent_channels, num_res_blocks, norm_num_groups."""
+    channels = tuple(hparams["channels"])
+    return AutoencoderKL(
+        spatial_dims=hparams["spatial_dims"], in_channels=1, out_channels=1, channels=channels,
+        latent_channels=hparams["latent_channels"], num_res_blocks=hparams["num_res_blocks"],
+        norm_num_groups=hparams["norm_num_groups"], attention_levels=(False,) * len(channels),
+        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+
+
+def vae_loss(model: AutoencoderKL, images: torch.Tensor, generator: torch.Generator,
+             kl_weight: float) -> torch.Tensor:
+    """Mean squared reconstruction error plus kl_weight times the KL divergence to N(0, I) (per element)."""
+    mean, sigma = model.encode(images)
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    reconstruction = model.decode(mean + sigma * noise)
+    kl = 0.5 * (mean.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1.0).mean()
+    return F.mse_loss(reconstruction, images) + kl_weight * kl
+
+
+@torch.no_grad()
+def encode_cache(model: AutoencoderKL, index: pd.DataFrame, raw_folder: str | os.PathLike[str],
+                 latent_folder: str | os.PathLike[str], batch_size: int = 8) -> pd.DataFrame:
+    """Encode every cached patch (the encoder mean) into shard files of the same names and offsets.
+
+    Returns the latent cache's index.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    latent_folder = Path(latent_folder)
+    for shard_file, rows in index.groupby("shard_file", sort=True):
+        patches = np.load(Path(raw_folder) / shard_file, mmap_mode="r", allow_pickle=False)
+        rows = rows.sort_values("offset")
+        latents = []
+        for start in range(0, len(rows), batch_size):
+            offsets = rows["offset"].to_numpy()[start:start + batch_size]
+            batch = torch.from_numpy(np.asarray(patches[offsets], dtype=np.float32)).to(device)
+            latents.append(model.encode(batch)[0].float().cpu().numpy())
+        with atomic_path(latent_folder / shard_file) as tmp:
+            np.save(tmp, np.concatenate(latents), allow_pickle=False)
+        log.info("encoded %s: %d patches", shard_file, len(rows))
+    return index.drop(columns="slice_file")  # same files, rows and offsets; latents have no slices

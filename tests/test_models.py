@@ -1,0 +1,154 @@
+"""Models: flow matching, samplers, box weights, the interval embedding, the VAE, and the trained demo models."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, snakemake
+from noduleflow.datasets import NodulePatches
+from noduleflow.models.flow import VelocityNet, box_weights, flow_matching_loss, sample
+from noduleflow.models.tasks import load_vae, paired_loss, run_hparams
+from noduleflow.models.vae import build_vae, vae_loss
+from noduleflow.training import TrainSettings, load_model, train
+
+NET = {"channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
+       "norm_num_groups": 4}
+RUN = {"space": "raw", "formulation": "bridge", "interval": True, "interval_dim": 16, "box_weight": 10.0,
+       "box_margin": [2, 2, 1], "pretrained": None, "net": NET, "sigma": 0.0}
+
+
+class _Rotation(torch.nn.Module):
+    """An exact velocity field: rotation in the plane of the first two channels (curved paths)."""
+
+    def forward(self, x, t, prior=None, delta_days=None):
+        return torch.stack([-x[:, 1], x[:, 0]], dim=1)
+
+
+def test_heun_is_far_more_accurate_than_euler_for_the_same_steps():
+    x0 = torch.tensor([[1.0, 0.0]])
+    exact = torch.tensor([[np.cos(1.0), np.sin(1.0)]], dtype=torch.float32)
+    euler = sample(_Rotation(), x0, 20, "euler")
+    heun = sample(_Rotation(), x0, 20, "heun")
+    assert (heun - exact).norm() < (euler - exact).norm() / 10
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(_Rotation(), x0, 2, "rk9")
+
+
+def test_flow_matching_loss_vanishes_for_the_true_velocity_of_straight_paths():
+    class Straight(torch.nn.Module):
+        def __init__(self, velocity):
+            super().__init__()
+            self.velocity = velocity
+
+        def forward(self, x, t, prior=None, delta_days=None):
+            return self.velocity
+
+    generator = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(3, 1, 4, 4, 4), torch.randn(3, 1, 4, 4, 4)
+    assert flow_matching_loss(Straight(x1 - x0), x0, x1, generator).item() == pytest.approx(0.0, abs=1e-12)
+    assert flow_matching_loss(Straight(torch.zeros_like(x0)), x0, x1, generator).item() > 0.5
+
+
+def test_box_weights_cover_both_boxes_with_their_margin_in_patch_and_latent_grids():
+    boxes = (torch.tensor([[4, 5, 6, 7, 2, 2]]), torch.tensor([[10, 11, 10, 11, 3, 3]]))  # (y, x, z)
+    weights = box_weights((1, 1, 8, 16, 16), boxes, (1, 1, 0), 5.0, (1.0, 1.0, 1.0))
+    assert weights[0, 0, 2, 3:7, 5:9].eq(5).all() and weights[0, 0, 3, 9:13, 9:13].eq(5).all()
+    assert weights.eq(5).sum() == 16 + 16 and weights.min() == 1
+    latent = box_weights((1, 4, 2, 4, 4), boxes, (0, 0, 0), 5.0, (0.25, 0.25, 0.25))
+    assert latent[0, 0, 0, 1, 1] == 5 and latent[0, 0, 0, 0, 0] == 1
+    sliced = box_weights((1, 1, 16, 16), boxes, (0, 0, 0), 5.0, (1.0, 1.0, 1.0))
+    assert sliced.eq(5).sum() == 8
+
+
+def _pairs(count=6, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    prior = torch.randn(count, 1, 8, 16, 16, generator=rng)
+    days = torch.linspace(300, 800, count)
+    follow_up = prior * (1 + days / 1000).view(-1, 1, 1, 1, 1)  # the change depends on the interval
+    box = torch.tensor([6, 9, 6, 9, 3, 4])
+    return [{"prior": prior[i], "follow_up": follow_up[i], "delta_days": days[i], "bbox_a": box, "bbox_b": box}
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("formulation", ["bridge", "noise"])
+def test_the_interval_embedding_is_trained(tmp_path, formulation):
+    run = {**RUN, "formulation": formulation}
+    net = VelocityNet(run_hparams(run, 1))
+    before = {k: v.clone() for k, v in net.interval.state_dict().items()}
+    settings = TrainSettings(steps=3, batch_size=2, lr=1e-3, ema_decay=0.0, checkpoint_every=3, log_every=3)
+    result = train(net, paired_loss(run, (1.0, 1.0, 1.0)), _pairs(), settings, tmp_path, {"run": formulation})
+    trained = result.model.train().requires_grad_(True)
+    after = {k: v.clone() for k, v in trained.interval.state_dict().items()}
+    assert all(not torch.equal(before[k], after[k]) for k in before), "the interval MLP must be optimised"
+    # MONAI zero-initialises the cross-attention output, so gradients reach the embedding after the first step
+    paired_loss(run, (1.0, 1.0, 1.0))(trained, torch.utils.data.default_collate(_pairs()),
+                                      torch.Generator().manual_seed(1)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.interval.parameters())
+    x, t = torch.randn(1, 1, 8, 16, 16), torch.tensor([0.5])
+    prior = x if formulation == "noise" else None
+    with torch.no_grad():
+        early, late = (trained(x, t, prior, torch.tensor([days])) for days in (100.0, 700.0))
+    assert not torch.allclose(early, late)
+
+
+def test_vae_learns_to_reconstruct_better_than_the_mean_patch(tmp_path):
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(np.arange(8), np.arange(16), np.arange(16), indexing="ij")
+    images = []
+    for _ in range(16):  # blobs of random size and place on a dark background
+        centre, radius = rng.uniform([2, 4, 4], [6, 12, 12]), rng.uniform(2, 4)
+        blob = ((zz - centre[0]) * 2) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 < radius**2
+        images.append({"image": torch.tensor(np.where(blob, 0.6, -0.8)[None], dtype=torch.float32)})
+    hparams = {"spatial_dims": 3, "channels": [8, 16], "latent_channels": 2, "num_res_blocks": 1,
+               "norm_num_groups": 4}
+    settings = TrainSettings(steps=150, batch_size=4, lr=3e-3, checkpoint_every=150, log_every=50)
+    result = train(build_vae(hparams), lambda m, b, g: vae_loss(m, b["image"], g, 1e-6), images, settings,
+                   tmp_path, {"vae": 1})
+    stack = torch.stack([item["image"] for item in images])
+    with torch.no_grad():
+        reconstruction = result.model.decode(result.model.encode(stack)[0])
+    error = (reconstruction - stack).pow(2).mean().item()
+    baseline = (stack.mean(0, keepdim=True) - stack).pow(2).mean().item()
+    assert error < baseline / 2.5, (error, baseline)
+
+
+# --- the models of the demo run ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_demo_trains_every_model_and_the_losses_fall(demo_run):
+    models = sorted((demo_run / "results" / "models").glob("**/model.pt"))
+    assert {p.parent.name for p in models} >= {"vae", "pretrain_2d", "pretrain_3d", "raw3d_bridge",
+                                                "latent3d_noise", "slices2d_bridge"}
+    for path in models:
+        history = pd.read_csv(path.with_name("model.metrics.csv"))
+        assert path.with_name("model.loss.png").stat().st_size > 5_000
+        assert history["loss"].tail(5).mean() < history["loss"].head(5).mean(), path
+        state, hparams = load_model(path)
+        assert state and hparams
+
+
+@pytest.mark.slow
+def test_the_demo_vae_reconstructs_patches_better_than_the_mean_patch(demo_run):
+    vae = load_vae(demo_run / "results/models/vae/model.pt")
+    patches = NodulePatches(demo_run / "results/cache/raw/test")
+    stack = torch.stack([patches[i]["image"] for i in range(len(patches))])
+    with torch.no_grad():
+        reconstruction = vae.decode(vae.encode(stack)[0])
+    error = (reconstruction - stack).pow(2).mean().item()
+    baseline = (stack.mean(0, keepdim=True) - stack).pow(2).mean().item()
+    assert error < baseline / 2, (error, baseline)
+
+
+@pytest.mark.slow
+def test_a_changed_training_setting_reruns_only_that_model(demo_run):
+    result = snakemake(demo_run, "-n", "--config", "seed=42")  # unchanged: nothing to do
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_the_full_config_plans_cleanly_with_gpus_for_training(tmp_path):
+    result = snakemake(REPO, "models", "-n", "--configfile", "config/full.yaml")
+    plan = result.stdout + result.stderr
+    blocks = plan.split("\nrule ")[1:]
+    training = [b for b in blocks if b.startswith(("train_vae", "fm_pretrain", "fm_paired"))]
+    assert len(training) == 6 and all("gpu=1" in b for b in training)

@@ -1,0 +1,112 @@
+# Models (seed steps 15-19): the 3D VAE and its latent cache, unconditional flow-matching pretraining (2D on
+# slices, 3D on latents) and paired forecasting runs (config `models.runs`, one `{run}` each). Resumable
+# checkpoints live in results/models/.work/ (not declared outputs, so Snakemake never deletes them); trained
+# models are protected.
+
+
+rule train_vae:
+    input:
+        train="results/cache/raw/train/index.parquet",
+        val="results/cache/raw/val/index.parquet",
+    output:
+        model=protected("results/models/vae/model.pt"),
+        metrics="results/models/vae/model.metrics.csv",
+        plot=report("results/models/vae/model.loss.png", category="Training", caption="../report/loss.rst"),
+    params:
+        vae=config["models"]["vae"],
+        work_dir="results/models/.work/vae",
+        seed=config["seed"],
+    threads: 2
+    resources:
+        gpu=config["models"]["gpu"],
+        mem_mb=8000,
+        runtime=600,
+    log:
+        "logs/models/train_vae.log",
+    benchmark:
+        "benchmarks/models/train_vae.tsv"
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/train_vae.py"
+
+
+rule encode_latents:
+    input:
+        model=rules.train_vae.output.model,
+        index="results/cache/raw/{split}/index.parquet",
+    output:
+        directory("results/cache/latent/{split}"),
+    threads: 2
+    resources:
+        gpu=config["models"]["gpu"],
+    log:
+        "logs/models/encode_latents_{split}.log",
+    benchmark:
+        "benchmarks/models/encode_latents_{split}.tsv"
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/encode_latents.py"
+
+
+rule fm_pretrain:
+    input:
+        train=lambda wildcards: space_folder(config["models"]["pretrain"][wildcards.dims]["space"], "train"),
+        val=lambda wildcards: space_folder(config["models"]["pretrain"][wildcards.dims]["space"], "val"),
+    output:
+        model=protected("results/models/pretrain_{dims}/model.pt"),
+        metrics="results/models/pretrain_{dims}/model.metrics.csv",
+        plot=report("results/models/pretrain_{dims}/model.loss.png", category="Training",
+                    caption="../report/loss.rst"),
+    params:
+        pretrain=lambda wildcards: {**config["models"]["pretrain"][wildcards.dims],
+                                    "sigma": config["models"]["sigma"]},
+        vae=config["models"]["vae"],
+        work_dir="results/models/.work/pretrain_{dims}",
+        seed=config["seed"],
+    threads: 2
+    resources:
+        gpu=config["models"]["gpu"],
+        mem_mb=8000,
+        runtime=600,
+    log:
+        "logs/models/fm_pretrain_{dims}.log",
+    benchmark:
+        "benchmarks/models/fm_pretrain_{dims}.tsv"
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/fm_pretrain.py"
+
+
+rule fm_paired:
+    input:
+        train=lambda wildcards: space_folder(config["models"]["runs"][wildcards.run]["space"], "train"),
+        val=lambda wildcards: space_folder(config["models"]["runs"][wildcards.run]["space"], "val"),
+        train_pairs="results/metadata/train/paired_nodules.parquet",
+        val_pairs="results/metadata/val/paired_nodules.parquet",
+        pretrained=pretrained_input,
+    output:
+        model=protected("results/models/runs/{run}/model.pt"),
+        metrics="results/models/runs/{run}/model.metrics.csv",
+        plot=report("results/models/runs/{run}/model.loss.png", category="Training",
+                    caption="../report/loss.rst"),
+    params:
+        run=lambda wildcards: {**config["models"]["runs"][wildcards.run], "sigma": config["models"]["sigma"]},
+        vae=config["models"]["vae"],
+        work_dir="results/models/.work/runs/{run}",
+        seed=config["seed"],
+    threads: 2
+    resources:
+        gpu=config["models"]["gpu"],
+        mem_mb=8000,
+        runtime=600,
+    log:
+        "logs/models/fm_paired_{run}.log",
+    benchmark:
+        "benchmarks/models/fm_paired_{run}.tsv"
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/fm_paired.py"

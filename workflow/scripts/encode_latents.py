@@ -1,0 +1,18 @@
+"""Rule encode_latents: the latent cache of one split (noduleflow.models.vae)."""
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from noduleflow.io import write_parquet
+from noduleflow.logs import log_to
+from noduleflow.models.tasks import load_vae
+from noduleflow.models.vae import encode_cache
+
+with log_to(snakemake.log[0]):
+    model = load_vae(snakemake.input.model).to("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(snakemake.output[0])
+    out.mkdir(parents=True, exist_ok=True)
+    index = encode_cache(model, pd.read_parquet(snakemake.input.index), Path(snakemake.input.index).parent, out)
+    write_parquet(index, out / "index.parquet")
