@@ -221,7 +221,7 @@ def files_run(demo_run, tmp_path_factory):
     torch.save({pid: groups for pid, groups in tracking.items() if pid != held_back}, data / "nodules.pt")
     workdir = make_workdir(root / "run", data={"source": "files", "manifest": str(data / "manifest.csv"),
                                                "nodules": str(data / "nodules.pt")})
-    snakemake(workdir, "--cores", "2")
+    snakemake(workdir, "--cores", "2", "registration")
     return {"workdir": workdir, "data": data, "manifest": manifest, "tracking": tracking, "held_back": held_back,
             "swapped": swapped_exam, "corrupted": corrupted_exam}
 
@@ -249,14 +249,14 @@ def _planned(result):
 @pytest.mark.slow
 def test_reruns_touch_only_what_is_stale(files_run):
     workdir, data = files_run["workdir"], files_run["data"]
-    nothing = snakemake(workdir, "-n")
+    nothing = snakemake(workdir, "-n", "registration")
     assert "Nothing to be done" in nothing.stdout + nothing.stderr
 
     # a changed QC threshold reruns QC and what follows, never registration
     config = workdir / "config" / "config.yaml"
     original = config.read_text()
     config.write_text(original.replace("min_lung_ncc: 0.7", "min_lung_ncc: 0.75"))
-    plan = _planned(snakemake(workdir, "-n"))
+    plan = _planned(snakemake(workdir, "-n", "registration"))
     assert plan["registration_qc"] == 3 and "register_shard" not in plan
     config.write_text(original)
 
@@ -268,17 +268,17 @@ def test_reruns_touch_only_what_is_stale(files_run):
     lesion["volume"] += 5.0
     torch.save(tracking, data / "nodules.pt")
     snakemake(workdir, "--cores", "2", "--until", "split_tables")
-    plan = _planned(snakemake(workdir, "-n"))
+    plan = _planned(snakemake(workdir, "-n", "registration"))
     assert "register_shard" not in plan and plan["nodule_boxes"] >= 1
 
     # one more patient: exactly that patient's shard is registered
-    snakemake(workdir, "--cores", "2")
+    snakemake(workdir, "--cores", "2", "registration")
     held_back = files_run["held_back"]
     files_run["manifest"].to_csv(data / "manifest.csv", index=False)
     tracking[held_back] = files_run["tracking"][held_back]
     torch.save(tracking, data / "nodules.pt")
     snakemake(workdir, "--cores", "2", "--until", "split_tables")
-    result = snakemake(workdir, "-n")
+    result = snakemake(workdir, "-n", "registration")
     assert _planned(result)["register_shard"] == 1
     split = computed_split(held_back, 42, {"train": 0.7, "val": 0.1, "test": 0.2})
     shard = shard_name(shard_of(held_back, {"train": 4, "val": 1, "test": 2}[split]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,15 +188,20 @@ def consolidate(shard_indexes: list[pd.DataFrame], folder: str | os.PathLike[str
     return index.sort_values(["pid", "nodule_group", "exam_idx"], kind="stable").reset_index(drop=True)
 
 
-def small_boxes(index: pd.DataFrame, folder: str | os.PathLike[str], settings: PatchSettings,
-                segmenter: Any) -> pd.DataFrame:
-    """Per cached nodule: its box in the patch, the 2x in-plane box, and the segmented reference volume (mm^3)."""
+def small_boxes(index: pd.DataFrame, folder: str | os.PathLike[str], settings: PatchSettings, segmenter: Any,
+                decode: Callable[[np.ndarray], np.ndarray] | None = None) -> pd.DataFrame:
+    """Per cached nodule: its box in the patch, the 2x in-plane box, and the segmented reference volume (mm^3).
+
+    With `decode` (a VAE decoder from a latent array to a patch in [-1, 1]) the folder holds latents, and the
+    volumes are those of the decoded patches (`save_small_bboxes_encoded`).
+    """
     voxel_mm3 = float(np.prod(settings.spacing_mm))
     volumes = []
     for shard_file, rows in index.groupby("shard_file", sort=False):
-        patches = np.load(Path(folder) / shard_file, mmap_mode="r", allow_pickle=False)
+        arrays = np.load(Path(folder) / shard_file, mmap_mode="r", allow_pickle=False)
         for row in rows.itertuples():
-            hu = to_hu(patches[row.offset, 0], settings.hu_window)
+            patch = arrays[row.offset] if decode is None else decode(np.asarray(arrays[row.offset]))
+            hu = to_hu(patch[0], settings.hu_window)
             volumes.append((row.Index, float(segmenter(hu, list(row.bbox)).sum()) * voxel_mm3))
     out = index[["pid", "nodule_group", "exam_id", "exam_idx", "nodule_key", "split", "bbox", "bbox_interp"]].copy()
     out["nodule_volume"] = pd.Series(dict(volumes), dtype="float64")

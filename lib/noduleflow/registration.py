@@ -38,7 +38,7 @@ class RegistrationSettings:
     smoothing_sigmas_mm: tuple[float, ...] = (4.0, 2.0, 0.0)
     iterations: int = 200
     histogram_bins: int = 50
-    sampling_fraction: float = 0.25
+    sampling_fraction: float = 0.1
     body_threshold_hu: float = -500.0
     threads: int = 1  # ITK threads; more is faster, but multi-threaded metric sums differ in the last bits
     seed: int = 42

@@ -40,6 +40,8 @@ rule cache_index:
         patch=config["patch"],
     log:
         "logs/cache/index_{split}.log",
+    benchmark:
+        "benchmarks/cache/index_{split}.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -57,6 +59,8 @@ rule small_boxes:
         segmentation=config["segmentation"],
     log:
         "logs/cache/small_boxes_{split}.log",
+    benchmark:
+        "benchmarks/cache/small_boxes_{split}.tsv"
     conda:
         "../../envs/registration.yaml"
     script:

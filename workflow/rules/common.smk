@@ -97,6 +97,7 @@ def model_targets():
         "results/models/vae/model.pt",
         *[f"results/models/pretrain_{dims}/model.pt" for dims in config["models"]["pretrain"]],
         *[f"results/models/runs/{run}/model.pt" for run in config["models"]["runs"]],
+        *[f"results/cache/latent/{split}_small_boxes.parquet" for split in SPLITS],
     ]
 
 

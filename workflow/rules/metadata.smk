@@ -26,6 +26,8 @@ rule registration_map:
         mapping="results/metadata/mapping_registered_exams.pkl",
     log:
         "logs/metadata/registration_map.log",
+    benchmark:
+        "benchmarks/metadata/registration_map.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -82,6 +84,8 @@ rule input_problems:
         "results/metadata/input_problems.csv",
     log:
         "logs/metadata/input_problems.log",
+    benchmark:
+        "benchmarks/metadata/input_problems.tsv"
     conda:
         "../../envs/data.yaml"
     script:

@@ -110,3 +110,23 @@ rule fm_paired:
         "../../envs/models.yaml"
     script:
         "../scripts/fm_paired.py"
+
+
+# save_small_bboxes_encoded: reference volumes of the VAE-decoded patches (what latent models can reproduce).
+rule small_boxes_encoded:
+    input:
+        model=rules.train_vae.output.model,
+        latents=rules.encode_latents.output[0],
+    output:
+        "results/cache/latent/{split}_small_boxes.parquet",
+    params:
+        patch=config["patch"],
+        segmentation=config["segmentation"],
+    log:
+        "logs/models/small_boxes_encoded_{split}.log",
+    benchmark:
+        "benchmarks/models/small_boxes_encoded_{split}.tsv"
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/small_boxes_encoded.py"

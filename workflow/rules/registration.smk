@@ -37,6 +37,8 @@ rule registration_qc:
         qc=config["registration"]["qc"],
     log:
         "logs/registration/qc_{split}.log",
+    benchmark:
+        "benchmarks/registration/qc_{split}.tsv"
     conda:
         "../../envs/registration.yaml"
     script:
@@ -53,6 +55,8 @@ rule nodule_boxes:
         spacing=config["patch"]["spacing_mm"],
     log:
         "logs/registration/nodule_boxes_{split}.log",
+    benchmark:
+        "benchmarks/registration/nodule_boxes_{split}.tsv"
     conda:
         "../../envs/registration.yaml"
     script:
@@ -66,6 +70,8 @@ rule nodule_pairs:
         "results/metadata/{split}/paired_nodules.parquet",
     log:
         "logs/registration/nodule_pairs_{split}.log",
+    benchmark:
+        "benchmarks/registration/nodule_pairs_{split}.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -86,6 +92,8 @@ rule registered_niftis:
         spacing=config["patch"]["spacing_mm"],
     log:
         "logs/registration/registered_niftis.log",
+    benchmark:
+        "benchmarks/registration/registered_niftis.tsv"
     conda:
         "../../envs/registration.yaml"
     script:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,15 @@ def encode_cache(model: AutoencoderKL, index: pd.DataFrame, raw_folder: str | os
             np.save(tmp, np.concatenate(latents), allow_pickle=False)
         log.info("encoded %s: %d patches", shard_file, len(rows))
     return index.drop(columns="slice_file")  # same files, rows and offsets; latents have no slices
+
+
+def decoder(model: AutoencoderKL) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from one latent array (C, ...) to its decoded patch (1, Z, Y, X) in [-1, 1]."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def decode(latent: np.ndarray) -> np.ndarray:
+        patch = model.decode(torch.from_numpy(np.asarray(latent, dtype=np.float32))[None].to(device))
+        return patch[0].clamp(-1.0, 1.0).float().cpu().numpy()
+
+    return decode

@@ -1,0 +1,20 @@
+"""Rule small_boxes_encoded: small boxes and reference volumes of VAE-decoded patches (noduleflow.patches)."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
+from noduleflow.io import write_parquet
+from noduleflow.logs import log_to
+from noduleflow.models.tasks import load_vae
+from noduleflow.models.vae import decoder
+from noduleflow.patches import PatchSettings, small_boxes
+
+with log_to(snakemake.log[0]):
+    folder = Path(snakemake.input.latents)
+    table = small_boxes(pd.read_parquet(folder / "index.parquet"), folder,
+                        PatchSettings.from_mapping(snakemake.params.patch),
+                        HalfMaximumSegmenter.from_mapping(snakemake.params.segmentation),
+                        decode=decoder(load_vae(snakemake.input.model)))
+    write_parquet(table, snakemake.output[0])
