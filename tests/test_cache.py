@@ -195,8 +195,9 @@ def test_paired_patches_show_the_same_anatomy_after_registration(demo_run):
         grid = registered_grid(Geometry(*(tuple(exam[f"fixed_{n}"]) for n in ("shape", "spacing", "origin",
                                                                                  "direction"))),
                                (0.703125, 0.703125, 2.5))
+        size = tuple(reversed(prior.shape))  # the configured patch size, x, y, z
         unregistered = cut_patch(read_image(demo_run / exam["image_path"]), grid, np.asarray(row["patch_start"]),
-                                 np.eye(4), PatchSettings())
+                                 np.eye(4), PatchSettings(size=size))
         away = (prior > -1) & (follow_up > -1) & (unregistered > -1)  # both exams have image data here
         for box in (pair["bbox_a"], pair["bbox_b"]):
             y0, y1, x0, x1, z0, z1 = box.tolist()

@@ -93,3 +93,14 @@ def shard_exams(exams: pd.DataFrame, shard: int,
                 fixed_image_path=fixed["image_path"], precomputed=entry["path"] if entry else None,
                 precomputed_inverted=bool(entry) and entry["fixed"] != fixed["exam_id"]))
     return out
+
+
+def space_geometry(space: str, vae: Mapping[str, object]) -> dict[str, object]:
+    """Channels of a model's data and the factor from patch voxels to its grid (x, y, z).
+
+    Latent models see the VAE's latent grid (downsampled 2^(levels - 1) times); the others see patches or slices.
+    """
+    if space != "latent":
+        return {"channels": 1, "scale": [1.0, 1.0, 1.0]}
+    factor = 1.0 / 2 ** (len(vae["channels"]) - 1)
+    return {"channels": int(vae["latent_channels"]), "scale": [factor] * 3}

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import pandas as pd
 
 from noduleflow.ids import shard_name
-from noduleflow.plan import find_precomputed_transforms, shard_exams
+from noduleflow.plan import find_precomputed_transforms, shard_exams, space_geometry
 
 
 validate(config, "../schemas/config.schema.yaml")

@@ -62,7 +62,8 @@ rule fm_pretrain:
     params:
         pretrain=lambda wildcards: {**config["models"]["pretrain"][wildcards.dims],
                                     "sigma": config["models"]["sigma"]},
-        vae=config["models"]["vae"],
+        data=lambda wildcards: space_geometry(config["models"]["pretrain"][wildcards.dims]["space"],
+                                              config["models"]["vae"]),
         work_dir="results/models/.work/pretrain_{dims}",
         seed=config["seed"],
     threads: 2
@@ -94,7 +95,8 @@ rule fm_paired:
                     caption="../report/loss.rst"),
     params:
         run=lambda wildcards: {**config["models"]["runs"][wildcards.run], "sigma": config["models"]["sigma"]},
-        vae=config["models"]["vae"],
+        data=lambda wildcards: space_geometry(config["models"]["runs"][wildcards.run]["space"],
+                                              config["models"]["vae"]),
         work_dir="results/models/.work/runs/{run}",
         seed=config["seed"],
     threads: 2

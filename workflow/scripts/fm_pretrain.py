@@ -1,11 +1,10 @@
 """Rule fm_pretrain: unconditional flow matching, 2D on slices or 3D on latents (noduleflow.models.tasks)."""
 
 from noduleflow.logs import log_to
-from noduleflow.models.tasks import cache_folder, latent_channels_and_scale, train_pretraining
+from noduleflow.models.tasks import cache_folder, train_pretraining
 
 with log_to(snakemake.log[0]):
     config = snakemake.params.pretrain
-    channels = latent_channels_and_scale(snakemake.params.vae)[0] if config["space"] == "latent" else 1
-    train_pretraining(config, config["space"], channels, cache_folder(snakemake.input.train),
+    train_pretraining(config, config["space"], snakemake.params.data["channels"], cache_folder(snakemake.input.train),
                       cache_folder(snakemake.input.val), snakemake.output.model, snakemake.params.work_dir,
                       snakemake.params.seed)

@@ -146,13 +146,6 @@ def train_paired(run: dict[str, Any], data_channels: int, box_scale: tuple[float
     save_model(model_path, result.model, {**hparams, "run": run}, result.history)
 
 
-def latent_channels_and_scale(vae_config: dict[str, Any]) -> tuple[int, tuple[float, float, float]]:
-    """Channels of the latent space and the factor from patch voxels to latent voxels (x, y, z)."""
-    factor = 1.0 / 2 ** (len(vae_config["channels"]) - 1)
-    return int(vae_config["latent_channels"]), (factor, factor, factor)
-
-
-
 def cache_folder(path: str | os.PathLike[str]) -> Path:
     """The cache folder behind a rule input: a latent cache folder itself, or the folder of a raw index."""
     path = Path(path)
