@@ -1,0 +1,377 @@
+"""Benchmark training and sampling speed of the 3D models, and the sampling error of Heun vs Euler.
+
+At the full config's sizes (patches 1 x 32 x 128 x 128, latents 8 x 8 x 32 x 32) it times, for the 3D VAE, the
+3D latent flow model (bridge, interval-conditioned) and the raw 3D flow model: training steps per second
+(forward + backward + AdamW on random data, bf16 autocast on CUDA) and sampling seconds per patch (VAE: decoding
+a latent; flow models: Heun with 20 steps, in latent space for the latent model; bf16 autocast on CUDA). Where a
+model is too slow for the per-measurement time budget (`--budget`, e.g. on CPU) fewer steps are timed, at least 2
+training steps after the warm-up, and the sampling time is scaled from fewer Heun steps (each step costs the
+same); the table says so.
+
+The sampling error is measured on a small velocity net at the latent size fitted for 150 steps to a synthetic
+paired task (the follow-up is the prior shifted and scaled by the interval, plus a random smooth field, so that
+paths cross), so that its velocity field is not trivial (an untrained net's is nearly constant in t). From the
+same starts it compares Heun 10, Heun 20 and Euler 20 with Euler 100, in float32 (TF32 off), and prints how
+much the velocity changes over dt = 0.005 at a fixed x (its roughness in t, which limits Heun's order).
+Goal: Heun 20 within 1 % of Euler 100, i.e. 5x fewer network evaluations for the same forecast.
+
+    .venv/bin/python benchmarks/training.py [--device cuda|cpu] [--quick] [--batch 2] [--seed 0] [--budget 30]
+        [--threads N] [--parts vae latent raw error]
+
+On a free 2-core CPU the full sizes take about 5 minutes (the raw flow net needs about 30 s per training step and
+at least 3 are run); on a busy CPU two threads can be many times slower than one (`--threads 1`). `--quick`
+shrinks every channel count and halves the patch (1 x 16 x 64 x 64, latents 8 x 4 x 16 x 16) and the error fit
+for a smoke run (about 30 s on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noduleflow.models.flow import VelocityNet, flow_matching_loss, sample
+from noduleflow.models.vae import build_vae, vae_loss
+
+LATENT_CHANNELS = 8
+PATCH = (1, 32, 128, 128)  # C, Z, Y, X
+LATENT = (LATENT_CHANNELS, 8, 32, 32)  # the full VAE's latent grid: patch / 2^(levels - 1)
+QUICK_PATCH = (1, 16, 64, 64)
+QUICK_LATENT = (LATENT_CHANNELS, 4, 16, 16)
+KL_WEIGHT = 1.0e-6
+SAMPLE_STEPS = 20  # Heun steps of a timed sample (the config's sampler)
+MAX_TIMED_STEPS = 20
+DAYS = (300.0, 800.0)  # interval range of the random and synthetic pairs
+GOAL = 0.01
+
+FULL: dict[str, dict[str, Any]] = {
+    "vae": {"spatial_dims": 3, "channels": [32, 64, 64], "latent_channels": LATENT_CHANNELS, "num_res_blocks": 1,
+            "norm_num_groups": 16},
+    "latent": {"spatial_dims": 3, "data_channels": LATENT_CHANNELS, "prior_channels": 0, "channels": [64, 128, 256],
+               "attention_levels": [False, True, True], "num_res_blocks": 2, "num_head_channels": 32,
+               "norm_num_groups": 16, "interval_dim": 128},
+    "raw": {"spatial_dims": 3, "data_channels": 1, "prior_channels": 0, "channels": [32, 64, 128, 256],
+            "attention_levels": [False, False, False, True], "num_res_blocks": 1, "num_head_channels": 32,
+            "norm_num_groups": 16, "interval_dim": 128},
+}
+QUICK: dict[str, dict[str, Any]] = {
+    "vae": {**FULL["vae"], "channels": [8, 16, 16], "norm_num_groups": 8},
+    "latent": {**FULL["latent"], "channels": [16, 32, 64], "num_res_blocks": 1, "num_head_channels": 16,
+               "norm_num_groups": 8, "interval_dim": 32},
+    "raw": {**FULL["raw"], "channels": [8, 16, 32, 64], "num_head_channels": 16, "norm_num_groups": 8,
+            "interval_dim": 32},
+}
+ERROR_NET: dict[str, Any] = {"spatial_dims": 3, "data_channels": LATENT_CHANNELS, "prior_channels": 0,
+                             "channels": [16, 32], "attention_levels": [False, True], "num_res_blocks": 1,
+                             "num_head_channels": 16, "norm_num_groups": 8, "interval_dim": 32}
+ERROR_FIT: dict[str, float] = {"steps": 150, "batch": 4, "lr": 2.0e-3}  # quick: half the steps
+ERROR_STARTS = 4
+ERROR_METHODS = (("heun", 10), ("heun", 20), ("euler", 20))
+REFERENCE = ("euler", 100)
+ROUGHNESS_DT = 0.005
+ROUGHNESS_TIMES = 8
+
+
+@dataclass
+class Row:
+    """One model's timings."""
+
+    model: str
+    params: int
+    train_steps_per_s: float
+    train_steps: int
+    sample_s_per_patch: float
+    sample_note: str
+    peak_gib: float | None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of fn takes, synchronised."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_training(model: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor], device: torch.device,
+                  warmup: int, budget: float) -> tuple[float, int]:
+    """Training steps per second (forward + backward + AdamW) and how many steps were timed after the warm-up.
+
+    Times MAX_TIMED_STEPS steps, or fewer (at least 2) where the last warm-up step says they exceed `budget` s.
+    """
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0e-4, fused=device.type == "cuda")
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        with _autocast(device):
+            loss = loss_fn(generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    last = math.inf
+    for _ in range(warmup):
+        last = _timed(step, device)
+    steps = max(2, min(MAX_TIMED_STEPS, int(budget / last)))
+    seconds = _timed(lambda: [step() for _ in range(steps)], device)
+    return steps / seconds, steps
+
+
+@torch.no_grad()
+def time_flow_sampling(net: VelocityNet, x0: torch.Tensor, delta_days: torch.Tensor, device: torch.device,
+                       budget: float) -> tuple[float, str]:
+    """Seconds per patch of a Heun sample with SAMPLE_STEPS steps, and a note on how it was measured.
+
+    One network evaluation warms up; where SAMPLE_STEPS Heun steps (2 evaluations each) would exceed twice
+    `budget` s, fewer steps are timed and the time is scaled to SAMPLE_STEPS (every step costs the same).
+    """
+    net.eval()
+    t = torch.zeros(x0.shape[0], device=device)
+    with _autocast(device):
+        evaluation = _timed(lambda: net(x0, t, None, delta_days), device)
+        steps = SAMPLE_STEPS if 2 * evaluation * SAMPLE_STEPS <= 2 * budget else max(1, int(budget / (2 * evaluation)))
+        repeats = max(1, min(3, int(budget / (2 * evaluation * steps))))
+        seconds = _timed(lambda: [sample(net, x0, steps, "heun", None, delta_days) for _ in range(repeats)], device)
+    per_patch = seconds / repeats * SAMPLE_STEPS / steps / x0.shape[0]
+    if steps == SAMPLE_STEPS:
+        return per_patch, f"heun {SAMPLE_STEPS}, {repeats} run(s)"
+    return per_patch, f"heun {SAMPLE_STEPS} scaled from {steps} timed step(s) (over budget)"
+
+
+@torch.no_grad()
+def time_decoding(model: nn.Module, latents: torch.Tensor, device: torch.device, budget: float) -> tuple[float, str]:
+    """Seconds per patch of decoding latents (one warm-up, then up to 5 timed calls within `budget` s)."""
+    model.eval()
+    with _autocast(device):
+        last = _timed(lambda: model.decode(latents), device)
+        repeats = max(1, min(5, int(budget / last)))
+        seconds = _timed(lambda: [model.decode(latents) for _ in range(repeats)], device)
+    return seconds / repeats / latents.shape[0], f"decode, {repeats} run(s)"
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _fresh(device: torch.device) -> None:
+    """Free what earlier models left and restart the GPU's peak memory count."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    """Peak GPU memory since `_fresh` (GiB; None on CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _days(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return DAYS[0] + (DAYS[1] - DAYS[0]) * torch.rand(batch, generator=generator, device=device)
+
+
+def bench_vae(hparams: dict[str, Any], patch: tuple[int, ...], latent: tuple[int, ...], batch: int,
+              device: torch.device, warmup: int, budget: float, seed: int) -> Row:
+    """Train steps/s on random patches and decoding time per patch of the 3D VAE."""
+    _fresh(device)
+    torch.manual_seed(seed)
+    model = build_vae(hparams).to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    images = torch.randn(batch, *patch, generator=generator, device=device)
+    rate, steps = time_training(model, lambda g: vae_loss(model, images, g, KL_WEIGHT), device, warmup, budget)
+    latents = torch.randn(batch, *latent, generator=generator, device=device)
+    seconds, note = time_decoding(model, latents, device, budget)
+    return Row("vae", _params(model), rate, steps, seconds, note, _peak_gib(device))
+
+
+def bench_flow(name: str, hparams: dict[str, Any], shape: tuple[int, ...], batch: int, device: torch.device,
+               warmup: int, budget: float, seed: int) -> Row:
+    """Train steps/s (bridge flow matching with interval) and Heun sampling time per patch of a velocity net."""
+    _fresh(device)
+    torch.manual_seed(seed)
+    net = VelocityNet(hparams).to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    x0 = torch.randn(batch, *shape, generator=generator, device=device)
+    x1 = torch.randn(batch, *shape, generator=generator, device=device)
+    days = _days(batch, generator, device)
+    rate, steps = time_training(net, lambda g: flow_matching_loss(net, x0, x1, g, 0.0, None, days), device,
+                                warmup, budget)
+    seconds, note = time_flow_sampling(net, x0, days, device, budget)
+    return Row(name, _params(net), rate, steps, seconds, note, _peak_gib(device))
+
+
+def smooth_field(shape: tuple[int, ...], batch: int, generator: torch.Generator,
+                 device: torch.device) -> torch.Tensor:
+    """Random smooth fields (coarse noise, trilinearly upsampled to the C, Z, Y, X shape), unit standard deviation."""
+    coarse = torch.randn(batch, shape[0], *(max(2, n // 6 + 1) for n in shape[1:]), generator=generator,
+                         device=device)
+    field = F.interpolate(coarse, size=shape[1:], mode="trilinear", align_corners=True)
+    return field / field.std(dim=(1, 2, 3, 4), keepdim=True)
+
+
+def synthetic_pairs(shape: tuple[int, ...], batch: int, generator: torch.Generator,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prior, follow-up, interval): the follow-up is the prior shifted 2 voxels in x and y, scaled by
+    1 + 0.4 * years, plus 0.5 times an independent smooth field (so paths cross and the flow is curved)."""
+    x0 = smooth_field(shape, batch, generator, device)
+    days = _days(batch, generator, device)
+    scale = (1.0 + 0.4 * days / 365.0).view(-1, 1, 1, 1, 1)
+    x1 = scale * torch.roll(x0, shifts=(2, 2), dims=(3, 4)) + 0.5 * smooth_field(shape, batch, generator, device)
+    return x0, x1, days
+
+
+@contextmanager
+def _no_tf32() -> Iterator[None]:
+    """Full float32 matmuls and convolutions on CUDA (TF32 would blur a 1 % comparison)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def sampling_error(shape: tuple[int, ...], device: torch.device, seed: int,
+                   fit_steps: int) -> tuple[list[tuple[str, float, float]], list[str]]:
+    """Fit ERROR_NET to the synthetic pairs, then the error of each sampler vs Euler 100 from the same starts.
+
+    Returns (label, ||x - x_ref|| / ||x_ref - x0||, ||x - x_ref|| / ||x_ref||) per sampler and notes on the fit
+    and on the velocity's roughness in t.
+    """
+    _fresh(device)
+    torch.manual_seed(seed)
+    net = VelocityNet(ERROR_NET).to(device).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=ERROR_FIT["lr"])
+    generator = torch.Generator(device).manual_seed(seed + 1)
+    losses = []
+    started = time.perf_counter()
+    with _no_tf32():
+        for _ in range(fit_steps):
+            x0, x1, days = synthetic_pairs(shape, int(ERROR_FIT["batch"]), generator, device)
+            loss = flow_matching_loss(net, x0, x1, generator, 0.0, None, days)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        losses_cpu = torch.stack(losses).cpu()
+        window = max(1, min(10, fit_steps // 5))
+        notes = [f"fit {fit_steps} steps (batch {ERROR_FIT['batch']:g}) in {time.perf_counter() - started:.0f} s, "
+                 f"flow-matching loss {losses_cpu[:window].mean():.3f} -> {losses_cpu[-window:].mean():.3f} "
+                 f"(mean of first/last {window} steps)"]
+        net.eval()
+        starts, _, days = synthetic_pairs(shape, ERROR_STARTS, torch.Generator(device).manual_seed(seed + 2), device)
+        with torch.no_grad():
+            changes = []
+            for t in torch.linspace(0.0, 1.0 - ROUGHNESS_DT, ROUGHNESS_TIMES).tolist():
+                before = net(starts, torch.full((ERROR_STARTS,), t, device=device), None, days)
+                after = net(starts, torch.full((ERROR_STARTS,), t + ROUGHNESS_DT, device=device), None, days)
+                changes.append(float(torch.linalg.vector_norm(after - before) / torch.linalg.vector_norm(before)))
+        notes.append(f"velocity roughness in t: |v(x0, t + {ROUGHNESS_DT}) - v(x0, t)| / |v(x0, t)| = "
+                     f"{sum(changes) / len(changes):.2%} mean, {max(changes):.2%} max over {ROUGHNESS_TIMES} t "
+                     "(MONAI's timestep embedding sees 1000 t)")
+        reference = sample(net, starts, REFERENCE[1], REFERENCE[0], None, days)
+        displacement = torch.linalg.vector_norm(reference - starts)
+        size = torch.linalg.vector_norm(reference)
+        results = []
+        for method, steps in ERROR_METHODS:
+            difference = torch.linalg.vector_norm(sample(net, starts, steps, method, None, days) - reference)
+            results.append((f"{method} {steps}", float(difference / displacement), float(difference / size)))
+    return results, notes
+
+
+def main() -> None:
+    """Parse the flags, run the chosen parts and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true",
+                        help="shrink channels, halve the patch and the error fit: a smoke run")
+    parser.add_argument("--batch", type=int, default=2, help="batch of the timed training steps and samples (2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and data (default 0)")
+    parser.add_argument("--budget", type=float, default=30.0,
+                        help="seconds one timing aims at; fewer steps are timed beyond it (default 30)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
+    parser.add_argument("--parts", nargs="+", choices=("vae", "latent", "raw", "error"),
+                        default=["vae", "latent", "raw", "error"], help="what to run (default: all)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    warmup = 3 if device.type == "cuda" else 1
+    sizes, patch, latent = (QUICK, QUICK_PATCH, QUICK_LATENT) if args.quick else (FULL, PATCH, LATENT)
+    precision = "bf16 autocast" if device.type == "cuda" else "float32"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    mode = "quick (shrunk channels, half-size patch)" if args.quick else "full config sizes"
+    print(f"device {device} ({name}), {precision}, batch {args.batch}, seed {args.seed}, {mode}: patch {patch}, "
+          f"latent {latent}; {warmup} warm-up step(s), budget {args.budget:.0f} s per timing", flush=True)
+    if device.type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] + 1 > (os.cpu_count() or 1):
+        print("warning: the CPU is shared; multi-threaded timings on a busy CPU can be many times slower than on a "
+              "free one (try --threads 1)", flush=True)
+
+    rows: list[Row] = []
+    if "vae" in args.parts:
+        rows.append(bench_vae(sizes["vae"], patch, latent, args.batch, device, warmup, args.budget, args.seed))
+        print(f"  vae done ({rows[-1].train_steps_per_s:.3g} steps/s)", flush=True)
+    for part, shape in (("latent", latent), ("raw", patch)):
+        if part in args.parts:
+            rows.append(bench_flow(part, sizes[part], shape, args.batch, device, warmup, args.budget, args.seed))
+            print(f"  {part} done ({rows[-1].train_steps_per_s:.3g} steps/s)", flush=True)
+    if rows:
+        print()
+        print(f"{'model':<8}{'params M':>10}{'train steps/s':>15}{'timed':>7}{'sample s/patch':>16}"
+              f"{'peak GiB':>10}  notes")
+        for row in rows:
+            peak = f"{row.peak_gib:.1f}" if row.peak_gib is not None else "-"
+            notes = [row.sample_note]
+            if row.train_steps < MAX_TIMED_STEPS:
+                notes.insert(0, f"{row.train_steps} of {MAX_TIMED_STEPS} train steps timed (over budget)")
+            print(f"{row.model:<8}{row.params / 1e6:>10.2f}{row.train_steps_per_s:>15.3g}{row.train_steps:>7}"
+                  f"{row.sample_s_per_patch:>16.3g}{peak:>10}  {'; '.join(notes)}")
+        print("vae: train = MSE + KL on random patches, sample = decoding a latent. latent, raw: bridge flow "
+              "matching with interval conditioning, sample = Heun in the model's own space (latent: decoding not "
+              f"included). Training steps timed after {warmup} warm-up step(s): up to {MAX_TIMED_STEPS}, at least 2.")
+
+    if "error" in args.parts:
+        fit_steps = int(ERROR_FIT["steps"]) // (2 if args.quick else 1)
+        print()
+        print(f"sampling error: velocity net {ERROR_NET['channels']} at latent size {latent}, synthetic pairs, "
+              f"{ERROR_STARTS} starts, float32", flush=True)
+        results, notes = sampling_error(latent, device, args.seed, fit_steps)
+        for note in notes:
+            print(f"  {note}")
+        ref = f"{REFERENCE[0]} {REFERENCE[1]}"
+        print(f"{'sampler':<10}{'evals':>7}{f'|x - {ref}| / |{ref} - x0|':>38}{f'|x - {ref}| / |{ref}|':>30}")
+        for label, displacement, size in results:
+            method, steps = label.split()
+            evals = int(steps) * (2 if method == "heun" else 1)
+            print(f"{label:<10}{evals:>7}{displacement:>38.3e}{size:>30.3e}")
+        heun20 = {label: value for label, value, _ in results}["heun 20"]
+        verdict = "met" if heun20 <= GOAL else "not met"
+        print(f"goal: Heun 20 (40 evals) within {GOAL:.0%} of Euler 100 (100 evals) relative to the displacement, "
+              f"|x_heun20 - x_euler100| / |x_euler100 - x0| <= {GOAL:g}: {verdict} ({heun20:.2e})")
+
+
+if __name__ == "__main__":
+    main()
