@@ -13,7 +13,7 @@ from conftest import kill_after_first_job, snakemake
 from noduleflow.boxes import registered_grid
 from noduleflow.datasets import NodulePairs, NodulePatches
 from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
-from noduleflow.imaging import Geometry, read_image
+from noduleflow.imaging import Geometry, homogeneous, read_image
 from noduleflow.patches import (
     CacheError,
     PatchSettings,
@@ -166,13 +166,11 @@ def test_patch_centres_lie_in_the_true_nodule(demo_run):
                        for s in SPLITS]).set_index("exam_id")
     for row in index.itertuples():
         exam = exams.loc[row.exam_id]
-        grid = registered_grid(Geometry(*(tuple(exam[f"fixed_{n}"]) for n in ("shape", "spacing", "origin",
-                                                                                 "direction"))),
-                               (0.703125, 0.703125, 2.5))
+        grid = registered_grid(Geometry.from_columns(exam, "fixed"), (0.703125, 0.703125, 2.5))
         y0, y1, x0, x1, z0, z1 = row.bbox
         voxel = np.asarray(row.patch_start) + [(x0 + x1) // 2, (y0 + y1) // 2, (z0 + z1) // 2]
         point = grid.matrix() @ np.append(voxel, 1.0)
-        in_exam = np.vstack([np.reshape(exam["fixed_to_moving"], (3, 4)), [0, 0, 0, 1]]) @ point
+        in_exam = homogeneous(exam["fixed_to_moving"]) @ point
         mask = read_image(demo_run / "results/synthetic/truth/masks" / f"{row.exam_id}.nii.gz")
         label = sitk.GetArrayViewFromImage(mask)[tuple(reversed(mask.TransformPhysicalPointToIndex(in_exam[:3])))]
         assert label == row.nodule_group, row.nodule_key
@@ -192,9 +190,7 @@ def test_paired_patches_show_the_same_anatomy_after_registration(demo_run):
         prior, follow_up = pair["prior"][0].numpy(), pair["follow_up"][0].numpy()
         row = index.loc[pair["nodule_key_b"]]
         exam = exams.loc[row["exam_id"]]
-        grid = registered_grid(Geometry(*(tuple(exam[f"fixed_{n}"]) for n in ("shape", "spacing", "origin",
-                                                                                 "direction"))),
-                               (0.703125, 0.703125, 2.5))
+        grid = registered_grid(Geometry.from_columns(exam, "fixed"), (0.703125, 0.703125, 2.5))
         size = tuple(reversed(prior.shape))  # the configured patch size, x, y, z
         unregistered = cut_patch(read_image(demo_run / exam["image_path"]), grid, np.asarray(row["patch_start"]),
                                  np.eye(4), PatchSettings(size=size))

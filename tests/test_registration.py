@@ -11,7 +11,7 @@ import torch
 from conftest import kill_after_first_job, make_workdir, snakemake
 from noduleflow.boxes import map_box, registered_grid
 from noduleflow.ids import shard_name, shard_of
-from noduleflow.imaging import Geometry, read_image, write_nifti
+from noduleflow.imaging import Geometry, homogeneous, read_image, write_nifti
 from noduleflow.io import load_plain_pickle
 from noduleflow.phantom import render_anatomy, sample_anatomy
 from noduleflow.plan import find_precomputed_transforms, shard_exams
@@ -101,7 +101,7 @@ def _lung_tre(fixed_path, estimated, truth):
 
 
 def _matrix(row):
-    return np.vstack([np.reshape(row["fixed_to_moving"], (3, 4)), [0, 0, 0, 1]])
+    return homogeneous(row["fixed_to_moving"])
 
 
 def test_registration_recovers_a_known_transform(phantom_pair, tmp_path):
@@ -166,7 +166,7 @@ def test_mapped_boxes_hold_the_true_centres_within_2mm(demo_run):
     assert len(boxes) == (truth["primary_series"]).sum() and not boxes["box_clipped"].any()
     for row in boxes.itertuples():
         anatomy = truth[(truth["pid"] == row.pid) & (truth["nodule_group"] == row.nodule_group)]
-        pose = np.vstack([np.reshape(truth_exams.loc[row.fixed_exam_id, "anatomy_to_exam"], (3, 4)), [0, 0, 0, 1]])
+        pose = homogeneous(truth_exams.loc[row.fixed_exam_id, "anatomy_to_exam"])
         true_centre = (pose @ np.append(anatomy["center_anatomy"].iloc[0], 1.0))[:3]
         origin = np.asarray(registered.loc[row.fixed_exam_id, "fixed_origin"])
         index = (true_centre - origin) / spacing  # x, y, z in registered space

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from noduleflow.imaging import Geometry
+from noduleflow.imaging import Geometry, homogeneous
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,6 @@ def map_box(box: Sequence[int], center_ijk: Sequence[float], exam: Geometry, fix
             [float(center[1]), float(center[0]), float(center[2])], clipped)
 
 
-def _geometry(row: pd.Series, prefix: str) -> Geometry:
-    return Geometry(*(tuple(row[f"{prefix}_{name}"]) for name in ("shape", "spacing", "origin", "direction")))
-
-
 def boxes_in_registered_space(exams: pd.DataFrame, tracking: pd.DataFrame,
                               spacing: Sequence[float]) -> pd.DataFrame:
     """Every nodule of the exams that passed registration QC, with its box and centre in registered space.
@@ -71,10 +67,10 @@ def boxes_in_registered_space(exams: pd.DataFrame, tracking: pd.DataFrame,
     rows = []
     for nodule in nodules.itertuples(index=False):
         exam = good.loc[nodule.exam]
-        grid = registered_grid(_geometry(exam, "fixed"), spacing)
-        fixed_to_exam = np.vstack([np.reshape(exam["fixed_to_moving"], (3, 4)), [0, 0, 0, 1]])
+        grid = registered_grid(Geometry.from_columns(exam, "fixed"), spacing)
+        fixed_to_exam = homogeneous(exam["fixed_to_moving"])
         box, center, clipped = map_box(nodule.coords, (nodule.center_i, nodule.center_j, nodule.center_k),
-                                       _geometry(exam, "original"), fixed_to_exam, grid)
+                                       Geometry.from_columns(exam, "original"), fixed_to_exam, grid)
         rows.append({"fixed_exam_id": exam["fixed_exam_id"], "days_since_baseline": exam["days_since_baseline"],
                      "coords_fixed": box, "center_fixed": center, "registered_shape": list(grid.shape),
                      "box_clipped": clipped, "box_outside": box is None})

@@ -11,7 +11,9 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -38,6 +40,11 @@ class Geometry:
         out[:3, 3] = self.origin
         return out
 
+    @classmethod
+    def from_columns(cls, row: Mapping[str, Any], prefix: str) -> Geometry:
+        """The geometry stored in a table row as <prefix>_shape, _spacing, _origin and _direction."""
+        return cls(*(tuple(row[f"{prefix}_{name}"]) for name in ("shape", "spacing", "origin", "direction")))
+
     def reference_image(self) -> sitk.Image:
         """An empty SimpleITK image on this grid (a resampling target that needs no pixel data)."""
         image = sitk.Image([int(v) for v in self.shape], sitk.sitkUInt8)
@@ -45,6 +52,11 @@ class Geometry:
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
         return image
+
+
+def homogeneous(matrix_3x4: Sequence[float]) -> np.ndarray:
+    """4x4 matrix from the 12 row-major values [A | b] of an affine map stored in a table."""
+    return np.vstack([np.reshape(matrix_3x4, (3, 4)), [0.0, 0.0, 0.0, 1.0]])
 
 
 class ImageHeaderError(ValueError):

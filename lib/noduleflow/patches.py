@@ -22,7 +22,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from noduleflow.boxes import registered_grid
-from noduleflow.imaging import Geometry, read_image
+from noduleflow.imaging import Geometry, homogeneous, read_image
 from noduleflow.io import atomic_path
 from noduleflow.registration import matrix_to_transform
 
@@ -104,10 +104,6 @@ def cut_patch(image: sitk.Image, grid: Geometry, start: np.ndarray, fixed_to_mov
     return to_unit_range(sitk.GetArrayFromImage(resampled), settings.hu_window)
 
 
-def _geometry(row: dict[str, Any], prefix: str) -> Geometry:
-    return Geometry(*(tuple(row[f"{prefix}_{name}"]) for name in ("shape", "spacing", "origin", "direction")))
-
-
 def cache_shard(exams: pd.DataFrame, nodules: pd.DataFrame, split: str, shard: int, settings: PatchSettings,
                 patch_file: str | os.PathLike[str],
                 slice_file: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -120,8 +116,8 @@ def cache_shard(exams: pd.DataFrame, nodules: pd.DataFrame, split: str, shard: i
     index, skipped, patches = [], [], []
     for exam_id, group in rows.groupby("exam", sort=True):
         exam = in_shard.loc[exam_id].to_dict()
-        grid = registered_grid(_geometry(exam, "fixed"), settings.spacing_mm)
-        fixed_to_moving = np.vstack([np.reshape(exam["fixed_to_moving"], (3, 4)), [0, 0, 0, 1]])
+        grid = registered_grid(Geometry.from_columns(exam, "fixed"), settings.spacing_mm)
+        fixed_to_moving = homogeneous(exam["fixed_to_moving"])
         image = None
         for nodule in group.to_dict("records"):
             ids = {"pid": nodule["pid"], "nodule_group": int(nodule["nodule_group"]), "exam_id": exam_id,

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from noduleflow.boxes import registered_grid
 from noduleflow.figures import registration_figure
-from noduleflow.imaging import Geometry, read_image, write_nifti
+from noduleflow.imaging import Geometry, homogeneous, read_image, write_nifti
 from noduleflow.io import atomic_path
 from noduleflow.plan import ShardExam, transform_file
 
@@ -223,7 +223,7 @@ def register_shard(exams: list[ShardExam], settings: RegistrationSettings,
                     path = transform_file(transform_dir, fixed_id, exam.exam_id)
                     with atomic_path(path) as tmp:
                         sitk.WriteTransform(matrix_to_transform(
-                            np.vstack([np.reshape(result["fixed_to_moving"], (3, 4)), [0, 0, 0, 1]])), str(tmp))
+                            homogeneous(result["fixed_to_moving"])), str(tmp))
                     row["transform_file"] = os.fspath(path)
                     row["transform_source"] = "precomputed" if precomputed else "registered"
                 except Exception as error:
@@ -315,9 +315,9 @@ def write_registered_exams(exams: pd.DataFrame, nodules: pd.DataFrame, spacing: 
     written = {}
     for exam in chosen.to_dict("records"):
         fixed_row = exams.set_index("exam_id").loc[exam["fixed_exam_id"]]
-        fixed_geometry = Geometry(*(tuple(exam[f"fixed_{n}"]) for n in ("shape", "spacing", "origin", "direction")))
+        fixed_geometry = Geometry.from_columns(exam, "fixed")
         grid = registered_grid(fixed_geometry, spacing)
-        matrix = np.vstack([np.reshape(exam["fixed_to_moving"], (3, 4)), [0, 0, 0, 1]])
+        matrix = homogeneous(exam["fixed_to_moving"])
         moving = read_image(exam["image_path"])
         after = _resample(moving, grid, matrix)
         path = Path(nifti_dir) / f"{exam['exam_id']}.nii.gz"

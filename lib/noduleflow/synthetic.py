@@ -32,7 +32,7 @@ import torch
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from noduleflow.ids import nlst_exam_id
-from noduleflow.imaging import Geometry, write_nifti
+from noduleflow.imaging import Geometry, homogeneous, write_nifti
 from noduleflow.io import atomic_path, write_csv, write_parquet
 from noduleflow.phantom import ChestAnatomy, lung_depth_mm, render_anatomy, sample_anatomy
 
@@ -399,6 +399,5 @@ def truth_transform(truth_exams: pd.DataFrame, fixed_exam_id: str, moving_exam_i
     """4x4 matrix mapping fixed-exam physical points to moving-exam physical points (ITK registration convention)."""
     poses = {}
     for exam_id in (fixed_exam_id, moving_exam_id):
-        row = truth_exams.loc[truth_exams["exam_id"] == exam_id, "anatomy_to_exam"].iloc[0]
-        poses[exam_id] = np.vstack([np.asarray(row, dtype=float).reshape(3, 4), [0, 0, 0, 1]])
+        poses[exam_id] = homogeneous(truth_exams.loc[truth_exams["exam_id"] == exam_id, "anatomy_to_exam"].iloc[0])
     return poses[moving_exam_id] @ np.linalg.inv(poses[fixed_exam_id])
