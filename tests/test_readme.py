@@ -17,7 +17,19 @@ def test_readme_opens_with_the_install_and_run_and_the_test_commands():
     assert first_block[1] in (REPO / ".ci" / "run").read_text()
 
 
+def _rule_edges(mermaid):
+    """The rule graph of a mermaid flowchart as (upstream, downstream) rule names.
+
+    Snakemake numbers the nodes in an order that varies between machines, so ids are mapped back to names.
+    """
+    names = dict(re.findall(r"^\s*(id\d+)\[(\w+)\]", mermaid, re.M))
+    edges = re.findall(r"^\s*(id\d+) --> (id\d+)", mermaid, re.M)
+    return set(names.values()), {(names[a], names[b]) for a, b in edges}
+
+
 def test_readme_rule_graph_is_current():
-    documented = re.search(r"```mermaid\n(.*?)```", _readme(), re.S).group(1).strip()
-    generated = snakemake(REPO, "--rulegraph", "mermaid-js").stdout.strip()
-    assert sorted(documented.splitlines()) == sorted(generated.splitlines())  # edge order varies between runs
+    documented = re.search(r"```mermaid\n(.*?)```", _readme(), re.S).group(1)
+    generated = snakemake(REPO, "--rulegraph", "mermaid-js").stdout
+    rules, edges = _rule_edges(generated)
+    assert "all" in rules and ("cache_shard", "cache_index") in edges
+    assert _rule_edges(documented) == (rules, edges)
