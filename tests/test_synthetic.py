@@ -59,7 +59,7 @@ def test_manifest_and_tracking_file_describe_the_images(cohort):
 
 def test_masks_match_the_true_volume_and_centre(cohort):
     truth = pd.read_parquet(cohort / "truth" / "nodules.parquet")
-    assert len(truth) > 0 and set(truth["kind"]) <= {"solid", "part_solid", "ground_glass"}
+    assert len(truth) > 0 and set(truth["kind"]) <= {"solid", "part_solid", "ground_glass", "calcified"}
     assert truth["true_volume_mm3"].between(8, 6000).all()
     for row in truth.itertuples():
         mask = read_image(cohort / "truth" / "masks" / f"{row.exam_id}.nii.gz")

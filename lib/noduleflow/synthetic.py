@@ -4,7 +4,9 @@ Each patient has one anatomy (see `phantom`) in an "anatomy frame" (LPS mm, cent
 sees it through a known pose: p_exam = R (B p_anatomy) + t, where R, t is a rigid misalignment (identity for the
 patient's first exam) and B a small breathing scale. Nodules live in the anatomy frame and change volume
 between exams with a doubling time that depends on their kind, size and fate; they are rendered into every exam
-with partial-volume supersampling.
+with partial-volume supersampling. As in the risk models radiologists use, a nodule's look announces its fate:
+solid and part-solid nodules mostly grow, ground-glass ones mostly resolve (transient inflammation) and calcified
+granulomas stay as they are, so a forecaster can learn the future from the prior image and the interval.
 
 Written files (paths relative to the output folder):
 - `manifest.csv`: one row per series (the exams manifest the pipeline reads);
@@ -38,11 +40,16 @@ from noduleflow.phantom import ChestAnatomy, lung_depth_mm, render_anatomy, samp
 
 log = logging.getLogger(__name__)
 
-KINDS = ("solid", "part_solid", "ground_glass")
+KINDS = ("solid", "part_solid", "ground_glass", "calcified")
+_KIND_P = (0.4, 0.15, 0.25, 0.2)
 FATES = ("growing", "stable", "shrinking")
 # Probability of each fate per kind, and the range of |doubling time| in days for growing / shrinking nodules.
-_FATE_P = {"solid": (0.45, 0.35, 0.20), "part_solid": (0.55, 0.35, 0.10), "ground_glass": (0.35, 0.55, 0.10)}
-_DOUBLING_DAYS = {"solid": (120.0, 400.0), "part_solid": (250.0, 700.0), "ground_glass": (500.0, 1200.0)}
+_FATE_P = {"solid": (0.9, 0.1, 0.0), "part_solid": (0.9, 0.1, 0.0), "ground_glass": (0.0, 0.15, 0.85),
+           "calcified": (0.0, 1.0, 0.0)}
+_DOUBLING_DAYS = {"solid": (120.0, 400.0), "part_solid": (250.0, 600.0), "ground_glass": (150.0, 400.0),
+                  "calcified": (1.0, 1.0)}  # unused: calcified nodules are stable
+_TISSUE_HU = {"solid": 35.0, "part_solid": -520.0, "ground_glass": -620.0, "calcified": 35.0}
+_CORE_HU = {"part_solid": 35.0, "calcified": 600.0}  # solid core of part-solid nodules, calcified core
 _TIMEPOINT_PATTERNS = ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,))
 _TIMEPOINT_P = (0.6, 0.14, 0.1, 0.06, 0.1)
 _MIN_VOLUME, _MAX_VOLUME = 8.0, 6000.0
@@ -186,7 +193,7 @@ def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: Coh
     depth = lung_depth_mm(anatomy, candidates)
     tracks: list[NoduleTrack] = []
     for group in range(1, count + 1):
-        kind = str(rng.choice(KINDS, p=(0.6, 0.15, 0.25)))
+        kind = str(rng.choice(KINDS, p=_KIND_P))
         fate = str(rng.choice(FATES, p=_FATE_P[kind]))
         low, high = _DOUBLING_DAYS[kind]
         doubling = float(rng.uniform(low, high))
@@ -207,7 +214,7 @@ def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: Coh
             axes=axes / np.prod(axes) ** (1 / 3), lobe_directions=lobes / np.linalg.norm(lobes, axis=1, keepdims=True),
             lobe_amplitudes=rng.uniform(0.08, 0.25, n_lobes), first_day=days[first_tp], first_volume=first_volume,
             doubling_days=doubling, core_fraction=float(rng.uniform(0.35, 0.6)),
-            hu={"solid": 35.0, "part_solid": -520.0, "ground_glass": -620.0}[kind] + float(rng.normal(0, 15)),
+            hu=_TISSUE_HU[kind] + float(rng.normal(0, 15)),
             screen_detected=bool(rng.random() < 0.85),
         )
         for _ in range(4):  # no room for it: try smaller
@@ -241,11 +248,12 @@ def _render_nodule(volume: np.ndarray, labels: np.ndarray, track: NoduleTrack, d
     points = samples.reshape(-1, 3) @ anatomy_from_exam[:3, :3].T + anatomy_from_exam[:3, 3]
     level = track.level(points, scale).reshape(-1, len(offsets))
     outer = (level <= 1.0).mean(axis=1)  # fraction of each voxel inside the nodule
-    core = (level <= track.core_fraction).mean(axis=1) if track.kind == "part_solid" else np.zeros_like(outer)
+    core_hu = _CORE_HU.get(track.kind, 0.0)
+    core = (level <= track.core_fraction).mean(axis=1) if track.kind in _CORE_HU else np.zeros_like(outer)
     xs, ys, zs = grid.reshape(-1, 3).T
     background = volume[zs, ys, xs]
     tissue = np.maximum(background, track.hu)  # vessels stay visible through ground glass
-    volume[zs, ys, xs] = background * (1 - outer) + (outer - core) * tissue + core * np.maximum(background, 35.0)
+    volume[zs, ys, xs] = background * (1 - outer) + (outer - core) * tissue + core * np.maximum(background, core_hu)
     inside = outer >= 0.5
     if not inside.any():  # a tiny nodule in thick slices: mark at least the centre voxel
         inside[np.argmin(np.linalg.norm(grid.reshape(-1, 3) - centre_index, axis=1))] = True
