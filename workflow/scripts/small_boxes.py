@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
+from noduleflow.evaluation.segmenter import build_segmenter
 from noduleflow.io import write_parquet
 from noduleflow.logs import log_to
 from noduleflow.patches import PatchSettings, small_boxes
@@ -12,5 +12,5 @@ from noduleflow.patches import PatchSettings, small_boxes
 with log_to(snakemake.log[0]):
     table = small_boxes(pd.read_parquet(snakemake.input.index), Path(snakemake.input.index).parent,
                         PatchSettings.from_mapping(snakemake.params.patch),
-                        HalfMaximumSegmenter.from_mapping(snakemake.params.segmentation))
+                        build_segmenter(snakemake.params.segmentation))
     write_parquet(table, snakemake.output[0])

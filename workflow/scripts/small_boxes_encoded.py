@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
+from noduleflow.evaluation.segmenter import build_segmenter
 from noduleflow.io import write_parquet
 from noduleflow.logs import log_to
 from noduleflow.models.tasks import load_vae
@@ -15,6 +15,6 @@ with log_to(snakemake.log[0]):
     folder = Path(snakemake.input.latents)
     table = small_boxes(pd.read_parquet(folder / "index.parquet"), folder,
                         PatchSettings.from_mapping(snakemake.params.patch),
-                        HalfMaximumSegmenter.from_mapping(snakemake.params.segmentation),
+                        build_segmenter(snakemake.params.segmentation),
                         decode=decoder(load_vae(snakemake.input.model)))
     write_parquet(table, snakemake.output[0])

@@ -6,16 +6,45 @@ outside the nodule box) and the nodule's bright end (90th percentile inside the 
 6-connected component above it at the box centre (or, when the centre is below it, the largest component in
 the box). A half-maximum threshold follows each nodule's own contrast, so solid, part-solid and ground-glass
 nodules are measured alike and partial-volume voxels count half in, half out.
+
+Users with a learned segmenter give its file instead (`segmentation.model`): a `torch.export` program (`.pt2`)
+or a TorchScript file (what a MONAI bundle's `ckpt_export` writes) that maps a (1, 1, Z, Y, X) float HU tensor to
+nodule probabilities of the same shape; the mask is the component above `threshold` at the box centre, inside
+the same grown box. The file is code the user chose to run, like the config itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
+
+
+def grown_box(box: Sequence[int], margin: Sequence[int], shape: Sequence[int]) -> tuple[tuple[slice, ...], ...]:
+    """(region, inner) slices (z, y, x) of a box (i0, i1, j0, j1, k0, k1) grown by margin (x, y, z), and of the box."""
+    mx, my, mz = margin
+    lows, highs = (box[4], box[0], box[2]), (box[5], box[1], box[3])
+    region = tuple(slice(max(lo - m, 0), min(hi + m + 1, n))
+                   for lo, hi, m, n in zip(lows, highs, (mz, my, mx), shape, strict=True))
+    return region, tuple(slice(lo, hi + 1) for lo, hi in zip(lows, highs, strict=True))
+
+
+def _component_at_box(above: np.ndarray, box: Sequence[int], inner: tuple[slice, ...]) -> np.ndarray:
+    """The 6-connected component of `above` at the box centre, or the largest one inside the box."""
+    labels, count = ndimage.label(above)
+    label = labels[((box[4] + box[5]) // 2, (box[0] + box[1]) // 2, (box[2] + box[3]) // 2)]
+    if label == 0:
+        counts = np.bincount(labels[inner].ravel(), minlength=count + 1)
+        counts[0] = 0
+        if counts.max() == 0:
+            return np.zeros(above.shape, dtype=bool)
+        label = int(np.argmax(counts))
+    return labels == label
 
 
 @dataclass(frozen=True)
@@ -26,34 +55,48 @@ class HalfMaximumSegmenter:
     margin_voxels: tuple[int, int, int] = (2, 2, 1)  # x, y, z added around the box
     min_contrast_hu: float = 100.0  # a box this close to its surroundings holds no nodule
 
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> HalfMaximumSegmenter:
-        """Build from a config mapping, turning lists into tuples."""
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
-
     def __call__(self, patch_hu: np.ndarray, box: Sequence[int]) -> np.ndarray:
         """Boolean mask (Z, Y, X) of the nodule in a HU patch; `box` is (i0, i1, j0, j1, k0, k1) = (y, x, z)."""
-        mx, my, mz = self.margin_voxels
-        lows, highs = (box[4], box[0], box[2]), (box[5], box[1], box[3])
-        region = tuple(slice(max(lo - m, 0), min(hi + m + 1, n))
-                       for lo, hi, m, n in zip(lows, highs, (mz, my, mx), patch_hu.shape, strict=True))
-        inner = tuple(slice(lo, hi + 1) for lo, hi in zip(lows, highs, strict=True))
+        region, inner = grown_box(box, self.margin_voxels, patch_hu.shape)
         outside = np.ones(patch_hu.shape, dtype=bool)
         outside[inner] = False
         surroundings = patch_hu[region][outside[region]]
         background = float(np.median(surroundings)) if surroundings.size else float(patch_hu.min())
         peak = float(np.percentile(patch_hu[inner], 90))
-        empty = np.zeros(patch_hu.shape, dtype=bool)
+        above = np.zeros(patch_hu.shape, dtype=bool)
         if peak - background < self.min_contrast_hu:
-            return empty
-        above = empty.copy()
+            return above
         above[region] = patch_hu[region] > background + self.level * (peak - background)
-        labels, count = ndimage.label(above)
-        label = labels[tuple((lo + hi) // 2 for lo, hi in zip(lows, highs, strict=True))]
-        if label == 0:
-            counts = np.bincount(labels[inner].ravel(), minlength=count + 1)
-            counts[0] = 0
-            if counts.max() == 0:
-                return empty
-            label = int(np.argmax(counts))
-        return labels == label
+        return _component_at_box(above, box, inner)
+
+
+@dataclass(frozen=True)
+class LearnedSegmenter:
+    """A learned segmenter from a `.pt2` (torch.export) or TorchScript file, restricted to the grown box."""
+
+    model: str  # path of the model file
+    threshold: float = 0.5
+    margin_voxels: tuple[int, int, int] = (2, 2, 1)
+
+    @cached_property
+    def module(self) -> torch.nn.Module:
+        if self.model.endswith(".pt2"):
+            return torch.export.load(self.model).module()
+        return torch.jit.load(self.model, map_location="cpu").eval()
+
+    def __call__(self, patch_hu: np.ndarray, box: Sequence[int]) -> np.ndarray:
+        """Boolean mask (Z, Y, X) of the nodule in a HU patch; `box` is (i0, i1, j0, j1, k0, k1) = (y, x, z)."""
+        with torch.no_grad():
+            probabilities = self.module(torch.as_tensor(patch_hu, dtype=torch.float32)[None, None])
+        region, inner = grown_box(box, self.margin_voxels, patch_hu.shape)
+        above = np.zeros(patch_hu.shape, dtype=bool)
+        above[region] = probabilities[0, 0].numpy()[region] > self.threshold
+        return _component_at_box(above, box, inner)
+
+
+def build_segmenter(values: dict[str, Any]) -> HalfMaximumSegmenter | LearnedSegmenter:
+    """The segmenter the `segmentation` config section asks for: the learned one if `model` is set."""
+    margin = tuple(values["margin_voxels"])
+    if values.get("model"):
+        return LearnedSegmenter(str(values["model"]), float(values.get("threshold", 0.5)), margin)
+    return HalfMaximumSegmenter(float(values["level"]), margin, float(values["min_contrast_hu"]))
