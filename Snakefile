@@ -14,6 +14,7 @@ include: "workflow/rules/metadata.smk"
 include: "workflow/rules/registration.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/models.smk"
+include: "workflow/rules/evaluation.smk"
 
 
 rule all:
@@ -23,6 +24,7 @@ rule all:
         registration_targets(),
         cache_targets(),
         model_targets(),
+        evaluation_targets(),
 
 
 # One target per stage: `snakemake metadata` builds seed steps 1-4 only.
@@ -44,3 +46,8 @@ rule cache:
 rule models:
     input:
         model_targets(),
+
+
+rule evaluation:
+    input:
+        evaluation_targets(),

@@ -32,7 +32,95 @@ def registration_figure(panels: Sequence[tuple[str, np.ndarray]], box: Sequence[
         axis.set_title(name)
         axis.set_axis_off()
     figure.suptitle(title)
+    _save(figure, path)
+
+
+def _save(figure: plt.Figure, path: str | os.PathLike[str]) -> None:
     figure.tight_layout()
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=80)
+        figure.savefig(tmp, dpi=80, format="png")
     plt.close(figure)
+
+
+def _central(image: np.ndarray, box: Sequence[int]) -> np.ndarray:
+    """The axial slice (Y, X) through the box centre of a (Z, Y, X) image."""
+    return image[min((box[4] + box[5]) // 2, image.shape[0] - 1)]
+
+
+def forecast_montage(examples: Sequence[dict], hu_window: tuple[float, float], title: str,
+                     path: str | os.PathLike[str]) -> None:
+    """One row per pair: prior, real follow-up and generated follow-up (central slices, union box in red)."""
+    columns = ("prior", "real", "generated")
+    rows = max(len(examples), 1)
+    figure, axes = plt.subplots(rows, 3, figsize=(7.5, 2.6 * rows), squeeze=False)
+    low, high = hu_window
+    for row, example in zip(axes, examples, strict=False):
+        i0, i1, j0, j1 = example["box"][:4]
+        for axis, name in zip(row, columns, strict=True):
+            hu = (_central(example[name], example["box"]) + 1.0) / 2.0 * (high - low) + low
+            axis.imshow(hu, cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], interpolation="nearest")
+            axis.add_patch(Rectangle((j0 - 0.5, i0 - 0.5), j1 - j0 + 1, i1 - i0 + 1, fill=False, color="tab:red"))
+            axis.set_title(f"{name}\n{example['title']}" if name == "prior" else name, fontsize=8)
+            axis.set_axis_off()
+    for axis in axes.ravel()[len(examples) * 3:]:
+        axis.set_axis_off()
+    figure.suptitle(title)
+    _save(figure, path)
+
+
+def change_scatter(pairs, unit: str, title: str, path: str | os.PathLike[str]) -> None:
+    """Predicted against real size change (follow-up minus prior) per method; the diagonal is a perfect forecast."""
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    for method, frame in pairs.groupby("method", sort=False):
+        axis.scatter(frame["real_size"] - frame["prior_size"], frame["predicted_size"] - frame["prior_size"],
+                     s=14, alpha=0.7, label=method)
+    change = (pairs["real_size"] - pairs["prior_size"]).to_numpy()
+    span = [float(np.nanmin(change, initial=0.0)), float(np.nanmax(change, initial=1.0))]
+    axis.plot(span, span, color="black", lw=0.8)
+    axis.set_xlabel(f"real change ({unit})")
+    axis.set_ylabel(f"predicted change ({unit})")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    _save(figure, path)
+
+
+def error_by_interval(pairs, unit: str, title: str, path: str | os.PathLike[str]) -> None:
+    """Absolute size error against the interval between the exams, per method."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method, frame in pairs.groupby("method", sort=False):
+        axis.scatter(frame["delta_days"], (frame["predicted_size"] - frame["real_size"]).abs(), s=14, alpha=0.7,
+                     label=method)
+    axis.set_xlabel("interval (days)")
+    axis.set_ylabel(f"absolute error ({unit})")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    _save(figure, path)
+
+
+def reconstruction_examples(originals: np.ndarray, reconstructions: np.ndarray, hu_window: tuple[float, float],
+                            path: str | os.PathLike[str]) -> None:
+    """Central axial slices of patches (N, Z, Y, X) in [-1, 1] and their VAE reconstructions, side by side."""
+    count = max(len(originals), 1)
+    figure, axes = plt.subplots(2, count, figsize=(2.4 * count, 5), squeeze=False)
+    low, high = hu_window
+    for column, (original, reconstruction) in enumerate(zip(originals, reconstructions, strict=True)):
+        for row, (name, image) in enumerate((("patch", original), ("VAE", reconstruction))):
+            hu = (image[image.shape[0] // 2] + 1.0) / 2.0 * (high - low) + low
+            axes[row, column].imshow(hu, cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1])
+            axes[row, column].set_title(name, fontsize=8)
+            axes[row, column].set_axis_off()
+    _save(figure, path)
+
+
+def measured_vs_true(measured: np.ndarray, true: np.ndarray, title: str, path: str | os.PathLike[str]) -> None:
+    """Segmented against true nodule volume (log axes), with the identity line."""
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.scatter(true, measured, s=12, alpha=0.7)
+    span = [max(float(np.min(true, initial=1.0)), 1.0), float(np.max(true, initial=10.0))]
+    axis.plot(span, span, color="black", lw=0.8)
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("true volume (mm^3)")
+    axis.set_ylabel("segmented volume (mm^3)")
+    axis.set_title(title)
+    _save(figure, path)

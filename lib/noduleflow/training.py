@@ -169,8 +169,8 @@ def train(model: torch.nn.Module, loss_fn: LossFn, dataset: Dataset, settings: T
     while step < stop:
         step += 1
         batch = _batch(dataset, _batch_indices(len(dataset), settings.batch_size, settings.seed, step), device)
-        torch.manual_seed(_derived_seed(settings.seed, "model", step))
-        generator = torch.Generator(device).manual_seed(_derived_seed(settings.seed, "loss", step))
+        torch.manual_seed(derived_seed(settings.seed, "model", step))
+        generator = torch.Generator(device).manual_seed(derived_seed(settings.seed, "loss", step))
         with torch.autocast(**autocast):
             loss = loss_fn(model, batch, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -217,7 +217,7 @@ def _lr_factor(index: int, settings: TrainSettings) -> float:
     return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _derived_seed(seed: int, *keys: int | str) -> int:
+def derived_seed(seed: int, *keys: int | str) -> int:
     """A 63-bit seed that depends only on `seed` and `keys` (stable across processes and platforms)."""
     digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -282,7 +282,7 @@ def _flush(pending: list[tuple[int, torch.Tensor, float, torch.Tensor, float]], 
 def _validation_loss(model: torch.nn.Module, loss_fn: LossFn, dataset: Dataset, settings: TrainSettings,
                      device: torch.device, autocast: dict[str, Any]) -> float:
     """Mean loss of `model` over the whole of `dataset`, in order, with the same randomness every time."""
-    generator = torch.Generator(device).manual_seed(_derived_seed(settings.seed, "val"))
+    generator = torch.Generator(device).manual_seed(derived_seed(settings.seed, "val"))
     total = torch.zeros((), device=device)
     for start in range(0, len(dataset), settings.batch_size):
         indices = np.arange(start, min(start + settings.batch_size, len(dataset)))

@@ -101,6 +101,20 @@ def model_targets():
     ]
 
 
+def evaluation_targets():
+    """Every default output of the evaluation stage (seed step 20) and the report's pictures."""
+    targets = [
+        "results/evaluation/runs.csv",
+        "results/evaluation/vae_reconstructions.png",
+        "results/registration/qc",
+        *[f"results/evaluation/{run}/{name}" for run in config["models"]["runs"]
+          for name in ("montage.png", "change_scatter.png", "error_by_interval.png")],
+    ]
+    if config["data"]["source"] == "synthetic":
+        targets.append("results/evaluation/segmenter_accuracy.csv")
+    return targets
+
+
 def space_folder(space, split):
     """The cache a model of this space reads: the raw cache (patches or slices) or the latent cache."""
     if space == "latent":

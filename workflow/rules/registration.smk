@@ -86,7 +86,8 @@ rule registered_niftis:
     output:
         mapping="results/metadata/exam_to_nifti_transformed.pkl",
         niftis=directory("results/registration/registered"),
-        pictures=directory("results/registration/qc"),
+        pictures=report(directory("results/registration/qc"), patterns=["{name}.png"], category="Registration",
+                        caption="../report/registration_qc.rst"),
     params:
         how_many=config["registration"]["registered_niftis"],
         spacing=config["patch"]["spacing_mm"],

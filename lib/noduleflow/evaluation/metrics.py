@@ -1,0 +1,198 @@
+"""Forecast metrics: volume errors, growth direction, summaries with bootstrap intervals, and the baselines.
+
+A forecast is judged by the size of the nodule it shows (volume in mm^3 for 3D, area in mm^2 for 2D slices)
+against the segmented real follow-up, and by its image against the real follow-up image (Dice of the two
+segmentations, SSIM and PSNR, computed in `noduleflow.evaluation.forecast`). Two baselines get the same
+metrics on the same pairs: `copy_prior` (the nodule stays as it is) and `median_growth` (the prior size scaled
+by the train split's median growth rate over the pair's interval).
+
+Definitions (every one of them is defined at zero size):
+- relative error: |predicted - real| / ((predicted + real) / 2), 0 when both are 0 (bounded by 2);
+- growth class of a change from `before` to `after`: +1 if after > (1 + band) * before, -1 if
+  after < (1 - band) * before, else 0 (band 0.25: the NELSON volume-change criterion);
+- growth-direction accuracy: the fraction of pairs whose predicted class equals the real class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+DAYS_PER_YEAR = 365.25
+COPY_PRIOR, MEDIAN_GROWTH = "copy_prior", "median_growth"
+BASELINES = (COPY_PRIOR, MEDIAN_GROWTH)
+IMAGE_METRICS = ("dice", "ssim", "psnr", "ssim_nodule", "psnr_nodule")
+SUMMARY_COLUMNS = ["run", "method", "metric", "value", "ci_low", "ci_high", "n_pairs"]
+
+
+def relative_error(predicted: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Symmetric relative error |p - r| / mean(p, r); 0 where both are 0."""
+    predicted, real = np.asarray(predicted, dtype=float), np.asarray(real, dtype=float)
+    mean = (predicted + real) / 2.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(mean > 0, np.abs(predicted - real) / np.where(mean > 0, mean, 1.0), 0.0)
+
+
+def growth_class(before: np.ndarray, after: np.ndarray, band: float) -> np.ndarray:
+    """+1 grew, -1 shrank, 0 stable: a change beyond `band` times the earlier size."""
+    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    return np.where(after > (1.0 + band) * before, 1, np.where(after < (1.0 - band) * before, -1, 0))
+
+
+def r_squared(predicted: np.ndarray, real: np.ndarray) -> float:
+    """Coefficient of determination of the real values by the predicted ones (NaN when the real ones are constant)."""
+    predicted, real = np.asarray(predicted, dtype=float), np.asarray(real, dtype=float)
+    total = float(np.sum((real - real.mean()) ** 2))
+    return 1.0 - float(np.sum((predicted - real) ** 2)) / total if total > 0 else float("nan")
+
+
+def annual_growth_rates(prior: np.ndarray, follow_up: np.ndarray, delta_days: np.ndarray) -> np.ndarray:
+    """Per pair, the size factor per year (follow_up / prior)^(365.25 / days); pairs with a zero size are left out."""
+    prior, follow_up, days = (np.asarray(v, dtype=float) for v in (prior, follow_up, delta_days))
+    usable = (prior > 0) & (follow_up > 0) & (days > 0)
+    return (follow_up[usable] / prior[usable]) ** (DAYS_PER_YEAR / days[usable])
+
+
+def median_growth_forecast(prior: np.ndarray, delta_days: np.ndarray, annual_rate: float) -> np.ndarray:
+    """The median-growth baseline: prior size times the annual rate to the power of the interval in years."""
+    return np.asarray(prior, dtype=float) * annual_rate ** (np.asarray(delta_days, dtype=float) / DAYS_PER_YEAR)
+
+
+@dataclass(frozen=True)
+class SummarySettings:
+    """How summaries are computed (config key `evaluation`)."""
+
+    stable_band: float = 0.25  # relative size change that still counts as stable
+    bootstrap: int = 1000  # resamples of the pairs for the confidence intervals
+    confidence: float = 0.95
+    seed: int = 0
+
+
+Columns = Mapping[str, np.ndarray]
+Metric = Callable[[Columns, SummarySettings], float]
+"""metric(columns, settings) -> value; columns are per-row numpy arrays (prior_size, real_size, ...)."""
+
+
+def _size_metrics() -> dict[str, Metric]:
+    def errors(c: Columns) -> np.ndarray:
+        return np.abs(c["predicted_size"] - c["real_size"])
+
+    def direction(c: Columns, settings: SummarySettings) -> float:
+        real = growth_class(c["prior_size"], c["real_size"], settings.stable_band)
+        return float(np.mean(growth_class(c["prior_size"], c["predicted_size"], settings.stable_band) == real))
+
+    return {
+        "mae": lambda c, s: float(errors(c).mean()),
+        "median_ae": lambda c, s: float(np.median(errors(c))),
+        "rmse": lambda c, s: float(np.sqrt(np.mean(errors(c) ** 2))),
+        "r2": lambda c, s: r_squared(c["predicted_size"], c["real_size"]),
+        "direction_accuracy": direction,
+        "mean_relative_error": lambda c, s: float(relative_error(c["predicted_size"], c["real_size"]).mean()),
+        "median_relative_error": lambda c, s: float(np.median(relative_error(c["predicted_size"], c["real_size"]))),
+    }
+
+
+def _truth_metrics() -> dict[str, Metric]:
+    return {"mae_true": lambda c, s: float(np.abs(c["predicted_size"] - c["true_size"]).mean()),
+            "median_relative_error_true": lambda c, s: float(np.median(relative_error(c["predicted_size"],
+                                                                                      c["true_size"])))}
+
+
+def _image_metrics() -> dict[str, Metric]:
+    metrics: dict[str, Metric] = {"median_dice": lambda c, s: float(np.median(c["dice"]))}
+    for name in IMAGE_METRICS:
+        metrics[name] = lambda c, s, name=name: float(np.mean(c[name]))
+    return metrics
+
+
+SIZE_METRICS, TRUTH_METRICS, IMAGE_METRIC_FUNCTIONS = _size_metrics(), _truth_metrics(), _image_metrics()
+NUMERIC_COLUMNS = ("prior_size", "real_size", "predicted_size", "true_size", *IMAGE_METRICS)
+
+
+def bootstrap(frame: pd.DataFrame, metric: Metric, settings: SummarySettings) -> tuple[float, float, float]:
+    """The metric on all rows and a percentile interval over resamples of whole pairs (column `pair`)."""
+    columns = {name: frame[name].to_numpy(dtype=float) for name in NUMERIC_COLUMNS if name in frame}
+    value = metric(columns, settings)
+    groups = list(frame.groupby("pair", sort=True).indices.values())
+    if len(groups) < 2 or settings.bootstrap < 1:
+        return value, float("nan"), float("nan")
+    rng = np.random.default_rng(settings.seed)
+    estimates = []
+    for _ in range(settings.bootstrap):
+        rows = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+        estimates.append(metric({name: values[rows] for name, values in columns.items()}, settings))
+    tail = (1.0 - settings.confidence) / 2.0 * 100.0
+    low, high = np.nanpercentile(np.asarray(estimates, dtype=float), [tail, 100.0 - tail])
+    return value, float(low), float(high)
+
+
+def with_baselines(pairs: pd.DataFrame, annual_rate: float) -> pd.DataFrame:
+    """Per-pair rows of a run plus median-growth rows built from its copy-prior rows (no image, so no image metrics).
+
+    `pairs` has the model's rows (method = the run) and one `copy_prior` row per pair.
+    """
+    copy = pairs[pairs["method"] == COPY_PRIOR]
+    growth = copy.assign(method=MEDIAN_GROWTH,
+                         predicted_size=median_growth_forecast(copy["prior_size"], copy["delta_days"], annual_rate))
+    growth.loc[:, [c for c in IMAGE_METRICS if c in growth]] = np.nan
+    return pd.concat([pairs, growth], ignore_index=True)
+
+
+def summarise(pairs: pd.DataFrame, run: str, settings: SummarySettings) -> pd.DataFrame:
+    """Every metric with its bootstrap interval, for the run and each baseline, on the same pairs."""
+    rows = []
+    for method, frame in pairs.groupby("method", sort=False):
+        frame = frame.reset_index(drop=True)
+        metrics = dict(SIZE_METRICS)
+        if "true_size" in frame and frame["true_size"].notna().all():
+            metrics.update(TRUTH_METRICS)
+        if frame[list(IMAGE_METRICS)].notna().all().all():
+            metrics.update(IMAGE_METRIC_FUNCTIONS)
+        for name, metric in metrics.items():
+            value, low, high = bootstrap(frame, metric, settings)
+            rows.append({"run": run, "method": method, "metric": name, "value": value, "ci_low": low,
+                         "ci_high": high, "n_pairs": frame["pair"].nunique()})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def segmenter_truth_rows(pairs: pd.DataFrame, run: str, settings: SummarySettings) -> pd.DataFrame:
+    """The segmenter's own error: the segmented real follow-up against the true follow-up size."""
+    frame = pairs[pairs["method"] == COPY_PRIOR].assign(method="segmented_follow_up")
+    frame = frame.assign(predicted_size=frame["real_size"]).reset_index(drop=True)
+    rows = [{"run": run, "method": "segmented_follow_up", "metric": name,
+             **dict(zip(("value", "ci_low", "ci_high"), bootstrap(frame, metric, settings), strict=True)),
+             "n_pairs": frame["pair"].nunique()} for name, metric in TRUTH_METRICS.items()]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def ranking(summaries: pd.DataFrame, by: str = "mae") -> pd.DataFrame:
+    """One row per (run, method), metrics as columns, ranked by `by` (lower is better) within each dimension."""
+    table = summaries.pivot_table(index=["run", "method", "dims"], columns="metric", values="value",
+                                  sort=False).reset_index()
+    table.columns.name = None
+    table = table.sort_values(["dims", by, "run", "method"], kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", table.groupby("dims").cumcount() + 1)
+    return table
+
+
+def segmenter_accuracy(measured: pd.DataFrame, truth: pd.DataFrame, min_volume: float) -> dict[str, float]:
+    """How close the segmented volumes of cached nodules come to the true volumes (synthetic cohort).
+
+    `measured`: small boxes (exam_id, nodule_group, nodule_volume); `truth`: the cohort's nodule truth.
+    """
+    merged = measured.merge(truth[truth["primary_series"]], on=["exam_id", "nodule_group"])
+    large = merged[merged["true_volume_mm3"] > min_volume]
+    error = (large["nodule_volume"] - large["true_volume_mm3"]) / large["true_volume_mm3"]
+    return {"nodules": float(len(large)), "min_true_volume_mm3": float(min_volume),
+            "median_relative_error": float(error.median()), "median_abs_relative_error": float(error.abs().median()),
+            "fraction_within_15_percent": float((error.abs() <= 0.15).mean()),
+            "fraction_within_25_percent": float((error.abs() <= 0.25).mean())}
+
+
+def settings_from(values: Mapping[str, object], seed: int) -> SummarySettings:
+    """Summary settings from the `evaluation` config section."""
+    return SummarySettings(stable_band=float(values["stable_band"]), bootstrap=int(values["bootstrap"]),
+                           confidence=float(values["confidence"]), seed=seed)

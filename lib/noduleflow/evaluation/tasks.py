@@ -1,0 +1,117 @@
+"""The evaluation stage's steps, each from files to files: forecasts per run, growth rates, summaries, tables,
+the segmenter's accuracy and VAE reconstructions. Rules call these; the logic lives in the modules they use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from noduleflow import figures
+from noduleflow.datasets import NodulePairs, NodulePatches
+from noduleflow.evaluation import metrics
+from noduleflow.evaluation.forecast import ForecastSettings, evaluate_run, pair_sizes
+from noduleflow.evaluation.segmenter import build_segmenter
+from noduleflow.io import atomic_path, write_csv
+from noduleflow.models.tasks import load_vae
+from noduleflow.patches import PatchSettings
+
+UNITS = {2: "mm^2", 3: "mm^3"}
+
+
+def forecast_settings(evaluation: dict[str, Any], sampler: dict[str, Any], seed: int) -> ForecastSettings:
+    """Forecast settings from the `evaluation` and `models.sampler` config sections."""
+    return ForecastSettings(samples=int(evaluation["samples"]), sampler=sampler["method"],
+                            steps=int(sampler["steps"]), region_margin=tuple(evaluation["region_margin"]),
+                            batch_size=int(evaluation["batch_size"]), examples=int(evaluation["examples"]),
+                            seed=seed)
+
+
+def _pairs(folder: str | os.PathLike[str], pairs_path: str | os.PathLike[str], slices: bool) -> NodulePairs:
+    return NodulePairs(folder, pd.read_parquet(pairs_path), slices=slices)
+
+
+def forecast(run_name: str, space: str, model: str, raw_folder: str, model_folder: str, pairs_path: str,
+             vae: str | None, truth: str | None, patch: dict[str, Any], segmentation: dict[str, Any],
+             settings: ForecastSettings, table_path: str, montage_path: str) -> None:
+    """Forecast every test pair with one run; write the per-pair table and a montage of examples."""
+    patch_settings = PatchSettings.from_mapping(patch)
+    slices = space == "slices"
+    raw = _pairs(raw_folder, pairs_path, slices)
+    model_data = _pairs(model_folder, pairs_path, slices) if space == "latent" else raw
+    decode = None
+    if space == "latent":
+        vae_model = load_vae(vae).to("cuda" if torch.cuda.is_available() else "cpu")
+        decode = torch.no_grad()(lambda latents: vae_model.decode(latents.to(next(vae_model.parameters()))))
+    true_volumes = pd.read_parquet(truth).query("primary_series") if truth else None
+    result = evaluate_run(model, raw, model_data, decode, patch_settings, build_segmenter(segmentation), settings,
+                          run_name, true_volumes)
+    write_csv(result.table, table_path)
+    figures.forecast_montage(result.examples, patch_settings.hu_window,
+                             f"{run_name}: prior, real and generated follow-up", montage_path)
+
+
+def growth_rates(raw_folder: str, pairs_path: str, patch: dict[str, Any], segmentation: dict[str, Any],
+                 path: str) -> None:
+    """Median annual growth of nodule volume (3D) and central-slice area (2D) on the train split."""
+    patch_settings, segmenter = PatchSettings.from_mapping(patch), build_segmenter(segmentation)
+    rates = {}
+    for dims in (2, 3):
+        sizes = pair_sizes(_pairs(raw_folder, pairs_path, dims == 2), patch_settings, segmenter, dims == 2)
+        annual = metrics.annual_growth_rates(sizes["prior_size"], sizes["real_size"], sizes["delta_days"])
+        rates[str(dims)] = {"annual_rate": float(np.median(annual)) if annual.size else 1.0, "pairs": int(annual.size)}
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(rates, indent=2))
+
+
+def summarise(run_name: str, table_path: str, rates_path: str, evaluation: dict[str, Any], seed: int,
+              summary_path: str, scatter_path: str, interval_path: str) -> None:
+    """Metrics of a run and its baselines with bootstrap intervals, and the two pictures of its errors."""
+    pairs = pd.read_csv(table_path)
+    dims = int(pairs["dims"].iloc[0]) if len(pairs) else 3
+    rate = json.loads(Path(rates_path).read_text())[str(dims)]["annual_rate"]
+    pairs = metrics.with_baselines(pairs, rate)
+    settings = metrics.settings_from(evaluation, seed)
+    summary = metrics.summarise(pairs, run_name, settings)
+    if "true_size" in pairs and pairs["true_size"].notna().any():
+        summary = pd.concat([summary, metrics.segmenter_truth_rows(pairs, run_name, settings)], ignore_index=True)
+    summary.insert(2, "dims", dims)
+    write_csv(summary, summary_path)
+    unit = UNITS[dims]
+    figures.change_scatter(pairs, unit, f"{run_name}: size change, predicted vs real", scatter_path)
+    figures.error_by_interval(pairs, unit, f"{run_name}: error against the interval", interval_path)
+
+
+def cross_run_table(summary_paths: list[str], path: str) -> None:
+    """All runs and their baselines in one table, ranked by volume (or area) MAE within 2D and 3D."""
+    summaries = pd.concat([pd.read_csv(p) for p in summary_paths], ignore_index=True)
+    write_csv(metrics.ranking(summaries), path)
+
+
+def segmenter_report(small_boxes: list[str], truth: str, min_volume: float, table_path: str,
+                     plot_path: str) -> None:
+    """The segmenter's volumes of every cached nodule against the synthetic truth."""
+    measured = pd.concat([pd.read_parquet(p) for p in small_boxes], ignore_index=True)
+    true = pd.read_parquet(truth)
+    accuracy = metrics.segmenter_accuracy(measured, true, min_volume)
+    write_csv(pd.DataFrame([accuracy]), table_path)
+    merged = measured.merge(true[true["primary_series"]], on=["exam_id", "nodule_group"])
+    figures.measured_vs_true(merged["nodule_volume"].to_numpy(), merged["true_volume_mm3"].to_numpy(),
+                             "segmented vs true nodule volume", plot_path)
+
+
+def vae_examples(vae: str, raw_folder: str, patch: dict[str, Any], count: int, path: str) -> None:
+    """The first `count` test patches and their VAE reconstructions."""
+    patches = NodulePatches(raw_folder)
+    images = torch.stack([patches[i]["image"] for i in range(min(count, len(patches)))])
+    with torch.no_grad():
+        model = load_vae(vae)
+        reconstructions = model.reconstruct(images) if len(images) else images
+    figures.reconstruction_examples(images[:, 0].numpy(), reconstructions[:, 0].clamp(-1, 1).numpy(),
+                                    PatchSettings.from_mapping(patch).hu_window, path)

@@ -1,0 +1,210 @@
+"""Evaluation: metric definitions, baselines, the segmenters, per-pair forecasts and the stage's outputs."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import snakemake
+from noduleflow.datasets import NodulePairs
+from noduleflow.evaluation import metrics
+from noduleflow.evaluation.forecast import ForecastSettings, dice, evaluate_run, image_scores, union_box
+from noduleflow.evaluation.segmenter import HalfMaximumSegmenter, LearnedSegmenter, build_segmenter
+from noduleflow.models.flow import VelocityNet
+from noduleflow.patches import PatchSettings, to_unit_range
+from noduleflow.training import save_model
+
+
+def test_relative_error_is_symmetric_bounded_and_defined_at_zero():
+    error = metrics.relative_error([0.0, 0.0, 100.0, 150.0, 50.0], [0.0, 10.0, 100.0, 50.0, 150.0])
+    np.testing.assert_allclose(error, [0.0, 2.0, 0.0, 1.0, 1.0])
+
+
+def test_growth_class_uses_the_stable_band_and_handles_zero_priors():
+    before = np.array([100.0, 100.0, 100.0, 100.0, 0.0, 0.0])
+    after = np.array([126.0, 124.0, 76.0, 74.0, 5.0, 0.0])
+    assert metrics.growth_class(before, after, 0.25).tolist() == [1, 0, 0, -1, 1, 0]
+    assert metrics.growth_class(before, after, 0.0).tolist() == [1, 1, -1, -1, 1, 0]
+
+
+def test_r_squared_and_growth_rates_by_hand():
+    assert metrics.r_squared([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
+    assert metrics.r_squared([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
+    assert np.isnan(metrics.r_squared([1.0, 2.0], [5.0, 5.0]))
+    rates = metrics.annual_growth_rates([100.0, 100.0, 0.0], [200.0, 50.0, 10.0], [365.25, 730.5, 365.25])
+    np.testing.assert_allclose(rates, [2.0, 0.5 ** 0.5])  # the pair with a zero prior has no rate
+    np.testing.assert_allclose(metrics.median_growth_forecast([100.0, 10.0], [365.25, 730.5], 2.0), [200.0, 40.0])
+
+
+def _hand_table() -> pd.DataFrame:
+    """Three pairs: a run's forecasts and copy-prior rows, with sizes chosen to make every number easy."""
+    base = pd.DataFrame({"pair": [0, 1, 2], "prior_size": [100.0, 200.0, 50.0], "real_size": [150.0, 200.0, 20.0],
+                         "delta_days": [365.25, 365.25, 730.5], "true_size": [140.0, 210.0, 25.0]})
+    images = {"dice": [0.5, 1.0, 0.0], "ssim": [0.9, 1.0, 0.5], "psnr": [30.0, 40.0, 20.0],
+              "ssim_nodule": [0.8, 1.0, 0.4], "psnr_nodule": [25.0, 35.0, 15.0]}
+    model = base.assign(method="run", predicted_size=[160.0, 180.0, 30.0], **images)
+    copy = base.assign(method=metrics.COPY_PRIOR, predicted_size=base["prior_size"], **images)
+    return pd.concat([model, copy], ignore_index=True)
+
+
+def _values(summary: pd.DataFrame, method: str) -> dict[str, float]:
+    return summary[summary["method"] == method].set_index("metric")["value"].to_dict()
+
+
+def test_baselines_and_summaries_reproduce_a_hand_built_table():
+    pairs = metrics.with_baselines(_hand_table(), annual_rate=1.2)
+    summary = metrics.summarise(pairs, "run", metrics.SummarySettings(bootstrap=200, seed=3))
+    model, copy, growth = (_values(summary, m) for m in ("run", metrics.COPY_PRIOR, metrics.MEDIAN_GROWTH))
+    assert model["mae"] == pytest.approx((10 + 20 + 10) / 3)
+    assert model["median_ae"] == pytest.approx(10.0)
+    assert model["rmse"] == pytest.approx(np.sqrt((100 + 400 + 100) / 3))
+    assert model["direction_accuracy"] == 1.0
+    assert model["mae_true"] == pytest.approx((20 + 30 + 5) / 3)
+    assert copy["mae"] == pytest.approx((50 + 0 + 30) / 3)
+    assert copy["direction_accuracy"] == pytest.approx(1 / 3)  # only the stable pair
+    forecast = np.array([100 * 1.2, 200 * 1.2, 50 * 1.44])
+    assert growth["mae"] == pytest.approx(np.mean(np.abs(forecast - [150.0, 200.0, 20.0])))
+    assert "dice" not in growth and model["dice"] == pytest.approx(0.5) and model["median_dice"] == 0.5
+    rows = summary.dropna(subset=["ci_low"])
+    assert ((rows["ci_low"] <= rows["value"] + 1e-9) & (rows["value"] <= rows["ci_high"] + 1e-9)).all()
+    again = metrics.summarise(pairs, "run", metrics.SummarySettings(bootstrap=200, seed=3))
+    pd.testing.assert_frame_equal(summary, again)
+
+
+def test_direction_of_the_hand_table():
+    table = _hand_table()
+    run = table[table["method"] == "run"]
+    assert metrics.growth_class(run["prior_size"], run["real_size"], 0.25).tolist() == [1, 0, -1]
+    assert metrics.growth_class(run["prior_size"], run["predicted_size"], 0.25).tolist() == [1, 0, -1]
+
+
+def test_ranking_orders_runs_and_baselines_within_each_dimension():
+    summaries = pd.DataFrame({
+        "run": ["a", "a", "b", "b"], "method": ["a", "copy_prior", "b", "copy_prior"], "dims": [3, 3, 2, 2],
+        "metric": ["mae"] * 4, "value": [5.0, 7.0, 9.0, 3.0]})
+    table = metrics.ranking(summaries)
+    assert table[["dims", "rank", "method"]].values.tolist() == [[2, 1, "copy_prior"], [2, 2, "b"],
+                                                                  [3, 1, "a"], [3, 2, "copy_prior"]]
+
+
+def test_dice_and_image_scores_on_edge_cases():
+    empty, blob = np.zeros((4, 8, 8), bool), np.zeros((4, 8, 8), bool)
+    blob[1:3, 2:5, 2:5] = True
+    assert dice(empty, empty) == 1.0 and dice(blob, empty) == 0.0 and dice(blob, blob) == 1.0
+    half = blob.copy()
+    half[1] = False
+    assert dice(half, blob) == pytest.approx(2 * 9 / (9 + 18))
+    image = np.random.default_rng(0).uniform(-1, 1, (6, 24, 24)).astype(np.float32)
+    ssim, psnr = image_scores(image, image)
+    assert ssim == pytest.approx(1.0) and psnr == np.inf
+    ssim, psnr = image_scores(image, image + 0.1)
+    assert ssim < 1.0 and psnr == pytest.approx(10 * np.log10(4.0 / 0.01), rel=1e-4)
+    assert image_scores(image[:1], image[:1] * 0.5)[0] < 1.0  # one slice: 2D SSIM
+    assert union_box([1, 4, 2, 6, 0, 1], [2, 8, 0, 3, 1, 2]) == [1, 8, 0, 6, 0, 2]
+
+
+def _sphere_patch(radius_mm: float, size=(32, 32, 8), spacing=(0.7, 0.7, 2.5), hu=40.0) -> np.ndarray:
+    """A (Z, Y, X) HU patch of parenchyma with a sphere in the middle (3x supersampled partial volume)."""
+    fine = [np.arange(n * 3) / 3.0 - (n - 1) / 2.0 - 1 / 3.0 for n in reversed(size)]
+    z, y, x = np.meshgrid(*fine, indexing="ij")
+    inside = ((x * spacing[0]) ** 2 + (y * spacing[1]) ** 2 + (z * spacing[2]) ** 2) <= radius_mm ** 2
+    fraction = inside.reshape(size[2], 3, size[1], 3, size[0], 3).mean(axis=(1, 3, 5))
+    return -850.0 + fraction * (hu + 850.0)
+
+
+class _Threshold(torch.nn.Module):
+    def forward(self, hu: torch.Tensor) -> torch.Tensor:
+        return (hu > -400.0).float()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("file_format", ["torchscript", "export"])
+def test_a_learned_segmenter_file_keeps_the_component_at_the_box(tmp_path, file_format):
+    patch = _sphere_patch(4.0)
+    patch[:, 1:4, 1:4] = 40.0  # a second bright blob far from the box
+    if file_format == "torchscript":
+        path = str(tmp_path / "segmenter.pt")
+        torch.jit.script(_Threshold()).save(path)
+    else:
+        path = str(tmp_path / "segmenter.pt2")
+        torch.export.save(torch.export.export(_Threshold(), (torch.zeros(1, 1, *patch.shape),)), path)
+    segmenter = build_segmenter({"model": path, "threshold": 0.5, "margin_voxels": [20, 20, 4], "level": 0.5,
+                                 "min_contrast_hu": 100})
+    assert isinstance(segmenter, LearnedSegmenter)
+    mask = segmenter(patch, [13, 18, 13, 18, 3, 4])
+    assert mask.sum() == ((patch > -400) & (np.indices(patch.shape)[1] > 5)).sum() and not mask[:, 1:4, 1:4].any()
+
+
+def _pairs_cache(folder, priors, follow_ups, box) -> NodulePairs:
+    """A one-shard cache of prior/follow-up patches (unit range) with the pairs table NodulePairs reads."""
+    patches = np.stack([p for pair in zip(priors, follow_ups, strict=True) for p in pair])[:, None]
+    np.save(folder / "000.npy", patches.astype(np.float32))
+    np.save(folder / "000_slices.npy", patches[:, :, patches.shape[2] // 2].astype(np.float32))
+    count = len(priors)
+    keys = [f"1_e{i}{side}_{j}" for i in range(count) for side, j in (("a", 0), ("b", 1))]
+    pd.DataFrame({"nodule_key": keys, "shard_file": "000.npy", "slice_file": "000_slices.npy",
+                  "offset": range(2 * count), "bbox": [box] * (2 * count)}).to_parquet(folder / "index.parquet")
+    pairs = pd.DataFrame({"pid": [f"p{i}" for i in range(count)], "nodule_group": 1,
+                          "exam_a": [f"e{i}a" for i in range(count)], "exam_idx_a": 0,
+                          "exam_b": [f"e{i}b" for i in range(count)], "exam_idx_b": 1, "delta_days": 365.0})
+    return NodulePairs(folder, pairs)
+
+
+def test_an_untrained_bridge_run_copies_the_prior_and_sizes_match_the_spheres(tmp_path):
+    """MONAI zero-initialises the velocity net's output, so an untrained bridge flow returns its start: the prior."""
+    window = (-2000.0, 500.0)
+    small, large = (to_unit_range(_sphere_patch(r), window) for r in (3.0, 4.5))
+    raw = _pairs_cache(tmp_path, [small, small], [small, large], [12, 19, 12, 19, 2, 5])
+    hparams = {"spatial_dims": 3, "data_channels": 1, "prior_channels": 0, "interval_dim": 8, "channels": [8, 8],
+               "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 4}
+    run = {"space": "raw", "formulation": "bridge", "interval": True}
+    save_model(tmp_path / "model.pt", VelocityNet(hparams), {**hparams, "run": run})
+    result = evaluate_run(tmp_path / "model.pt", raw, raw, None, PatchSettings(spacing_mm=(0.7, 0.7, 2.5)),
+                          HalfMaximumSegmenter(), ForecastSettings(steps=2, examples=1), "untrained")
+    table = result.table
+    assert set(table["method"]) == {"untrained", metrics.COPY_PRIOR} and len(table) == 4
+    for method in ("untrained", metrics.COPY_PRIOR):
+        rows = table[table["method"] == method].set_index("pair")
+        assert rows.loc[0, "dice"] == 1.0 and rows.loc[0, "psnr"] == np.inf  # follow-up == prior: Dice 1
+        np.testing.assert_allclose(rows["predicted_size"], rows["prior_size"], rtol=1e-6)
+        assert rows.loc[1, "dice"] < 0.8
+    sizes = table.drop_duplicates("pair").set_index("pair")
+    assert sizes.loc[0, "prior_size"] == pytest.approx(4 / 3 * np.pi * 3.0 ** 3, rel=0.15)
+    assert sizes.loc[1, "real_size"] == pytest.approx(4 / 3 * np.pi * 4.5 ** 3, rel=0.15)
+    assert table["dims"].eq(3).all() and len(result.examples) == 1
+
+
+@pytest.mark.slow
+def test_the_evaluation_stage_writes_numbers_summaries_a_ranking_and_a_report(demo_run):
+    folder = demo_run / "results" / "evaluation"
+    runs = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    assert runs == ["latent3d_noise", "raw3d_bridge", "slices2d_bridge"]
+    for run in runs:
+        pairs = pd.read_csv(folder / run / "pairs.csv")
+        assert len(pairs) > 0 and pd.api.types.is_float_dtype(pairs["predicted_size"])
+        assert pairs["dice"].between(0, 1).all() and pairs["ssim"].le(1).all()
+        samples = pairs[pairs["method"] == run].groupby("pair")["sample"].nunique()
+        assert samples.eq(3 if run == "latent3d_noise" else 1).all()
+        assert ("true_size" in pairs) == (run != "slices2d_bridge")
+        summary = pd.read_csv(folder / run / "summary.csv")
+        assert {run, "copy_prior", "median_growth"} <= set(summary["method"])
+        copy = _values(summary, "copy_prior")
+        assert copy["mae"] == pytest.approx((pairs.query("method == 'copy_prior'")["prior_size"]
+                                             - pairs.query("method == 'copy_prior'")["real_size"]).abs().mean())
+    table = pd.read_csv(folder / "runs.csv")
+    assert set(table["dims"]) == {2, 3} and table.groupby("dims")["rank"].min().eq(1).all()
+    rates = json.loads((folder / "train_growth_rates.json").read_text())
+    assert rates["3"]["pairs"] > 0 and 0.5 < rates["3"]["annual_rate"] < 4
+    snakemake(demo_run, "--report", "report.html")
+    report = (demo_run / "report.html").read_text(errors="replace")
+    assert "montage.png" in report and "runs.csv" in report
+
+
+@pytest.mark.slow
+def test_the_default_segmenter_measures_synthetic_nodules_within_15_percent(demo_run):
+    accuracy = pd.read_csv(demo_run / "results" / "evaluation" / "segmenter_accuracy.csv").iloc[0]
+    assert accuracy["nodules"] >= 20
+    assert accuracy["median_abs_relative_error"] < 0.15 and abs(accuracy["median_relative_error"]) < 0.1
+    assert accuracy["fraction_within_25_percent"] >= 0.75
