@@ -9,7 +9,7 @@ import yaml
 from conftest import REPO, snakemake
 from noduleflow.datasets import NodulePatches
 from noduleflow.models.flow import VelocityNet, box_weights, flow_matching_loss, sample
-from noduleflow.models.tasks import load_vae, paired_loss, run_hparams
+from noduleflow.models.tasks import load_vae, paired_loss, random_flips, run_hparams
 from noduleflow.models.vae import build_vae, vae_loss
 from noduleflow.training import TrainSettings, load_model, train
 
@@ -174,3 +174,17 @@ def test_the_full_config_plans_cleanly_with_gpus_for_training(tmp_path):
     blocks = plan.split("\nrule ")[1:]
     training = [b for b in blocks if b.startswith(("train_vae", "fm_pretrain", "fm_paired"))]
     assert len(training) == 6 and all("gpu=1" in b for b in training)
+
+
+def test_random_flips_move_prior_follow_up_and_weights_together_and_repeat_with_the_seed():
+    prior = torch.arange(16 * 3 * 4 * 4, dtype=torch.float32).reshape(16, 1, 3, 4, 4)
+    follow_up, weights = prior * 2.0, prior + 1.0
+    flipped = random_flips([prior, follow_up, weights, None], torch.Generator().manual_seed(5))
+    assert flipped[3] is None
+    torch.testing.assert_close(flipped[1], flipped[0] * 2.0)
+    torch.testing.assert_close(flipped[2], flipped[0] + 1.0)
+    changed = [not torch.equal(flipped[0][b], prior[b]) for b in range(16)]
+    assert 8 <= sum(changed) < 16  # each of 4 choices is a coin flip
+    assert sorted(flipped[0][3].flatten().tolist()) == sorted(prior[3].flatten().tolist())
+    again = random_flips([prior, follow_up, weights, None], torch.Generator().manual_seed(5))
+    torch.testing.assert_close(again[0], flipped[0])

@@ -100,6 +100,29 @@ def paired_dataset(folder: str | os.PathLike[str], pairs_path: str | os.PathLike
     return NodulePairs(folder, pd.read_parquet(pairs_path), slices=space == "slices")
 
 
+def random_flips(tensors: list[torch.Tensor | None], generator: torch.Generator) -> list[torch.Tensor | None]:
+    """The same random flip of every spatial axis per sample, and a swap of y and x where they are equal in size.
+
+    Tensors are (B, C, *spatial) and share B and spatial sizes; None entries pass through. The flips come from
+    `generator`, so a resumed training run draws the same ones.
+    """
+    present = [t for t in tensors if t is not None]
+    batch, spatial = present[0].shape[0], present[0].dim() - 2
+    flags = (torch.rand(batch, spatial + 1, generator=generator, device=generator.device) < 0.5).tolist()
+    square = present[0].shape[-1] == present[0].shape[-2]
+    out = []
+    for tensor in tensors:
+        if tensor is None:
+            out.append(None)
+            continue
+        samples = []
+        for b in range(batch):
+            item = tensor[b].flip([1 + axis for axis in range(spatial) if flags[b][axis]])
+            samples.append(item.transpose(-1, -2) if square and flags[b][spatial] else item)
+        out.append(torch.stack(samples))
+    return out
+
+
 def paired_loss(run: dict[str, Any], box_scale: tuple[float, float, float]):
     """The loss of a paired run: its formulation, interval conditioning and optional box weighting."""
     formulation, sigma = run["formulation"], float(run["sigma"])
@@ -110,14 +133,16 @@ def paired_loss(run: dict[str, Any], box_scale: tuple[float, float, float]):
     def loss(net: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         prior, x1 = batch["prior"], batch["follow_up"]
         delta = batch["delta_days"] if run["interval"] else None
+        weights = None
+        if weight != 1.0:
+            weights = box_weights(x1.shape, (batch["bbox_a"], batch["bbox_b"]), margin, weight, box_scale).to(x1)
+        if run.get("augment"):
+            prior, x1, weights = random_flips([prior, x1, weights], generator)
         if formulation == "bridge":
             x0, condition = prior, None
         else:
             x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
             condition = prior
-        weights = None
-        if weight != 1.0:
-            weights = box_weights(x1.shape, (batch["bbox_a"], batch["bbox_b"]), margin, weight, box_scale).to(x1)
         return flow_matching_loss(net, x0, x1, generator, sigma, condition, delta, weights)
 
     return loss
