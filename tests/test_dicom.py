@@ -217,3 +217,11 @@ def test_manifest_exams_given_as_dicom_folders_are_converted_and_bad_ones_report
     assert [(p.exam_id, "unsafe" in p.reason) for p in manifest_problems.problems] == [("../x", True)]
     volume, _ = read_series(tmp_path / "data/dicom/good", rows[1]["series_uid"])
     assert np.array_equal(np.asarray(nib.load(series["image_path"].iloc[1]).dataobj).transpose(2, 1, 0), volume)
+
+
+def test_a_truncated_file_is_refused_with_the_reason(tmp_path):
+    write_dicom_series(tmp_path, np.zeros((3, 8, 8), np.int16), [(0, 0, 0), (0, 0, 1), (0, 0, 2)], series_uid=UID)
+    victim = sorted(tmp_path.iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[:-40])
+    with pytest.raises(DicomSeriesError, match=rf"{victim.name}: cannot read pixel data"):
+        read_series(tmp_path, UID)

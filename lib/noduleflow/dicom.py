@@ -76,15 +76,19 @@ def read_headers(folder: str | os.PathLike[str]) -> dict[str, list[SliceHeader]]
             skipped += 1
             continue
         image_type = ds.get("ImageType") or ()
-        series.setdefault(str(ds.SeriesInstanceUID), []).append(SliceHeader(
-            path=str(path),
-            image_type=tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)),
-            position=_floats(ds.get("ImagePositionPatient")),
-            orientation=_floats(ds.get("ImageOrientationPatient")),
-            pixel_spacing=_floats(ds.get("PixelSpacing")),
-            size=(int(ds.Rows), int(ds.Columns)),
-            frames=int(ds.get("NumberOfFrames") or 1),
-        ))
+        try:
+            header = SliceHeader(
+                path=str(path),
+                image_type=tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)),
+                position=_floats(ds.get("ImagePositionPatient")),
+                orientation=_floats(ds.get("ImageOrientationPatient")),
+                pixel_spacing=_floats(ds.get("PixelSpacing")),
+                size=(int(ds.Rows), int(ds.Columns)),
+                frames=int(ds.get("NumberOfFrames") or 1),
+            )
+        except (TypeError, ValueError) as error:
+            raise DicomSeriesError(f"{path.name}: malformed geometry tags ({error})") from error
+        series.setdefault(str(ds.SeriesInstanceUID), []).append(header)
     if skipped:
         log.info("%s: %d file(s) without a DICOM image skipped", folder, skipped)
     return series
@@ -171,15 +175,15 @@ def stack_geometry(slices: list[SliceHeader]) -> tuple[list[SliceHeader], Geomet
 
 
 def _hu(path: str) -> tuple[np.ndarray, float, float]:
-    """Stored pixel values of one file as float64 HU, with the slope and intercept applied."""
-    ds = pydicom.dcmread(path)
+    """One slice in HU (float32, exact for integer HU), with its rescale slope and intercept."""
     try:
+        ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
-    except Exception as error:  # pydicom raises many types for undecodable pixel data
-        raise DicomSeriesError(f"{Path(path).name}: cannot decode pixel data ({ds.file_meta.get('TransferSyntaxUID')}"
-                               f": {error}); install a decoder such as pylibjpeg") from error
-    slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
-    return pixels.astype(np.float64) * slope + intercept, slope, intercept
+        slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+    except Exception as error:  # pydicom raises many types for truncated or undecodable files
+        raise DicomSeriesError(f"{Path(path).name}: cannot read pixel data ({type(error).__name__}: {error}); "
+                               f"a compressed transfer syntax needs a decoder such as pylibjpeg") from error
+    return (pixels.astype(np.float64) * slope + intercept).astype(np.float32), slope, intercept
 
 
 def read_series(folder: str | os.PathLike[str], series_uid: str) -> tuple[np.ndarray, Geometry]:
@@ -203,7 +207,7 @@ def read_series(folder: str | os.PathLike[str], series_uid: str) -> tuple[np.nda
     integral = all(float(v).is_integer() for v in (*slopes, *intercepts))
     if integral and volume.min() >= np.iinfo(np.int16).min and volume.max() <= np.iinfo(np.int16).max:
         return np.rint(volume).astype(np.int16), geometry
-    return volume.astype(np.float32), geometry
+    return volume, geometry
 
 
 def convert_series(folder: str | os.PathLike[str], series_uid: str, path: str | os.PathLike[str]) -> Geometry:
