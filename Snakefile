@@ -10,6 +10,7 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/synthetic.smk"
+include: "workflow/rules/inputs.smk"
 include: "workflow/rules/metadata.smk"
 include: "workflow/rules/registration.smk"
 include: "workflow/rules/cache.smk"

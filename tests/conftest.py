@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import yaml
 
@@ -119,3 +120,38 @@ def demo_run(tmp_path_factory) -> Path:
     snakemake(workdir, "--cores", "2")
     return workdir
 
+
+
+def write_dicom_series(folder: Path, raw_zyx: np.ndarray, positions, orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+                       pixel_spacing=(0.8, 0.7), series_uid: str = "1.2.826.0.1.3680043.9.7.1", slope: float = 1.0,
+                       intercept: float = 0.0, image_type=("ORIGINAL", "PRIMARY", "AXIAL"), seed: int = 0) -> None:
+    """Write slice k of an int16 array at ImagePositionPatient positions[k] as CT DICOM files, under shuffled names."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = np.random.default_rng(seed).permutation(len(raw_zyx))
+    study = f"{series_uid}.0"
+    for k, pixels in enumerate(raw_zyx):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = f"{series_uid}.{k + 1}"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, study
+        ds.PatientID, ds.PatientName, ds.Modality, ds.StudyDate, ds.StudyTime = "100001", "Test^Phantom", "CT", \
+            "20240101", "120000"
+        ds.SeriesNumber, ds.AcquisitionNumber, ds.InstanceNumber = 2, 1, k + 1
+        ds.ImageType = list(image_type)
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in positions[k]]
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in orientation]
+        ds.PixelSpacing = [f"{v:.6f}" for v in pixel_spacing]
+        ds.SliceThickness = "1.0"
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
+        ds.save_as(folder / f"IM{names[k]:04d}", enforce_file_format=True)

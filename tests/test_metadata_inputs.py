@@ -1,5 +1,6 @@
 """Bad input in the manifest and the tracking file: reported with a reason, the rest processed."""
 
+import os
 import pickle
 
 import pandas as pd
@@ -112,3 +113,25 @@ def test_table_rebuilds_the_tracking_structure(tmp_path):
     tracking = {"100001": {1: {0: lesion("1000010a"), 1: lesion("1000011a", volume=50.5)}}}
     table, _ = build_tracking_table(tracking, _series(tmp_path))
     assert tracking_from_table(table) == tracking
+
+
+class _RunsACommand:
+    """Pickles to a call of os.system: what a hostile tracking file does."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_a_pickle_that_calls_os_system_is_refused_and_runs_nothing(tmp_path, protocol):
+    marker = tmp_path / "owned"
+    tracking = {"100001": {1: {0: {**lesion("1000010a"), "volume": _RunsACommand(f"touch {marker}")}}}}
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(tracking, protocol=protocol))
+    with pytest.raises(TrackingFileError, match=rf"refusing to load {os.name}\.system: only plain containers"):
+        load_tracking(tmp_path / "evil.pkl")
+    assert not marker.exists()
+    pickle.loads((tmp_path / "evil.pkl").read_bytes())  # the same file through the standard unpickler runs it
+    assert marker.exists()

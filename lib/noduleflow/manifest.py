@@ -116,7 +116,7 @@ def _validate_rows(frame: pd.DataFrame, problems: ProblemLog) -> pd.DataFrame:
     return frame[keep_mask]
 
 
-def _resolve(image_path: str, manifest_dir: Path) -> str:
+def resolve_image_path(image_path: str, manifest_dir: Path) -> str:
     """Image path as the pipeline will use it: relative paths are taken from the manifest's folder."""
     return os.path.normpath(image_path if os.path.isabs(image_path) else manifest_dir / image_path)
 
@@ -138,7 +138,7 @@ def build_exam_series(manifest_path: str | os.PathLike[str], threads: int = 1) -
     problems = ProblemLog("manifest")
     frame = _validate_rows(read_manifest(manifest_path), problems)
     manifest_dir = Path(manifest_path).parent
-    frame["image_path"] = [_resolve(p, manifest_dir) for p in frame["image_path"]]
+    frame["image_path"] = [resolve_image_path(p, manifest_dir) for p in frame["image_path"]]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         headers = list(pool.map(_header, frame["image_path"]))
     usable = []

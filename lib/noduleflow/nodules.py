@@ -157,7 +157,7 @@ def build_tracking_table(tracking: Mapping[str, Any], series: pd.DataFrame) -> t
                 ids["exam_id"] = row["exam"]
                 if row["exam"] not in shapes:
                     problems.add("annotation for an exam that is not a usable exam of the manifest "
-                                 "(unknown exam id, or rejected: see the manifest problems)", **ids)
+                                 "(unknown exam id, or rejected: see the manifest and dicom problems)", **ids)
                     continue
                 if pids[row["exam"]] != pid:
                     problems.add(f"exam belongs to patient {pids[row['exam']]}, not to {pid}", **ids)

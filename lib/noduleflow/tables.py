@@ -37,6 +37,18 @@ class SeriesFilter:
     max_slice_thickness: float = 2.5
     min_slices: int = 50
 
+    def rejects(self, series: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+        """Masks of the series that are too thick and of those with too few slices (`num_slices`)."""
+        return (series["slice_thickness"] > self.max_slice_thickness,
+                series["num_slices"] < self.min_slices)
+
+
+def choose_series(candidates: pd.DataFrame) -> pd.DataFrame:
+    """One series per (pid, screen_timepoint): the thinnest slices, then the most slices, then the smallest exam id."""
+    ordered = candidates.assign(_minus_slices=-candidates["num_slices"]).sort_values(
+        ["pid", "screen_timepoint", "slice_thickness", "_minus_slices", "exam_id"], kind="stable")
+    return ordered.drop_duplicates(["pid", "screen_timepoint"], keep="first").drop(columns="_minus_slices")
+
 
 def computed_split(pid: str, seed: int, fractions: Mapping[str, float]) -> str:
     """The split of a patient from a stable hash of (seed, pid) and the split fractions."""
@@ -66,8 +78,7 @@ def assign_splits(series: pd.DataFrame, seed: int, fractions: Mapping[str, float
 def select_exams(series: pd.DataFrame, nodules: pd.DataFrame, series_filter: SeriesFilter,
                  problems: ProblemLog) -> pd.DataFrame:
     """One series per (pid, timepoint) among those passing the filter, restricted to exams with nodules."""
-    too_thick = series["slice_thickness"] > series_filter.max_slice_thickness
-    too_few = series["num_slices"] < series_filter.min_slices
+    too_thick, too_few = series_filter.rejects(series)
     log.info("series filter: %d series, %d thicker than %.2f mm, %d with fewer than %d slices",
              len(series), int(too_thick.sum()), series_filter.max_slice_thickness, int(too_few.sum()),
              series_filter.min_slices)
@@ -78,10 +89,8 @@ def select_exams(series: pd.DataFrame, nodules: pd.DataFrame, series_filter: Ser
     for row in series[too_few & ~too_thick].itertuples(index=False):
         reasons[row.exam_id] = f"series filtered out: {row.num_slices} slices < {series_filter.min_slices}"
     candidates = series[~(too_thick | too_few)]
-    ordered = candidates.assign(_minus_slices=-candidates["num_slices"]).sort_values(
-        ["pid", "screen_timepoint", "slice_thickness", "_minus_slices", "exam_id"], kind="stable")
-    chosen = ordered.drop_duplicates(["pid", "screen_timepoint"], keep="first").drop(columns="_minus_slices")
-    for row in ordered[~ordered.index.isin(chosen.index)].itertuples(index=False):
+    chosen = choose_series(candidates)
+    for row in candidates[~candidates.index.isin(chosen.index)].itertuples(index=False):
         reasons[row.exam_id] = "another series of the same timepoint was selected (thinner slices)"
 
     counts = nodules.groupby("exam").size()

@@ -26,11 +26,24 @@ wildcard_constraints:
     run="[A-Za-z0-9_-]+",
 
 
+def source_manifest():
+    """The exams manifest as given: the one named in the config, or the one made from the NLST metadata JSON."""
+    if config["data"]["source"] == "nlst":
+        return "results/nlst/manifest.csv"
+    return config["data"]["manifest"] or []
+
+
 def manifest_path():
-    """The exams manifest: the synthetic cohort's, or the one named in the config."""
+    """The exams manifest exam_table reads: the synthetic cohort's, or the given one with DICOM exams converted."""
     if config["data"]["source"] == "synthetic":
         return f"{SYNTHETIC}/manifest.csv"
-    return config["data"]["manifest"]
+    return "results/dicom/manifest.csv"
+
+
+def input_stage_problems():
+    """Problem tables of the input stages that run for this data source (none for the synthetic cohort)."""
+    stages = {"synthetic": [], "files": ["dicom"], "nlst": ["nlst", "dicom"]}[config["data"]["source"]]
+    return [f"results/metadata/problems/{stage}.csv" for stage in stages]
 
 
 def nodules_path():

@@ -77,6 +77,7 @@ checkpoint split_tables:
 
 rule input_problems:
     input:
+        input_stage_problems(),
         rules.exam_table.output.problems,
         rules.nodule_tracking.output.problems,
         expand(rules.split_tables.output.problems, split=SPLITS),

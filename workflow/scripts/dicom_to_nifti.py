@@ -1,0 +1,10 @@
+"""Rule dicom_to_nifti: exams given as DICOM folders -> NIfTI, and the manifest pointing at them (noduleflow.dicom)."""
+
+from noduleflow.dicom import convert_manifest
+from noduleflow.io import write_csv
+from noduleflow.logs import log_to
+
+with log_to(snakemake.log[0]):
+    problems = convert_manifest(snakemake.input.manifest, snakemake.output.manifest, snakemake.output.images,
+                                threads=snakemake.threads)
+    write_csv(problems.frame(), snakemake.output.problems)
