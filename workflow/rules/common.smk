@@ -139,3 +139,24 @@ def pretrained_input(wildcards):
     """The pretrained model a paired run starts from, if it asks for one."""
     run = config["models"]["runs"][wildcards.run]
     return f"results/models/pretrain_{run['pretrained']}/model.pt" if run.get("pretrained") else []
+
+
+def run_space(wildcards):
+    """The space (raw, latent or slices) of a paired run."""
+    return config["models"]["runs"][wildcards.run]["space"]
+
+
+def evaluation_inputs(wildcards):
+    """What a run's forecasts read: its model, the raw test cache, its own cache, the VAE (latent runs), truth."""
+    space = run_space(wildcards)
+    inputs = {
+        "model": f"results/models/runs/{wildcards.run}/model.pt",
+        "raw": "results/cache/raw/test/index.parquet",
+        "data": space_folder(space, "test"),
+        "pairs": "results/metadata/test/paired_nodules.parquet",
+    }
+    if space == "latent":
+        inputs["vae"] = "results/models/vae/model.pt"
+    if config["data"]["source"] == "synthetic":
+        inputs["truth"] = f"{SYNTHETIC}/truth/nodules.parquet"
+    return inputs

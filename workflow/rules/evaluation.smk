@@ -3,26 +3,6 @@
 # results/evaluation/ and into `snakemake --report report.html`.
 
 
-def run_space(wildcards):
-    return config["models"]["runs"][wildcards.run]["space"]
-
-
-def evaluation_inputs(wildcards):
-    """What a run's forecasts read: its model, the raw test cache, its own cache, the VAE (latent runs), truth."""
-    space = run_space(wildcards)
-    inputs = {
-        "model": f"results/models/runs/{wildcards.run}/model.pt",
-        "raw": "results/cache/raw/test/index.parquet",
-        "data": space_folder(space, "test"),
-        "pairs": "results/metadata/test/paired_nodules.parquet",
-    }
-    if space == "latent":
-        inputs["vae"] = "results/models/vae/model.pt"
-    if config["data"]["source"] == "synthetic":
-        inputs["truth"] = f"{SYNTHETIC}/truth/nodules.parquet"
-    return inputs
-
-
 rule evaluate_run:
     input:
         unpack(evaluation_inputs),
