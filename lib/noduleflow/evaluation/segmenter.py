@@ -4,8 +4,11 @@ The default needs no weights. Inside the nodule's box grown by a margin (vessels
 the threshold lies halfway ("half maximum") between the surrounding parenchyma (median HU in the grown box
 outside the nodule box) and the nodule's bright end (90th percentile inside the box); the nodule is the
 6-connected component above it at the box centre (or, when the centre is below it, the largest component in
-the box). A half-maximum threshold follows each nodule's own contrast, so solid, part-solid and ground-glass
-nodules are measured alike and partial-volume voxels count half in, half out.
+the box), found after an in-plane opening (`opening_voxels`) that cuts vessels and noise specks thinner than its
+element off; the voxels above the threshold next to that component (its rim, the caps of small nodules) are
+then given back. Tiny nodules that the opening would remove entirely keep their raw component. A half-maximum
+threshold follows each nodule's own contrast, so solid, part-solid and ground-glass nodules are measured alike
+and partial-volume voxels count half in, half out.
 
 Users with a learned segmenter give its file instead (`segmentation.model`): a `torch.export` program (`.pt2`)
 or a TorchScript file (what a MONAI bundle's `ckpt_export` writes) that maps a (1, 1, Z, Y, X) float HU tensor to
@@ -54,6 +57,7 @@ class HalfMaximumSegmenter:
     level: float = 0.5  # threshold position between parenchyma (0) and the nodule's bright end (1)
     margin_voxels: tuple[int, int, int] = (2, 2, 1)  # x, y, z added around the box
     min_contrast_hu: float = 100.0  # a box this close to its surroundings holds no nodule
+    opening_voxels: tuple[int, int, int] = (3, 3, 1)  # x, y, z size of the opening's box element; (1, 1, 1): none
 
     def __call__(self, patch_hu: np.ndarray, box: Sequence[int]) -> np.ndarray:
         """Boolean mask (Z, Y, X) of the nodule in a HU patch; `box` is (i0, i1, j0, j1, k0, k1) = (y, x, z)."""
@@ -67,7 +71,11 @@ class HalfMaximumSegmenter:
         if peak - background < self.min_contrast_hu:
             return above
         above[region] = patch_hu[region] > background + self.level * (peak - background)
-        return _component_at_box(above, box, inner)
+        opened = ndimage.binary_opening(above, structure=np.ones(tuple(reversed(self.opening_voxels)), dtype=bool))
+        if not opened[inner].any():
+            return _component_at_box(above, box, inner)
+        core = _component_at_box(opened, box, inner)
+        return above & ndimage.binary_dilation(core, structure=ndimage.generate_binary_structure(3, 1))
 
 
 @dataclass(frozen=True)
@@ -99,4 +107,5 @@ def build_segmenter(values: dict[str, Any]) -> HalfMaximumSegmenter | LearnedSeg
     margin = tuple(values["margin_voxels"])
     if values.get("model"):
         return LearnedSegmenter(str(values["model"]), float(values.get("threshold", 0.5)), margin)
-    return HalfMaximumSegmenter(float(values["level"]), margin, float(values["min_contrast_hu"]))
+    return HalfMaximumSegmenter(float(values["level"]), margin, float(values["min_contrast_hu"]),
+                                tuple(values.get("opening_voxels", (3, 3, 1))))
