@@ -7,6 +7,10 @@ killed and restarted from its checkpoint ends with the same weights as an unbrok
 - the loss gets a `torch.Generator` seeded from (seed, s), which it must use for all its own randomness;
 - the global torch RNG (dropout and the like inside the model) is reseeded from (seed, s) before each step.
 
+In a data-parallel process group (`noduleflow.distributed`) every worker takes its share of that batch and its
+own noise (seeded from (seed, s, rank)), gradients are averaged over the workers before clipping, and only the
+main worker logs, validates and writes checkpoints.
+
 Steps are counted from 1; the history has one row per step.
 """
 
@@ -34,6 +38,7 @@ from matplotlib.figure import Figure
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Dataset, default_collate
 
+from noduleflow import distributed
 from noduleflow.io import atomic_path, write_csv
 
 log = logging.getLogger(__name__)
@@ -133,7 +138,11 @@ def train(model: torch.nn.Module, loss_fn: LossFn, dataset: Dataset, settings: T
     """
     if len(dataset) == 0 or (val_dataset is not None and val_every > 0 and len(val_dataset) == 0):
         raise ValueError("cannot train on an empty dataset")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, workers = distributed.rank_and_size()
+    if settings.batch_size % workers:
+        raise ValueError(f"batch_size {settings.batch_size} does not split evenly over {workers} workers")
+    main = rank == 0
+    device = distributed.device()
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and settings.bf16)
     random.seed(settings.seed)
     np.random.seed(settings.seed)
@@ -156,9 +165,10 @@ def train(model: torch.nn.Module, loss_fn: LossFn, dataset: Dataset, settings: T
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = state["step"], state["history"]
-        log.info("resuming from step %d/%d of %s on %s", step, settings.steps, checkpoint, device)
-    else:
-        log.info("training %d steps on %s", settings.steps, device)
+        if main:
+            log.info("resuming from step %d/%d of %s on %s", step, settings.steps, checkpoint, device)
+    elif main:
+        log.info("training %d steps on %s (%d worker(s))", settings.steps, device, workers)
 
     validate = val_dataset is not None and val_every > 0
     stop = settings.steps if max_steps_this_run is None else min(settings.steps, step + max_steps_this_run)
@@ -168,19 +178,22 @@ def train(model: torch.nn.Module, loss_fn: LossFn, dataset: Dataset, settings: T
     last_log_step = step
     while step < stop:
         step += 1
-        batch = _batch(dataset, _batch_indices(len(dataset), settings.batch_size, settings.seed, step), device)
-        torch.manual_seed(derived_seed(settings.seed, "model", step))
-        generator = torch.Generator(device).manual_seed(derived_seed(settings.seed, "loss", step))
+        indices = _batch_indices(len(dataset), settings.batch_size, settings.seed, step)[rank::workers]
+        batch = _batch(dataset, indices, device)
+        keys = (step,) if workers == 1 else (step, rank)  # each worker its own noise
+        torch.manual_seed(derived_seed(settings.seed, "model", *keys))
+        generator = torch.Generator(device).manual_seed(derived_seed(settings.seed, "loss", *keys))
         with torch.autocast(**autocast):
             loss = loss_fn(model, batch, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(list(model.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         _ema_update(ema, model, settings.ema_decay, step)
-        pending.append((step, loss.detach().float(), lr, grad_norm.detach().float(),
+        pending.append((step, distributed.mean_over_workers(loss.detach().float()), lr, grad_norm.detach().float(),
                         seconds_before + time.perf_counter() - started))
 
         log_now = step % settings.log_every == 0 or step == stop
@@ -189,16 +202,16 @@ def train(model: torch.nn.Module, loss_fn: LossFn, dataset: Dataset, settings: T
         if not (log_now or validate_now or save_now):
             continue
         _flush(pending, history)
-        if log_now:
+        if log_now and main:
             now = time.perf_counter()
             losses = history["loss"][len(history["loss"]) - (step - last_log_step):]
             log.info("step %d/%d loss %.4g lr %.2g %.1f steps/s", step, settings.steps, sum(losses) / len(losses),
                      lr, (step - last_log_step) / max(now - last_log_time, 1e-9))
             last_log_time, last_log_step = now, step
-        if validate_now:
+        if validate_now and main:
             history["val_loss"][-1] = _validation_loss(ema, loss_fn, val_dataset, settings, device, autocast)
             log.info("step %d/%d val_loss %.4g", step, settings.steps, history["val_loss"][-1])
-        if save_now:
+        if save_now and main:
             _save_checkpoint(checkpoint, {
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "history": history, "fingerprint": fingerprint,
@@ -327,7 +340,10 @@ def save_model(path: str | os.PathLike[str], model: torch.nn.Module, hparams: di
     """Save the weights (on CPU) with the hyper-parameters needed to rebuild the model, atomically.
 
     With `history`, also write `<path without suffix>.metrics.csv` and `<path without suffix>.loss.png` beside it.
+    In a data-parallel process group only the main worker writes.
     """
+    if not distributed.is_main():
+        return
     json.dumps(hparams)  # fail now, not when loading, if the hyper-parameters are not plain data
     path = Path(path)
     if history is not None:

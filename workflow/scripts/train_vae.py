@@ -1,8 +1,10 @@
-"""Rule train_vae: the 3D VAE on raw nodule patches (noduleflow.models.tasks)."""
+"""Rule train_vae: the 3D VAE on raw nodule patches (noduleflow.models.tasks), data-parallel over its GPUs."""
 
+from noduleflow import distributed
 from noduleflow.logs import log_to
 from noduleflow.models.tasks import cache_folder, train_vae
 
 with log_to(snakemake.log[0]):
-    train_vae(snakemake.params.vae, cache_folder(snakemake.input.train), cache_folder(snakemake.input.val),
-              snakemake.output.model, snakemake.params.work_dir, snakemake.params.seed)
+    distributed.run(train_vae, snakemake.resources.gpu, snakemake.params.vae, cache_folder(snakemake.input.train),
+                    cache_folder(snakemake.input.val), snakemake.output.model, snakemake.params.work_dir,
+                    snakemake.params.seed)
