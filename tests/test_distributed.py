@@ -1,4 +1,4 @@
-"""Data-parallel training: two workers started like torchrun (Gloo on CPU) train like one process on the same batches."""
+"""Data-parallel training: two workers started like torchrun (Gloo on CPU) train like one process."""
 
 import pandas as pd
 import torch

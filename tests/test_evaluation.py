@@ -80,13 +80,14 @@ def test_direction_of_the_hand_table():
     assert metrics.growth_class(run["prior_size"], run["predicted_size"], 0.25).tolist() == [1, 0, -1]
 
 
-def test_ranking_orders_runs_and_baselines_within_each_dimension():
+def test_ranking_orders_forecasts_within_each_dimension_and_lists_shared_baselines_once():
     summaries = pd.DataFrame({
-        "run": ["a", "a", "b", "b"], "method": ["a", "copy_prior", "b", "copy_prior"], "dims": [3, 3, 2, 2],
-        "metric": ["mae"] * 4, "value": [5.0, 7.0, 9.0, 3.0]})
+        "run": ["a", "a", "c", "c", "b", "b", "a"], "dims": [3, 3, 3, 3, 2, 2, 3],
+        "method": ["a", "copy_prior", "c", "copy_prior", "b", "copy_prior", "segmented_follow_up"],
+        "metric": ["mae"] * 6 + ["mae_true"], "value": [5.0, 7.0, 6.0, 7.0, 9.0, 3.0, 1.0]})
     table = metrics.ranking(summaries)
-    assert table[["dims", "rank", "method"]].values.tolist() == [[2, 1, "copy_prior"], [2, 2, "b"],
-                                                                  [3, 1, "a"], [3, 2, "copy_prior"]]
+    assert table[["dims", "rank", "run", "method"]].values.tolist() == [
+        [2, 1, "b", "copy_prior"], [2, 2, "b", "b"], [3, 1, "a", "a"], [3, 2, "c", "c"], [3, 3, "a", "copy_prior"]]
 
 
 def test_dice_and_image_scores_on_edge_cases():

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 DAYS_PER_YEAR = 365.25
-COPY_PRIOR, MEDIAN_GROWTH = "copy_prior", "median_growth"
+COPY_PRIOR, MEDIAN_GROWTH, SEGMENTED_FOLLOW_UP = "copy_prior", "median_growth", "segmented_follow_up"
 BASELINES = (COPY_PRIOR, MEDIAN_GROWTH)
 IMAGE_METRICS = ("dice", "ssim", "psnr", "ssim_nodule", "psnr_nodule")
 SUMMARY_COLUMNS = ["run", "method", "metric", "value", "ci_low", "ci_high", "n_pairs"]
@@ -160,20 +160,28 @@ def summarise(pairs: pd.DataFrame, run: str, settings: SummarySettings) -> pd.Da
 
 def segmenter_truth_rows(pairs: pd.DataFrame, run: str, settings: SummarySettings) -> pd.DataFrame:
     """The segmenter's own error: the segmented real follow-up against the true follow-up size."""
-    frame = pairs[pairs["method"] == COPY_PRIOR].assign(method="segmented_follow_up")
+    frame = pairs[pairs["method"] == COPY_PRIOR].assign(method=SEGMENTED_FOLLOW_UP)
     frame = frame.assign(predicted_size=frame["real_size"]).reset_index(drop=True)
-    rows = [{"run": run, "method": "segmented_follow_up", "metric": name,
+    rows = [{"run": run, "method": SEGMENTED_FOLLOW_UP, "metric": name,
              **dict(zip(("value", "ci_low", "ci_high"), bootstrap(frame, metric, settings), strict=True)),
              "n_pairs": frame["pair"].nunique()} for name, metric in TRUTH_METRICS.items()]
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 def ranking(summaries: pd.DataFrame, by: str = "mae") -> pd.DataFrame:
-    """One row per (run, method), metrics as columns, ranked by `by` (lower is better) within each dimension."""
-    table = summaries.pivot_table(index=["run", "method", "dims"], columns="metric", values="value",
+    """One row per forecast, metrics as columns, ranked by `by` (lower is better) within each dimension.
+
+    Runs evaluated on the same pairs share their baselines, which then appear once (under the first such run);
+    the segmenter's own error rows stay in the per-run summaries.
+    """
+    forecasts = summaries[summaries["method"] != SEGMENTED_FOLLOW_UP]
+    table = forecasts.pivot_table(index=["run", "method", "dims"], columns="metric", values="value",
                                   sort=False).reset_index()
     table.columns.name = None
-    table = table.sort_values(["dims", by, "run", "method"], kind="stable").reset_index(drop=True)
+    metric_columns = [c for c in table.columns if c not in ("run", "method", "dims")]
+    baseline = table["method"].isin(BASELINES)
+    repeated = baseline & table.round(9).duplicated(subset=["dims", "method", *metric_columns])
+    table = table[~repeated].sort_values(["dims", by, "run", "method"], kind="stable").reset_index(drop=True)
     table.insert(0, "rank", table.groupby("dims").cumcount() + 1)
     return table
 
