@@ -1,5 +1,12 @@
 """Models: flow matching, samplers, box weights, the interval embedding, the VAE, and the trained demo models."""
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -163,9 +170,11 @@ def _plan_after(workdir, change):
 def test_a_changed_setting_reruns_only_what_depends_on_it(demo_run):
     assert _plan_after(demo_run, lambda config: None) == {}
     plan = _plan_after(demo_run, lambda config: config["models"]["runs"]["slices2d_bridge"].update(box_weight=3.0))
-    assert plan == {"fm_paired": 1}
+    evaluation = {"evaluate_run": 1, "summarise_run": 1, "evaluation_table": 1}
+    assert plan == {"fm_paired": 1, **evaluation}
     plan = _plan_after(demo_run, lambda config: config["models"]["vae"].update(kl_weight=1e-5))
-    assert plan == {"train_vae": 1, "encode_latents": 3, "small_boxes_encoded": 3, "fm_pretrain": 1, "fm_paired": 1}
+    assert plan == {"train_vae": 1, "encode_latents": 3, "small_boxes_encoded": 3, "fm_pretrain": 1, "fm_paired": 1,
+                    "vae_examples": 1, **evaluation}
 
 
 def test_the_full_config_plans_cleanly_with_gpus_for_training(tmp_path):
@@ -188,3 +197,30 @@ def test_random_flips_move_prior_follow_up_and_weights_together_and_repeat_with_
     assert sorted(flipped[0][3].flatten().tolist()) == sorted(prior[3].flatten().tolist())
     again = random_flips([prior, follow_up, weights, None], torch.Generator().manual_seed(5))
     torch.testing.assert_close(again[0], flipped[0])
+
+
+@pytest.mark.slow
+def test_a_training_job_killed_mid_way_resumes_from_its_checkpoint_to_the_same_weights(demo_run, tmp_path):
+    """SIGKILL of the whole Snakemake process group once the VAE wrote its first checkpoint, then a plain rerun."""
+    workdir = tmp_path / "killed"
+    shutil.copytree(demo_run, workdir, symlinks=True)
+    for path in (workdir / "results" / "models" / "vae").iterdir():
+        path.unlink()
+    shutil.rmtree(workdir / "results" / "models" / ".work" / "vae")
+    target, checkpoint = "results/models/vae/model.pt", workdir / "results/models/.work/vae/checkpoint.pt"
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--cores", "2", target]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists() and not (workdir / target).exists()
+    snakemake(workdir, "--unlock")
+    snakemake(workdir, "--cores", "2", "--rerun-incomplete", target)
+    assert "resuming from step 15/30" in (workdir / "logs/models/train_vae.log").read_text()
+    resumed, _ = load_model(workdir / target)
+    unbroken, _ = load_model(demo_run / target)
+    assert resumed.keys() == unbroken.keys()
+    assert all(torch.equal(resumed[name], unbroken[name]) for name in unbroken)

@@ -55,6 +55,15 @@ def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
         offset += grad.numel()
 
 
+def broadcast_from_main(module: torch.nn.Module) -> None:
+    """Give every worker the main worker's parameters and buffers (all start from the same weights)."""
+    if rank_and_size()[1] == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
 def mean_over_workers(value: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over the workers (the tensor itself on one)."""
     if rank_and_size()[1] == 1:

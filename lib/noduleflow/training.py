@@ -150,6 +150,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, dataset: Dataset, settings: T
     fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # plain lists and dicts, as stored
 
     model = model.to(device).train()
+    distributed.broadcast_from_main(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
                                   fused=device.type == "cuda")
