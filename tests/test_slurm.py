@@ -100,8 +100,9 @@ def test_the_demo_runs_as_slurm_jobs_and_a_cancelled_training_job_resumes(cluste
     jobs = {job_id: cluster.job(job_id) for job_id in submitted}
     by_rule = {}
     for job_id, job in jobs.items():
-        by_rule.setdefault(job["Comment"].removeprefix("rule_").split("_wildcards_")[0], []).append(job_id)
-        gpu = job["Comment"].removeprefix("rule_").split("_wildcards_")[0] in GPU_RULES
+        rule = job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
+        by_rule.setdefault(rule, []).append(job_id)
+        gpu = rule in GPU_RULES
         assert job["Partition"] == ("gpu" if gpu else "cpu")
         assert (job.get("TresPerJob") == "gres:gpu:1") == gpu, job
     ran = {job_id for job_id, job in jobs.items() if job["JobState"] == "COMPLETED"}
@@ -120,9 +121,9 @@ def test_the_demo_runs_as_slurm_jobs_and_a_cancelled_training_job_resumes(cluste
     assert "resuming from step 15/30" in (workdir / "logs/models/train_vae.log").read_text()
     assert all(jobs[job_id]["SubmitTime"] >= jobs[retry]["EndTime"] for job_id in by_rule["encode_latents"])
     # its SLURM log (with the job's own output up to the cancel) is kept and named in Snakemake's error report
-    failed_log = submitted[cancelled]
-    assert failed_log in text.split(f"SLURM-job '{cancelled}' failed")[1]
-    assert "step 10/30" in open(failed_log).read() and "CANCELLED" in open(failed_log).read()
+    assert submitted[cancelled] in text.split(f"SLURM-job '{cancelled}' failed")[1]
+    failed_log = Path(submitted[cancelled]).read_text()
+    assert "step 10/30" in failed_log and "CANCELLED" in failed_log
     assert not Path(submitted[retry]).exists()  # the plugin removes the logs of successful jobs
 
     # the same models as the local run of the same cohort, and nothing left to do
