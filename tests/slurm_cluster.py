@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-DAEMONS = ("slurmctld", "slurmd", "munged", "sinfo", "sbatch", "squeue", "scontrol", "scancel")
+PROGRAMS = ("slurmctld", "slurmd", "munged", "sinfo", "sbatch", "squeue", "scontrol", "scancel")
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 CONFIG = Path("/etc/slurm")
 MARK = "# written by noduleflow's tests/slurm_cluster.py\n"
@@ -56,7 +56,7 @@ class SlurmCluster:
 
 def install_packages() -> None:
     """apt-get install the SLURM and munge packages where their programs are missing; Unavailable if impossible."""
-    if all(shutil.which(name) for name in DAEMONS):
+    if all(shutil.which(name) for name in PROGRAMS):
         return
     if os.geteuid() != 0:
         raise Unavailable("SLURM is not installed and installing it needs root")
@@ -68,7 +68,7 @@ def install_packages() -> None:
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise Unavailable(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    missing = [name for name in DAEMONS if not shutil.which(name)]
+    missing = [name for name in PROGRAMS if not shutil.which(name)]
     if missing:
         raise Unavailable(f"installed {PACKAGES} but {missing} are still missing")
 
