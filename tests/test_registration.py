@@ -14,7 +14,7 @@ from noduleflow.ids import shard_name, shard_of
 from noduleflow.imaging import Geometry, homogeneous, read_image, write_nifti
 from noduleflow.io import load_plain_pickle
 from noduleflow.phantom import render_anatomy, sample_anatomy
-from noduleflow.plan import find_precomputed_transforms, shard_exams
+from noduleflow.plan import find_precomputed_transforms, shard_plan
 from noduleflow.registration import (
     QualityThresholds,
     RegistrationSettings,
@@ -37,6 +37,17 @@ def _rigid(angles_deg, translation):
     matrix[:3, :3] = np.reshape(transform.GetMatrix(), (3, 3))
     matrix[:3, 3] = translation
     return matrix
+
+
+def test_shard_plan_lists_patients_then_timepoints_with_the_first_exam_as_baseline():
+    exams = pd.DataFrame({"pid": ["2", "1", "1", "3"], "exam_id": ["2a", "1c", "1b", "3a"],
+                          "screen_timepoint": [0, 2, 1, 1], "shard": [1, 0, 0, 0]})
+    exams["image_path"] = exams["exam_id"] + ".nii.gz"
+    plan = shard_plan(exams, {("1b", "1c"): {"fixed": "1c", "path": "1c__1b.tfm"}})
+    listed = {shard: [(e.exam_id, e.fixed_exam_id, e.fixed_image_path) for e in exams] for shard, exams in plan.items()}
+    assert listed == {0: [("1b", "1b", "1b.nii.gz"), ("1c", "1b", "1b.nii.gz"), ("3a", "3a", "3a.nii.gz")],
+                      1: [("2a", "2a", "2a.nii.gz")]}
+    assert plan[0][1].precomputed == "1c__1b.tfm" and plan[0][1].precomputed_inverted
 
 
 def test_map_box_follows_a_known_translation():
@@ -108,7 +119,7 @@ def test_registration_recovers_a_known_transform(phantom_pair, tmp_path):
     folder, truth = phantom_pair
     exams = pd.DataFrame({"pid": "100001", "exam_id": ["a", "b"], "screen_timepoint": [0, 1], "shard": 0,
                           "image_path": [str(folder / "fixed.nii.gz"), str(folder / "moving.nii.gz")]})
-    table = register_shard(shard_exams(exams, 0, {}), RegistrationSettings(), tmp_path)
+    table = register_shard(shard_plan(exams, {})[0], RegistrationSettings(), tmp_path)
     follow_up = table.set_index("exam_id").loc["b"]
     assert follow_up["transform_source"] == "registered" and follow_up["error"] is None
     mean, worst = _lung_tre(folder / "fixed.nii.gz", _matrix(follow_up), truth)
@@ -129,7 +140,7 @@ def test_precomputed_transforms_are_reused_and_inverted_when_stored_the_other_wa
                                     "path": str(stored / "b__a.tfm")}}
     exams = pd.DataFrame({"pid": "100001", "exam_id": ["a", "b"], "screen_timepoint": [0, 1], "shard": 0,
                           "image_path": [str(folder / "fixed.nii.gz"), str(folder / "moving.nii.gz")]})
-    plan = shard_exams(exams, 0, mapping)
+    plan = shard_plan(exams, mapping)[0]
     assert plan[1].precomputed_inverted
     row = register_shard(plan, RegistrationSettings(), tmp_path / "out").set_index("exam_id").loc["b"]
     assert row["transform_source"] == "precomputed"

@@ -13,6 +13,7 @@ from noduleflow.training import (
     TrainSettings,
     load_model,
     save_model,
+    seeded_model,
     train,
 )
 
@@ -217,3 +218,11 @@ def test_settings_from_mapping():
         TrainSettings.from_mapping({"steps": 1.5, "batch_size": 1, "lr": 1.0})
     with pytest.raises(ValueError, match="warmup_fraction"):
         TrainSettings(steps=1, batch_size=1, lr=1.0, warmup_fraction=1.5)
+
+
+def test_a_seeded_model_starts_from_the_same_weights_whatever_ran_before():
+    first = seeded_model(lambda: torch.nn.Linear(8, 8), 3)
+    torch.rand(5)  # the global generator moved on
+    again = seeded_model(lambda: torch.nn.Linear(8, 8), 3)
+    other = seeded_model(lambda: torch.nn.Linear(8, 8), 4)
+    assert torch.equal(first.weight, again.weight) and not torch.equal(first.weight, other.weight)

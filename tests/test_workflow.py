@@ -1,5 +1,6 @@
 """The metadata stage run end to end through Snakemake on a small synthetic cohort, checked against its truth."""
 
+import re
 import shutil
 
 import numpy as np
@@ -26,6 +27,29 @@ def _tables(workdir, name):
 def test_lint_is_clean():
     result = snakemake(REPO, "--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _planned_resources(*args):
+    """rule -> {resource: value} of every job in the plan of `snakemake -n *args` (the last job of each rule)."""
+    result = snakemake(REPO, "-n", *args)
+    blocks = re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    resources: (.*)$", result.stdout,
+                        re.M)
+    return {rule: dict(item.split("=", 1) for item in resources.split(", ")) for rule, resources in blocks}
+
+
+def test_the_slurm_profile_gives_exactly_the_gpu_rules_a_gpu_on_the_gpu_partition():
+    assert not (REPO / "profiles" / "default").exists(), "Snakemake would load it over --profile and override keys"
+    declared = _planned_resources("--configfile", str(REPO / "config" / "full.yaml"))
+    gpu_rules = {rule for rule, resources in declared.items() if resources.get("gpu") == "1"}
+    assert gpu_rules >= {"train_vae", "fm_pretrain", "fm_paired"}
+    planned = _planned_resources("--profile", str(REPO / "profiles" / "slurm"))
+    assert planned.keys() == declared.keys()
+    for rule, resources in planned.items():
+        gpu = rule in gpu_rules
+        assert resources["slurm_partition"] == ("gpu" if gpu else "cpu"), rule
+        assert resources.get("gpu", "0") == ("1" if gpu else "0"), rule
+        assert ("cpus_per_gpu" in resources) == gpu and int(resources["runtime"]) >= 60, rule
+        assert int(resources["mem_mb"]) >= (32000 if gpu else 4000), rule
 
 
 def test_a_second_run_has_nothing_to_do(demo_run):

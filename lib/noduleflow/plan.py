@@ -76,23 +76,26 @@ def transform_file(transform_dir: str | os.PathLike[str], fixed_exam_id: str, mo
     return Path(transform_dir) / f"{fixed_exam_id}__{moving_exam_id}{_TFM_SUFFIX}"
 
 
-def shard_exams(exams: pd.DataFrame, shard: int,
-                precomputed: Mapping[tuple[str, str], Mapping[str, str]]) -> list[ShardExam]:
-    """The exams of one shard of a split's exams table, each with its baseline and any precomputed transform.
+def shard_plan(exams: pd.DataFrame,
+               precomputed: Mapping[tuple[str, str], Mapping[str, str]]) -> dict[int, list[ShardExam]]:
+    """Shard -> its exams, from a split's exams table: each exam with its baseline and any precomputed transform.
 
-    The baseline is the patient's first exam in the table (the first exam that carries nodules).
+    The baseline is the patient's first exam in the table (the first exam that carries nodules). A shard lists its
+    patients by pid and each patient's exams by timepoint. One pass over the table, so the workflow can plan
+    every shard of an NLST-sized split at once.
     """
-    rows = exams[exams["shard"] == shard].sort_values(["pid", "screen_timepoint"], kind="stable")
-    out = []
-    for _, patient in rows.groupby("pid", sort=True):
-        fixed = patient.iloc[0]
-        for exam in patient.itertuples(index=False):
-            entry = precomputed.get(tuple(sorted((fixed["exam_id"], exam.exam_id))))
-            out.append(ShardExam(
-                exam_id=exam.exam_id, pid=exam.pid, image_path=exam.image_path, fixed_exam_id=fixed["exam_id"],
-                fixed_image_path=fixed["image_path"], precomputed=entry["path"] if entry else None,
-                precomputed_inverted=bool(entry) and entry["fixed"] != fixed["exam_id"]))
-    return out
+    rows = exams.sort_values(["pid", "screen_timepoint"], kind="stable")
+    first = rows.groupby("pid", sort=False)[["exam_id", "image_path"]].transform("first")
+    plan: dict[int, list[ShardExam]] = {}
+    for shard, pid, exam_id, image_path, fixed_id, fixed_path in zip(
+            rows["shard"], rows["pid"], rows["exam_id"], rows["image_path"], first["exam_id"], first["image_path"],
+            strict=True):
+        entry = precomputed.get(tuple(sorted((fixed_id, exam_id))))
+        plan.setdefault(int(shard), []).append(ShardExam(
+            exam_id=exam_id, pid=pid, image_path=image_path, fixed_exam_id=fixed_id, fixed_image_path=fixed_path,
+            precomputed=entry["path"] if entry else None,
+            precomputed_inverted=bool(entry) and entry["fixed"] != fixed_id))
+    return plan
 
 
 def space_geometry(space: str, vae: Mapping[str, object]) -> dict[str, object]:

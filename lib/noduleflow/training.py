@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,7 @@ from noduleflow.io import atomic_path, write_csv
 
 log = logging.getLogger(__name__)
 
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 LossFn = Callable[[torch.nn.Module, dict[str, Any], torch.Generator], torch.Tensor]
 """loss_fn(model, batch, generator) -> scalar loss; all its randomness must come from `generator`."""
 
@@ -144,9 +145,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, dataset: Dataset, settings: T
     main = rank == 0
     device = distributed.device()
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and settings.bf16)
-    random.seed(settings.seed)
-    np.random.seed(settings.seed)
-    torch.manual_seed(settings.seed)
+    seed_everything(settings.seed)
     fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # plain lists and dicts, as stored
 
     model = model.to(device).train()
@@ -218,6 +217,19 @@ def train(model: torch.nn.Module, loss_fn: LossFn, dataset: Dataset, settings: T
                 "scheduler": scheduler.state_dict(), "step": step, "history": history, "fingerprint": fingerprint,
             })
     return TrainResult(model=ema, history=pd.DataFrame(history, columns=list(_COLUMNS)))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def seeded_model(build: Callable[[], ModelT], seed: int) -> ModelT:
+    """`build()` after seed_everything(seed): initial weights that depend on `seed` alone, not on the process."""
+    seed_everything(seed)
+    return build()
 
 
 def _lr_factor(index: int, settings: TrainSettings) -> float:

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import pandas as pd
 
 from noduleflow.ids import shard_name
-from noduleflow.plan import find_precomputed_transforms, shard_exams, space_geometry
+from noduleflow.plan import find_precomputed_transforms, shard_plan, space_geometry
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -88,15 +88,16 @@ def _precomputed():
 
 
 @functools.lru_cache(maxsize=8)
-def _split_exams(path, mtime_ns):
-    return pd.read_parquet(path)
+def _shard_plan(path, mtime_ns):
+    """Shard -> its exams as plain dicts, for one version of a split's exam table (planned once, not per job)."""
+    plan = shard_plan(pd.read_parquet(path), _precomputed())
+    return {shard: [asdict(exam) for exam in exams] for shard, exams in plan.items()}
 
 
 def registration_shard(wildcards):
     """The exams of a shard as plain dicts (a params value), once the split's exam table exists."""
     path = checkpoints.split_tables.get(split=wildcards.split).output.exams
-    exams = _split_exams(path, os.stat(path).st_mtime_ns)
-    return [asdict(exam) for exam in shard_exams(exams, int(wildcards.shard), _precomputed())]
+    return _shard_plan(path, os.stat(path).st_mtime_ns).get(int(wildcards.shard), [])
 
 
 def registration_images(wildcards):

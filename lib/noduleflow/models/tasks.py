@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from noduleflow.datasets import NodulePairs, NodulePatches
 from noduleflow.models.flow import FORMULATIONS, VelocityNet, box_weights, flow_matching_loss
 from noduleflow.models.vae import build_vae, vae_loss
-from noduleflow.training import TrainSettings, load_model, save_model, train
+from noduleflow.training import TrainSettings, load_model, save_model, seeded_model, train
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def train_vae(config: dict[str, Any], train_folder: str, val_folder: str, model_
     hparams = {"spatial_dims": 3, **{k: config[k] for k in ("channels", "latent_channels", "num_res_blocks",
                                                            "norm_num_groups")}}
     settings = TrainSettings.from_mapping({**config["training"], "seed": seed})
-    model = build_vae(hparams)
+    model = seeded_model(lambda: build_vae(hparams), seed)
     kl_weight = float(config["kl_weight"])
     result = train(model, lambda m, batch, g: vae_loss(m, batch["image"], g, kl_weight),
                    _patches(train_folder, "raw"), settings, work_dir,
@@ -89,7 +89,8 @@ def train_pretraining(config: dict[str, Any], space: str, data_channels: int, tr
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         return flow_matching_loss(net, x0, x1, generator, sigma)
 
-    result = train(VelocityNet(hparams), loss, _patches(train_folder, space), settings, work_dir,
+    net = seeded_model(lambda: VelocityNet(hparams), seed)
+    result = train(net, loss, _patches(train_folder, space), settings, work_dir,
                    {"hparams": hparams, "sigma": sigma, "settings": config["training"], "seed": seed},
                    val_dataset=_non_empty(_patches(val_folder, space)), val_every=settings.checkpoint_every)
     save_model(model_path, result.model, hparams, result.history)
@@ -161,7 +162,7 @@ def train_paired(run: dict[str, Any], data_channels: int, box_scale: tuple[float
     """Paired conditional flow matching: prior patch and interval -> follow-up patch."""
     hparams = run_hparams(run, data_channels)
     settings = TrainSettings.from_mapping({**run["training"], "seed": seed})
-    net = VelocityNet(hparams)
+    net = seeded_model(lambda: VelocityNet(hparams), seed)
     if pretrained:
         _initialise(net, pretrained)
     result = train(net, paired_loss(run, box_scale), paired_dataset(train_folder, train_pairs, run["space"]),
