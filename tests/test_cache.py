@@ -1,5 +1,6 @@
 """The nodule patch cache: cutting, padding, consolidation checks, readers, and the cache of the demo run."""
 
+import itertools
 import shutil
 
 import numpy as np
@@ -164,16 +165,28 @@ def test_patch_centres_lie_in_the_true_nodule(demo_run):
     index = _cache(demo_run, "index.parquet")
     exams = pd.concat([pd.read_parquet(demo_run / "results/metadata" / s / "exams_registered.parquet")
                        for s in SPLITS]).set_index("exam_id")
+    truth = pd.read_parquet(demo_run / "results/synthetic/truth/nodules.parquet")
+    truth = truth.set_index(["exam_id", "nodule_group"])["mask_volume_mm3"]
+    checked = 0
     for row in index.itertuples():
+        if truth[(row.exam_id, row.nodule_group)] < 20.0:
+            continue  # a nodule of a few voxels: box rounding alone moves its centre out (see the 2 mm box test)
+        checked += 1
         exam = exams.loc[row.exam_id]
         grid = registered_grid(Geometry.from_columns(exam, "fixed"), (0.703125, 0.703125, 2.5))
-        y0, y1, x0, x1, z0, z1 = row.bbox
-        voxel = np.asarray(row.patch_start) + [(x0 + x1) // 2, (y0 + y1) // 2, (z0 + z1) // 2]
-        point = grid.matrix() @ np.append(voxel, 1.0)
-        in_exam = homogeneous(exam["fixed_to_moving"]) @ point
         mask = read_image(demo_run / "results/synthetic/truth/masks" / f"{row.exam_id}.nii.gz")
-        label = sitk.GetArrayViewFromImage(mask)[tuple(reversed(mask.TransformPhysicalPointToIndex(in_exam[:3])))]
-        assert label == row.nodule_group, row.nodule_key
+        y0, y1, x0, x1, z0, z1 = row.bbox
+        # the centre of a box with an even extent lies between two voxels: one of them must be in the nodule
+        centres = itertools.product(*[sorted({(lo + hi) // 2, (lo + hi + 1) // 2}) for lo, hi in
+                                      ((x0, x1), (y0, y1), (z0, z1))])
+        labels = []
+        for centre in centres:
+            point = grid.matrix() @ np.append(np.asarray(row.patch_start) + centre, 1.0)
+            in_exam = homogeneous(exam["fixed_to_moving"]) @ point
+            index_xyz = mask.TransformPhysicalPointToIndex(in_exam[:3])
+            labels.append(sitk.GetArrayViewFromImage(mask)[tuple(reversed(index_xyz))])
+        assert row.nodule_group in labels, row.nodule_key
+    assert checked >= 0.8 * len(index)
 
 
 @pytest.mark.slow
