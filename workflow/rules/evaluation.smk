@@ -23,9 +23,9 @@ rule evaluate_run:
         mem_mb=8000,
         runtime=120,
     log:
-        "logs/evaluation/evaluate_{run}.log",
+        "logs/evaluation/evaluate_run_{run}.log",
     benchmark:
-        "benchmarks/evaluation/evaluate_{run}.tsv"
+        "benchmarks/evaluation/evaluate_run_{run}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
