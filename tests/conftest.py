@@ -96,6 +96,7 @@ def make_workdir(folder: Path, quick_models: bool = False, **overrides) -> Path:
         models = config["models"]
         for section in [models["vae"], *models["pretrain"].values(), *models["runs"].values()]:
             section["training"].update(steps=30, checkpoint_every=15, log_every=10)
+        models["vae"]["training"]["steps"] = 60  # the latent models and the VAE tests need a VAE that works
     for key, value in overrides.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) \
             else value

@@ -16,6 +16,11 @@ def test_digests_ignore_wall_clock_columns_and_see_every_other_change(tmp_path):
     frame.assign(loss=[0.5, 0.26]).to_csv(tmp_path / "c.metrics.csv", index=False)
     assert digest(tmp_path / "a.metrics.csv") == digest(tmp_path / "b.metrics.csv")
     assert digest(tmp_path / "a.metrics.csv") != digest(tmp_path / "c.metrics.csv")
+    table = pd.DataFrame({"exam_id": ["a", "b"], "pairs": [["x"], ["y", "z"]], "runtime_s": [1.0, 2.0]})
+    table.to_parquet(tmp_path / "a.parquet")
+    table.assign(runtime_s=[3.0, 4.0]).to_parquet(tmp_path / "b.parquet")
+    table.assign(pairs=[["x"], ["y"]]).to_parquet(tmp_path / "c.parquet")
+    assert digest(tmp_path / "a.parquet") == digest(tmp_path / "b.parquet") != digest(tmp_path / "c.parquet")
     assert differences({"x": "1", "y": "2"}, {"x": "1", "y": "3", "z": "4"}) == ["y", "z"]
 
 

@@ -118,12 +118,12 @@ def test_the_demo_runs_as_slurm_jobs_and_a_cancelled_training_job_resumes(cluste
     first, retry = sorted(by_rule["train_vae"], key=int)
     assert first == cancelled and jobs[first]["JobState"] == "CANCELLED"
     assert int(jobs[retry]["MinMemoryNode"].rstrip("M")) == 2 * int(jobs[first]["MinMemoryNode"].rstrip("M"))
-    assert "resuming from step 15/30" in (workdir / "logs/models/train_vae.log").read_text()
+    assert "resuming from step 15/60" in (workdir / "logs/models/train_vae.log").read_text()
     assert all(jobs[job_id]["SubmitTime"] >= jobs[retry]["EndTime"] for job_id in by_rule["encode_latents"])
     # its SLURM log (with the job's own output up to the cancel) is kept and named in Snakemake's error report
     assert submitted[cancelled] in text.split(f"SLURM-job '{cancelled}' failed")[1]
     failed_log = Path(submitted[cancelled]).read_text()
-    assert "step 10/30" in failed_log and "CANCELLED" in failed_log
+    assert "step 10/60" in failed_log and "CANCELLED" in failed_log
     assert not Path(submitted[retry]).exists()  # the plugin removes the logs of successful jobs
 
     # the same models as the local run of the same cohort, and nothing left to do

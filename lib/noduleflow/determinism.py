@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 TIMING_COLUMNS = ("seconds", "runtime_s")
 COMPARED_SUFFIXES = (".parquet", ".csv", ".json", ".npy")
@@ -29,8 +31,16 @@ SNAKEFILE = Path(__file__).resolve().parents[2] / "Snakefile"
 def digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a result file; tables with wall-clock columns are hashed without them."""
     path = Path(path)
-    if path.suffix in (".parquet", ".csv"):
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        timing = [c for c in TIMING_COLUMNS if c in table.column_names]
+        if timing:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.drop(timing).schema) as writer:
+                writer.write_table(table.drop(timing))
+            return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+    if path.suffix == ".csv":
+        frame = pd.read_csv(path)
         timing = [c for c in TIMING_COLUMNS if c in frame.columns]
         if timing:
             buffer = io.StringIO()
