@@ -29,20 +29,22 @@ def test_lint_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _planned_resources(*args):
+def _planned_resources(workdir, *args):
     """rule -> {resource: value} of every job in the plan of `snakemake -n *args` (the last job of each rule)."""
-    result = snakemake(REPO, "-n", *args)
+    result = snakemake(workdir, "-n", *args)
     blocks = re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    resources: (.*)$", result.stdout,
                         re.M)
     return {rule: dict(item.split("=", 1) for item in resources.split(", ")) for rule, resources in blocks}
 
 
-def test_the_slurm_profile_gives_exactly_the_gpu_rules_a_gpu_on_the_gpu_partition():
+def test_the_slurm_profile_gives_exactly_the_gpu_rules_a_gpu_on_the_gpu_partition(tmp_path):
+    """Planned in a fresh folder, where every rule has a job to plan."""
     assert not (REPO / "profiles" / "default").exists(), "Snakemake would load it over --profile and override keys"
-    declared = _planned_resources("--configfile", str(REPO / "config" / "full.yaml"))
+    workdir = make_workdir(tmp_path)
+    declared = _planned_resources(workdir, "--configfile", str(REPO / "config" / "full.yaml"))
     gpu_rules = {rule for rule, resources in declared.items() if resources.get("gpu") == "1"}
     assert gpu_rules >= {"train_vae", "fm_pretrain", "fm_paired"}
-    planned = _planned_resources("--profile", str(REPO / "profiles" / "slurm"))
+    planned = _planned_resources(workdir, "--profile", str(REPO / "profiles" / "slurm"))
     assert planned.keys() == declared.keys()
     for rule, resources in planned.items():
         gpu = rule in gpu_rules
