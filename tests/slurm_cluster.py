@@ -10,6 +10,7 @@ queried with squeue/scontrol, which keep finished jobs for `MinJobAge` seconds.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ PROGRAMS = ("slurmctld", "slurmd", "munged", "sinfo", "sbatch", "squeue", "scont
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 CONFIG = Path("/etc/slurm")
 MARK = "# written by noduleflow's tests/slurm_cluster.py\n"
+LOCK = Path("/run/noduleflow-slurm-test.lock")  # one test cluster per machine: they share munged and /etc/slurm
 
 
 class Unavailable(RuntimeError):
@@ -123,11 +125,22 @@ def single_node_cluster(folder: Path, partitions: tuple[str, ...] = ("debug",),
     """Start munged (unless one already answers), slurmctld and slurmd; stop what was started afterwards.
 
     The first partition is the default one; all of them hold the one node. Raises Unavailable where the machine
-    cannot run a cluster (not root, no packages and no apt-get, a SLURM configuration of someone else's).
+    cannot run a cluster (not root, no packages and no apt-get, a SLURM configuration of someone else's, a test
+    cluster of another session).
     """
     if os.geteuid() != 0:
         raise Unavailable("starting slurmd and munged needs root")
     install_packages()
+    with open(LOCK, "w") as lock:  # held until the cluster is stopped
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Unavailable("another test session runs its SLURM cluster on this machine") from None
+        yield from _cluster(folder, partitions, min_job_age)
+
+
+def _cluster(folder: Path, partitions: tuple[str, ...], min_job_age: int) -> Iterator[SlurmCluster]:
+    """The body of single_node_cluster, run while this session holds the machine's test-cluster lock."""
     if (CONFIG / "slurm.conf").exists() and not (CONFIG / "slurm.conf").read_text().startswith(MARK):
         raise Unavailable(f"{CONFIG / 'slurm.conf'} configures another cluster")
     folder.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,12 @@ def cluster(tmp_path_factory):
         yield running
 
 
+def test_a_second_cluster_on_the_same_machine_is_refused_with_a_reason(cluster, tmp_path):
+    with pytest.raises(Unavailable, match="another test session"), single_node_cluster(tmp_path, ("other",)):
+        pass
+    assert cluster.partitions[0] in cluster.run("sinfo")  # the running cluster still answers
+
+
 def _profile_for(cluster, folder):
     """profiles/slurm fitted to the test node: memory requests divided by 16 (32 GB GPU jobs become 2 GB, still
     scaled by `attempt`), CPUs per GPU capped at the node's CPUs. Everything else is the profile as shipped."""
