@@ -186,12 +186,17 @@ def ranking(summaries: pd.DataFrame, by: str = "mae") -> pd.DataFrame:
     return table
 
 
+def with_truth(measured: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Measured nodules joined with their synthetic truth (the primary series of each exam)."""
+    return measured.merge(truth[truth["primary_series"]], on=["exam_id", "nodule_group"])
+
+
 def segmenter_accuracy(measured: pd.DataFrame, truth: pd.DataFrame, min_volume: float) -> dict[str, float]:
     """How close the segmented volumes of cached nodules come to the true volumes (synthetic cohort).
 
     `measured`: small boxes (exam_id, nodule_group, nodule_volume); `truth`: the cohort's nodule truth.
     """
-    merged = measured.merge(truth[truth["primary_series"]], on=["exam_id", "nodule_group"])
+    merged = with_truth(measured, truth)
     large = merged[merged["true_volume_mm3"] > min_volume]
     error = (large["nodule_volume"] - large["true_volume_mm3"]) / large["true_volume_mm3"]
     return {"nodules": float(len(large)), "min_true_volume_mm3": float(min_volume),

@@ -5,7 +5,6 @@ the segmenter's accuracy and VAE reconstructions. Rules call these; the logic li
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,12 @@ import pandas as pd
 import torch
 
 from noduleflow import figures
-from noduleflow.datasets import NodulePairs, NodulePatches
+from noduleflow.datasets import NodulePatches
 from noduleflow.evaluation import metrics
 from noduleflow.evaluation.forecast import ForecastSettings, evaluate_run, pair_sizes
 from noduleflow.evaluation.segmenter import build_segmenter
 from noduleflow.io import atomic_path, write_csv
-from noduleflow.models.tasks import load_vae
+from noduleflow.models.tasks import load_vae, paired_dataset
 from noduleflow.patches import PatchSettings
 
 UNITS = {2: "mm^2", 3: "mm^3"}
@@ -33,18 +32,14 @@ def forecast_settings(evaluation: dict[str, Any], sampler: dict[str, Any], seed:
                             seed=seed)
 
 
-def _pairs(folder: str | os.PathLike[str], pairs_path: str | os.PathLike[str], slices: bool) -> NodulePairs:
-    return NodulePairs(folder, pd.read_parquet(pairs_path), slices=slices)
-
-
 def forecast(run_name: str, space: str, model: str, raw_folder: str, model_folder: str, pairs_path: str,
              vae: str | None, truth: str | None, patch: dict[str, Any], segmentation: dict[str, Any],
              settings: ForecastSettings, table_path: str, montage_path: str) -> None:
     """Forecast every test pair with one run; write the per-pair table and a montage of examples."""
     patch_settings = PatchSettings.from_mapping(patch)
     slices = space == "slices"
-    raw = _pairs(raw_folder, pairs_path, slices)
-    model_data = _pairs(model_folder, pairs_path, slices) if space == "latent" else raw
+    raw = paired_dataset(raw_folder, pairs_path, "slices" if slices else "raw")
+    model_data = paired_dataset(model_folder, pairs_path, space) if space == "latent" else raw
     decode = None
     if space == "latent":
         vae_model = load_vae(vae).to("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +58,8 @@ def growth_rates(raw_folder: str, pairs_path: str, patch: dict[str, Any], segmen
     patch_settings, segmenter = PatchSettings.from_mapping(patch), build_segmenter(segmentation)
     rates = {}
     for dims in (2, 3):
-        sizes = pair_sizes(_pairs(raw_folder, pairs_path, dims == 2), patch_settings, segmenter, dims == 2)
+        space = "slices" if dims == 2 else "raw"
+        sizes = pair_sizes(paired_dataset(raw_folder, pairs_path, space), patch_settings, segmenter, dims == 2)
         annual = metrics.annual_growth_rates(sizes["prior_size"], sizes["real_size"], sizes["delta_days"])
         rates[str(dims)] = {"annual_rate": float(np.median(annual)) if annual.size else 1.0, "pairs": int(annual.size)}
     with atomic_path(path) as tmp:
@@ -101,7 +97,7 @@ def segmenter_report(small_boxes: list[str], truth: str, min_volume: float, tabl
     true = pd.read_parquet(truth)
     accuracy = metrics.segmenter_accuracy(measured, true, min_volume)
     write_csv(pd.DataFrame([accuracy]), table_path)
-    merged = measured.merge(true[true["primary_series"]], on=["exam_id", "nodule_group"])
+    merged = metrics.with_truth(measured, true)
     figures.measured_vs_true(merged["nodule_volume"].to_numpy(), merged["true_volume_mm3"].to_numpy(),
                              "segmented vs true nodule volume", plot_path)
 
