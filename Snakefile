@@ -52,3 +52,6 @@ rule models:
 rule evaluation:
     input:
         evaluation_targets(),
+
+
+track_library_code()

@@ -60,13 +60,24 @@ def lesion(exam: str, coords=(5, 7, 4, 6, 10, 12), volume: float = 42.0) -> dict
     }
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, check: bool = True, snakefile: Path = REPO / "Snakefile"
+              ) -> subprocess.CompletedProcess:
     """Run the workflow through Snakemake's CLI in `workdir` (which holds config/config.yaml)."""
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    command = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir), *args]
     result = subprocess.run(command, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts per rule from a dry-run's job stats (the target rule `all` left out); {} if nothing to do."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    stats = text[text.index("Job stats:"):].split("\n\n")[0].splitlines()[3:]
+    return {name: int(count) for name, count in (line.split() for line in stats)
+            if name not in ("total", "all")}
 
 
 def kill_after_first_job(workdir: Path, target: str, rule: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, snakemake
+from conftest import REPO, planned_jobs, snakemake
 from noduleflow.datasets import NodulePatches
 from noduleflow.models.flow import VelocityNet, box_weights, flow_matching_loss, sample
 from noduleflow.models.tasks import load_vae, paired_loss, random_flips, run_hparams
@@ -159,14 +159,9 @@ def _plan_after(workdir, change):
     change(config)
     path.write_text(yaml.safe_dump(config))
     try:
-        result = snakemake(workdir, "-n")
+        return planned_jobs(snakemake(workdir, "-n"))
     finally:
         path.write_text(original)
-    text = result.stdout + result.stderr
-    if "Nothing to be done" in text:
-        return {}
-    stats = text[text.index("Job stats:"):].split("\n\n")[0].splitlines()[3:]
-    return {name: int(count) for name, count in (line.split() for line in stats) if name not in ("total", "all")}
 
 
 @pytest.mark.slow

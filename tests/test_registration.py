@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import kill_after_first_job, make_workdir, snakemake
+from conftest import kill_after_first_job, make_workdir, planned_jobs, snakemake
 from noduleflow.boxes import map_box, registered_grid
 from noduleflow.ids import shard_name, shard_of
 from noduleflow.imaging import Geometry, homogeneous, read_image, write_nifti
@@ -250,13 +250,6 @@ def test_a_swapped_or_corrupted_follow_up_is_flagged_with_a_reason(files_run):
     assert len(boxes) > 0
 
 
-def _planned(result):
-    """Job counts per rule from a dry-run's job stats."""
-    text = result.stdout + result.stderr
-    stats = text[text.index("Job stats:"):].split("\n\n")[0].splitlines()[3:]
-    return {name: int(count) for name, count in (line.split() for line in stats) if name != "total"}
-
-
 @pytest.mark.slow
 def test_reruns_touch_only_what_is_stale(files_run):
     workdir, data = files_run["workdir"], files_run["data"]
@@ -267,7 +260,7 @@ def test_reruns_touch_only_what_is_stale(files_run):
     config = workdir / "config" / "config.yaml"
     original = config.read_text()
     config.write_text(original.replace("min_lung_ncc: 0.7", "min_lung_ncc: 0.75"))
-    plan = _planned(snakemake(workdir, "-n", "registration"))
+    plan = planned_jobs(snakemake(workdir, "-n", "registration"))
     assert plan["registration_qc"] == 3 and "register_shard" not in plan
     config.write_text(original)
 
@@ -279,7 +272,7 @@ def test_reruns_touch_only_what_is_stale(files_run):
     lesion["volume"] += 5.0
     torch.save(tracking, data / "nodules.pt")
     snakemake(workdir, "--cores", "2", "--until", "split_tables")
-    plan = _planned(snakemake(workdir, "-n", "registration"))
+    plan = planned_jobs(snakemake(workdir, "-n", "registration"))
     assert "register_shard" not in plan and plan["nodule_boxes"] >= 1
 
     # one more patient: exactly that patient's shard is registered
@@ -290,7 +283,7 @@ def test_reruns_touch_only_what_is_stale(files_run):
     torch.save(tracking, data / "nodules.pt")
     snakemake(workdir, "--cores", "2", "--until", "split_tables")
     result = snakemake(workdir, "-n", "registration")
-    assert _planned(result)["register_shard"] == 1
+    assert planned_jobs(result)["register_shard"] == 1
     split = computed_split(held_back, 42, {"train": 0.7, "val": 0.1, "test": 0.2})
     shard = shard_name(shard_of(held_back, {"train": 4, "val": 1, "test": 2}[split]))
     assert f"results/registration/{split}/{shard}.parquet" in result.stdout + result.stderr

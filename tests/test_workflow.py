@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, make_workdir, snakemake
+from conftest import REPO, make_workdir, planned_jobs, snakemake
 from noduleflow.io import load_plain_pickle
 from noduleflow.nodules import tracking_from_table
 
@@ -57,6 +57,28 @@ def test_the_slurm_profile_gives_exactly_the_gpu_rules_a_gpu_on_the_gpu_partitio
 def test_a_second_run_has_nothing_to_do(demo_run):
     result = snakemake(demo_run, "-n", "--cores", "1")
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_an_edited_library_module_reruns_exactly_the_rules_that_import_it(demo_run, tmp_path):
+    """Planned from a copy of the code, so the edit never touches the checkout the other tests run."""
+    checkout = tmp_path / "checkout"
+    for name in ("workflow", "lib", "envs"):
+        shutil.copytree(REPO / name, checkout / name, symlinks=True)
+    shutil.copy2(REPO / "Snakefile", checkout / "Snakefile")
+    snakefile = checkout / "Snakefile"
+    assert planned_jobs(snakemake(demo_run, "-n", snakefile=snakefile)) == {}
+    module = checkout / "lib" / "noduleflow" / "evaluation" / "metrics.py"
+    module.touch()  # a newer file with the same code is no change
+    assert planned_jobs(snakemake(demo_run, "-n", snakefile=snakefile)) == {}
+
+    module.write_text(module.read_text() + "\n# an edit\n")
+    plan = planned_jobs(snakemake(demo_run, "-n", snakefile=snakefile))
+    users = {"evaluate_run", "growth_rates", "summarise_run", "evaluation_table", "segmenter_accuracy", "vae_examples"}
+    assert set(plan) == users, plan
+    changed = snakemake(demo_run, "--list-changes", "code", snakefile=snakefile).stdout.split()
+    assert changed and all(path.startswith("results/evaluation/") for path in changed), changed
+    assert "results/evaluation/segmenter_accuracy.csv" in changed
+    assert snakemake(demo_run, "--list-changes", "code").stdout.split() == []  # the checkout itself is unchanged
 
 
 def test_splits_are_disjoint_and_cover_every_patient_with_nodules(demo_run):

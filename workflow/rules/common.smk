@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import pandas as pd
 
+from noduleflow.code_tracking import code_digest
 from noduleflow.ids import shard_name
 from noduleflow.plan import find_precomputed_transforms, shard_plan, space_geometry
 
@@ -161,3 +162,17 @@ def evaluation_inputs(wildcards):
     if config["data"]["source"] == "synthetic":
         inputs["truth"] = f"{SYNTHETIC}/truth/nodules.parquet"
     return inputs
+
+
+def track_library_code():
+    """Let Snakemake's code trigger see the noduleflow modules each rule's script imports.
+
+    Snakemake records a script rule's code as its `script:` line and reruns it when the script file is newer than
+    the outputs; a module the script imports is invisible to it. Appending a digest of those modules to the
+    recorded code makes an edited module rerun exactly the rules that use it (`snakemake --list-changes code`
+    lists them; `--rerun-triggers mtime params input software-env` turns it off with the rest of the code trigger).
+    """
+    package_dir = os.path.join(workflow.basedir, "lib", "noduleflow")
+    for scripted in (r for r in workflow.rules if r.script):
+        script = os.path.join(scripted.basedir.get_path_or_uri(secret_free=True), scripted.script)
+        scripted.run_func_src = f"{scripted.run_func_src}# noduleflow modules {code_digest(script, package_dir)}\n"
