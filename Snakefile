@@ -16,6 +16,7 @@ include: "workflow/rules/registration.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/evaluation.smk"
+include: "workflow/rules/volumes.smk"
 
 
 rule all:
@@ -52,6 +53,17 @@ rule models:
 rule evaluation:
     input:
         evaluation_targets(),
+
+
+# The full-volume alternative (not part of `all`): the VAE on full volumes, and every split's encoded volumes.
+rule vae_volumes:
+    input:
+        rules.train_vae_volumes.output.model,
+
+
+rule encoded_volumes:
+    input:
+        expand(rules.encode_volumes.output[0], split=SPLITS),
 
 
 track_library_code()

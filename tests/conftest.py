@@ -97,6 +97,15 @@ def kill_after_first_job(workdir: Path, target: str, rule: str) -> None:
     snakemake(workdir, "--unlock")  # a SIGKILL leaves Snakemake's lock behind
 
 
+def reconstruction_errors(vae, stack) -> tuple[float, float]:
+    """Mean squared error of a VAE's reconstructions (from the encoder mean) of `stack`, and of its mean image."""
+    import torch
+
+    with torch.no_grad():
+        reconstruction = vae.decode(vae.encode(stack)[0])
+    return (reconstruction - stack).pow(2).mean().item(), (stack.mean(0, keepdim=True) - stack).pow(2).mean().item()
+
+
 def make_workdir(folder: Path, quick_models: bool = False, **overrides) -> Path:
     """A working directory with the default config, updated by `overrides` (top-level keys merged one level).
 
@@ -105,9 +114,11 @@ def make_workdir(folder: Path, quick_models: bool = False, **overrides) -> Path:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     if quick_models:
         models = config["models"]
-        for section in [models["vae"], *models["pretrain"].values(), *models["runs"].values()]:
+        vaes = [models["vae"], models["vae_volumes"]]
+        for section in [*vaes, *models["pretrain"].values(), *models["runs"].values()]:
             section["training"].update(steps=30, checkpoint_every=15, log_every=10)
-        models["vae"]["training"]["steps"] = 60  # the latent models and the VAE tests need a VAE that works
+        for section in vaes:
+            section["training"]["steps"] = 60  # the latent models and the VAE tests need a VAE that works
     for key, value in overrides.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) \
             else value

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, planned_jobs, snakemake
+from conftest import REPO, planned_jobs, reconstruction_errors, snakemake
 from noduleflow.datasets import NodulePatches
 from noduleflow.models.flow import VelocityNet, box_weights, flow_matching_loss, sample
 from noduleflow.models.tasks import load_vae, paired_loss, random_flips, run_hparams
@@ -113,11 +113,7 @@ def test_vae_learns_to_reconstruct_better_than_the_mean_patch(tmp_path):
     settings = TrainSettings(steps=150, batch_size=4, lr=3e-3, checkpoint_every=150, log_every=50)
     result = train(build_vae(hparams), lambda m, b, g: vae_loss(m, b["image"], g, 1e-6), images, settings,
                    tmp_path, {"vae": 1})
-    stack = torch.stack([item["image"] for item in images])
-    with torch.no_grad():
-        reconstruction = result.model.decode(result.model.encode(stack)[0])
-    error = (reconstruction - stack).pow(2).mean().item()
-    baseline = (stack.mean(0, keepdim=True) - stack).pow(2).mean().item()
+    error, baseline = reconstruction_errors(result.model, torch.stack([item["image"] for item in images]))
     assert error < baseline / 2.5, (error, baseline)
 
 
@@ -143,11 +139,7 @@ def test_the_demo_trains_every_model_and_the_losses_fall(demo_run):
 def test_the_demo_vae_reconstructs_patches_better_than_the_mean_patch(demo_run):
     vae = load_vae(demo_run / "results/models/vae/model.pt")
     patches = NodulePatches(demo_run / "results/cache/raw/test")
-    stack = torch.stack([patches[i]["image"] for i in range(len(patches))])
-    with torch.no_grad():
-        reconstruction = vae.decode(vae.encode(stack)[0])
-    error = (reconstruction - stack).pow(2).mean().item()
-    baseline = (stack.mean(0, keepdim=True) - stack).pow(2).mean().item()
+    error, baseline = reconstruction_errors(vae, torch.stack([patches[i]["image"] for i in range(len(patches))]))
     assert error < baseline / 2, (error, baseline)
 
 

@@ -17,7 +17,8 @@ from noduleflow.logs import log_to, slurm_placement
 from slurm_cluster import Unavailable, single_node_cluster
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = {"train_vae", "fm_pretrain", "fm_paired", "encode_latents", "evaluate_run"}
+GPU_RULES = {"train_vae", "fm_pretrain", "fm_paired", "encode_latents", "evaluate_run", "train_vae_volumes",
+             "encode_volumes"}
 # How a cluster without accounting is run (the README's "Running on a SLURM cluster"), plus a fast first status check
 NO_ACCOUNTING = ("--slurm-status-command", "squeue", "--slurm-no-account")
 

@@ -38,13 +38,14 @@ def _planned_resources(workdir, *args):
 
 
 def test_the_slurm_profile_gives_exactly_the_gpu_rules_a_gpu_on_the_gpu_partition(tmp_path):
-    """Planned in a fresh folder, where every rule has a job to plan."""
+    """Planned in a fresh folder, where every rule has a job to plan (the full-volume alternative's too)."""
     assert not (REPO / "profiles" / "default").exists(), "Snakemake would load it over --profile and override keys"
     workdir = make_workdir(tmp_path)
-    declared = _planned_resources(workdir, "--configfile", str(REPO / "config" / "full.yaml"))
+    targets = ("all", "vae_volumes", "encoded_volumes")
+    declared = _planned_resources(workdir, *targets, "--configfile", str(REPO / "config" / "full.yaml"))
     gpu_rules = {rule for rule, resources in declared.items() if resources.get("gpu") == "1"}
-    assert gpu_rules >= {"train_vae", "fm_pretrain", "fm_paired"}
-    planned = _planned_resources(workdir, "--profile", str(REPO / "profiles" / "slurm"))
+    assert gpu_rules >= {"train_vae", "fm_pretrain", "fm_paired", "train_vae_volumes", "encode_volumes"}
+    planned = _planned_resources(workdir, *targets, "--profile", str(REPO / "profiles" / "slurm"))
     assert planned.keys() == declared.keys()
     for rule, resources in planned.items():
         gpu = rule in gpu_rules

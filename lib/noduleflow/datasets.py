@@ -1,4 +1,5 @@
-"""Torch datasets over the patch cache: single patches, and prior/follow-up pairs of the same nodule.
+"""Torch datasets over the sharded caches: single patches, prior/follow-up pairs of the same nodule, and crops
+of full volumes.
 
 Shard arrays are memory-mapped on first use in each process (so DataLoader workers open their own maps) and
 kept in a small least-recently-used table.
@@ -27,14 +28,14 @@ class ShardArrays:
         self.max_open = max_open
         self._open: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    def get(self, name: str, offset: int) -> torch.Tensor:
-        """One array of a shard file, copied out of the map as a float32 tensor."""
+    def get(self, name: str, offset: int, region: tuple[slice, ...] = ()) -> torch.Tensor:
+        """One array of a shard file (or the `region` of it), copied out of the map as a float32 tensor."""
         if name not in self._open:
             if len(self._open) >= self.max_open:
                 self._open.popitem(last=False)
             self._open[name] = np.load(self.folder / name, mmap_mode="r", allow_pickle=False)
         self._open.move_to_end(name)
-        return torch.from_numpy(np.array(self._open[name][offset], dtype=np.float32))
+        return torch.from_numpy(np.array(self._open[name][(offset, *region)], dtype=np.float32))
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (for DataLoader workers) without open maps; each worker opens its own."""
@@ -95,3 +96,34 @@ class NodulePairs(Dataset):
         return {"prior": prior, "follow_up": follow_up, "delta_days": torch.tensor(float(pair["delta_days"])),
                 "bbox_a": box_a, "bbox_b": box_b, "nodule_key_a": pair["key_a"], "nodule_key_b": pair["key_b"],
                 "pid": pair["pid"], "nodule_group": int(pair["nodule_group"])}
+
+
+class VolumeCrops(Dataset):
+    """Crops of `crop` (x, y, z) voxels from the full volumes of a cache folder: `image` (1, Z, Y, X), ids, start.
+
+    Item i is volume i mod N at a corner drawn uniformly by `numpy.random.default_rng([seed, i])`, so every item is
+    a pure function of (seed, i): the training loop's seeded batches then give seeded random crops, and a
+    resumed run draws the same ones. `per_volume` crops per volume make the dataset's length.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], crop: tuple[int, int, int], seed: int, per_volume: int,
+                 index: pd.DataFrame | None = None) -> None:
+        index = pd.read_parquet(Path(folder) / "index.parquet") if index is None else index
+        self.index = index.reset_index(drop=True)
+        self.crop = np.asarray(crop[::-1])  # z, y, x
+        self.seed, self.per_volume = seed, per_volume
+        self.arrays = ShardArrays(folder)
+        too_small = [tuple(shape) for shape in self.index["volume_shape"] if (np.asarray(shape) < crop).any()]
+        if too_small:
+            raise ValueError(f"crop {tuple(crop)} is larger than volumes of shape {too_small[0]} (x, y, z)")
+
+    def __len__(self) -> int:
+        return len(self.index) * self.per_volume
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        row = self.index.iloc[item % len(self.index)]
+        limit = np.asarray(row["volume_shape"])[::-1] - self.crop + 1  # z, y, x
+        start = np.random.default_rng([self.seed, item]).integers(0, limit)
+        region = tuple(slice(int(a), int(a + n)) for a, n in zip(start, self.crop, strict=True))
+        return {"image": self.arrays.get(row["shard_file"], int(row["offset"]), (slice(None), *region)),
+                "exam_id": row["exam_id"], "start": torch.from_numpy(start[::-1].copy())}

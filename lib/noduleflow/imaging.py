@@ -54,6 +54,12 @@ class Geometry:
         return image
 
 
+def geometry_columns(prefix: str, geometry: Geometry | None) -> dict[str, Any]:
+    """A geometry as the table columns <prefix>_shape, _spacing, _origin and _direction (None: all null)."""
+    fields = ("shape", "spacing", "origin", "direction")
+    return {f"{prefix}_{name}": None if geometry is None else list(getattr(geometry, name)) for name in fields}
+
+
 def homogeneous(matrix_3x4: Sequence[float]) -> np.ndarray:
     """4x4 matrix from the 12 row-major values [A | b] of an affine map stored in a table."""
     return np.vstack([np.reshape(matrix_3x4, (3, 4)), [0.0, 0.0, 0.0, 1.0]])

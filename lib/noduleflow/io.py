@@ -1,4 +1,4 @@
-"""File input/output shared by every stage: atomic writes, deterministic parquet, safe pickles."""
+"""File input/output shared by every stage: atomic writes, deterministic parquet, `.npy` arrays, safe pickles."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import io
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,6 +43,27 @@ def write_parquet(frame: pd.DataFrame, path: str | os.PathLike[str], schema: pa.
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+
+
+def write_array(path: str | os.PathLike[str], rows: Iterable[np.ndarray], shape: Sequence[int],
+                dtype: str | np.dtype) -> None:
+    """Write `rows` (each of shape `shape[1:]`) atomically as one `.npy` array of `shape` that readers memory-map.
+
+    Rows are written as they come, so an array larger than memory (a shard of full CT volumes) can be written
+    from a generator; fewer or more rows than `shape[0]` raise ValueError and leave no file behind.
+    """
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+        written = 0
+        for row in rows:
+            if written == len(out):
+                raise ValueError(f"{path}: more than the {len(out)} rows announced")
+            out[written] = row
+            written += 1
+        if written != len(out):
+            raise ValueError(f"{path}: {written} rows written, {len(out)} announced")
+        out.flush()
+        del out
 
 
 def write_csv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:

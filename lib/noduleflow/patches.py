@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from noduleflow.boxes import registered_grid
 from noduleflow.imaging import Geometry, homogeneous, read_image
-from noduleflow.io import atomic_path
+from noduleflow.io import write_array
 from noduleflow.registration import matrix_to_transform
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,11 @@ def to_hu(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return (np.asarray(values, dtype=np.float64) + 1.0) / 2.0 * (high - low) + low
 
 
+def good_exams(exams: pd.DataFrame, shard: int) -> pd.DataFrame:
+    """The exams of one shard that passed registration QC (the only ones any cache holds)."""
+    return exams[(exams["shard"] == shard) & exams["qc_pass"]]
+
+
 def cut_patch(image: sitk.Image, grid: Geometry, start: np.ndarray, fixed_to_moving: np.ndarray,
               settings: PatchSettings) -> np.ndarray:
     """One patch (Z, Y, X) in [-1, 1]: the patch grid alone resampled through the exam's transform."""
@@ -111,7 +116,7 @@ def cache_shard(exams: pd.DataFrame, nodules: pd.DataFrame, split: str, shard: i
 
     Returns the shard's index (one row per cached patch) and the nodules that could not be cached, with why.
     """
-    in_shard = exams[(exams["shard"] == shard) & exams["qc_pass"]].set_index("exam_id")
+    in_shard = good_exams(exams, shard).set_index("exam_id")
     rows = nodules[nodules["exam"].isin(in_shard.index)].sort_values(["exam", "nodule_group"], kind="stable")
     index, skipped, patches = [], [], []
     for exam_id, group in rows.groupby("exam", sort=True):
@@ -142,8 +147,7 @@ def cache_shard(exams: pd.DataFrame, nodules: pd.DataFrame, split: str, shard: i
     centre_z = [(row["bbox"][4] + row["bbox"][5]) // 2 for row in index]
     slices = stack[np.arange(len(index)), :, centre_z] if index else np.zeros((0, 1, size_y, size_x), stack.dtype)
     for array, path in ((stack, patch_file), (slices, slice_file)):
-        with atomic_path(path) as tmp:
-            np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
+        write_array(path, array, array.shape, array.dtype)
     log.info("%s shard %d: %d patches, %d skipped", split, shard, len(index), len(skipped))
     return pd.DataFrame(index, columns=INDEX_COLUMNS), pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
 
@@ -163,25 +167,35 @@ def _array_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     return array.shape, array.dtype
 
 
-def consolidate(shard_indexes: list[pd.DataFrame], folder: str | os.PathLike[str],
-                settings: PatchSettings) -> pd.DataFrame:
-    """One index for a split; fails loudly if any indexed patch is missing, truncated or of the wrong shape."""
-    index = pd.concat([i for i in shard_indexes if not i.empty] or [pd.DataFrame(columns=INDEX_COLUMNS)],
+def gather_index(shard_indexes: list[pd.DataFrame], folder: str | os.PathLike[str], columns: list[str],
+                 shapes: dict[str, tuple[int, ...]], dtype: str, key: str, order: list[str]) -> pd.DataFrame:
+    """One index of a sharded cache from its shard indexes, sorted by `order`; fails loudly (CacheError) if any
+    indexed array is missing, truncated or not of `shapes[file column]` and `dtype`, or a `key` is cached twice.
+    """
+    index = pd.concat([i for i in shard_indexes if not i.empty] or [pd.DataFrame(columns=columns)],
                       ignore_index=True)
-    size_x, size_y, size_z = settings.size
-    for column, shape in (("shard_file", (1, size_z, size_y, size_x)), ("slice_file", (1, size_y, size_x))):
+    for column, shape in shapes.items():
         for name, rows in index.groupby(column, sort=True):
-            found, dtype = _array_header(Path(folder) / name)
-            if found[1:] != shape or dtype != np.dtype(settings.dtype):
-                raise CacheError(f"{name}: arrays of shape {found[1:]} and {dtype}, expected {shape} and "
-                                 f"{settings.dtype}")
+            found, found_dtype = _array_header(Path(folder) / name)
+            if found[1:] != shape or found_dtype != np.dtype(dtype):
+                raise CacheError(f"{name}: arrays of shape {found[1:]} and {found_dtype}, expected {shape} and "
+                                 f"{dtype}")
             if rows["offset"].max() >= found[0] or len(rows) != found[0]:
                 raise CacheError(f"{name}: holds {found[0]} arrays, its index lists {len(rows)} "
                                  f"(largest offset {rows['offset'].max()})")
-    duplicated = index["nodule_key"].duplicated()
+    duplicated = index[key].duplicated()
     if duplicated.any():
-        raise CacheError(f"nodules cached twice: {index.loc[duplicated, 'nodule_key'].tolist()[:5]}")
-    return index.sort_values(["pid", "nodule_group", "exam_idx"], kind="stable").reset_index(drop=True)
+        raise CacheError(f"{key} cached twice: {index.loc[duplicated, key].tolist()[:5]}")
+    return index.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def consolidate(shard_indexes: list[pd.DataFrame], folder: str | os.PathLike[str],
+                settings: PatchSettings) -> pd.DataFrame:
+    """One index for a split; fails loudly if any indexed patch is missing, truncated or of the wrong shape."""
+    size_x, size_y, size_z = settings.size
+    return gather_index(shard_indexes, folder, INDEX_COLUMNS,
+                        {"shard_file": (1, size_z, size_y, size_x), "slice_file": (1, size_y, size_x)},
+                        settings.dtype, "nodule_key", ["pid", "nodule_group", "exam_idx"])
 
 
 def small_boxes(index: pd.DataFrame, folder: str | os.PathLike[str], settings: PatchSettings, segmenter: Any,

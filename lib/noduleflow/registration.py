@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from noduleflow.boxes import registered_grid
 from noduleflow.figures import registration_figure
-from noduleflow.imaging import Geometry, homogeneous, read_image, write_nifti
+from noduleflow.imaging import Geometry, geometry_columns, homogeneous, read_image, write_nifti
 from noduleflow.io import atomic_path
 from noduleflow.plan import ShardExam, transform_file
 
@@ -131,11 +131,6 @@ def _rotation_deg(matrix: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1.0) / 2.0, -1.0, 1.0))))
 
 
-def _geometry_columns(prefix: str, geometry: Geometry | None) -> dict[str, Any]:
-    fields = ("shape", "spacing", "origin", "direction")
-    return {f"{prefix}_{name}": None if geometry is None else list(getattr(geometry, name)) for name in fields}
-
-
 def _geometry_of(image: sitk.Image) -> Geometry:
     return Geometry(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
                     tuple(image.GetDirection()))
@@ -231,7 +226,7 @@ def register_shard(exams: list[ShardExam], settings: RegistrationSettings,
                     log.warning("registration of %s to %s failed: %s", exam.exam_id, fixed_id, row["error"])
             row.update(result)
             for prefix, geometry in (("fixed", fixed_geometry), ("original", moving_geometry)):
-                row.update(_geometry_columns(prefix, geometry))
+                row.update(geometry_columns(prefix, geometry))
             row["runtime_s"] = time.perf_counter() - start
             rows.append(row)
             log.info("%s -> %s: %s", exam.exam_id, fixed_id,

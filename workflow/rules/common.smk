@@ -78,6 +78,11 @@ def cache_targets():
     return [f"results/cache/raw/{split}/{name}" for split in SPLITS for name in per_split]
 
 
+def volume_settings():
+    """Settings of the volume cache: the `volumes` grid with the patch cache's HU window and dtype."""
+    return {**config["patch"], **config["volumes"]}
+
+
 def shard_names(split):
     """All shard names of a split."""
     return [shard_name(shard) for shard in range(config["shards"][split])]

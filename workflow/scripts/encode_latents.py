@@ -1,4 +1,5 @@
-"""Rule encode_latents: the latent cache of one split (noduleflow.models.vae)."""
+"""Rules encode_latents and encode_volumes (params: batch_size): the latent cache of one split
+(noduleflow.models.vae)."""
 
 from pathlib import Path
 
@@ -14,5 +15,6 @@ with log_to(snakemake.log[0]):
     model = load_vae(snakemake.input.model).to("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(snakemake.output[0])
     out.mkdir(parents=True, exist_ok=True)
-    index = encode_cache(model, pd.read_parquet(snakemake.input.index), Path(snakemake.input.index).parent, out)
+    index = encode_cache(model, pd.read_parquet(snakemake.input.index), Path(snakemake.input.index).parent, out,
+                         **dict(snakemake.params.items()))
     write_parquet(index, out / "index.parquet")

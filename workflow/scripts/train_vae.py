@@ -1,4 +1,5 @@
-"""Rule train_vae: the 3D VAE on raw nodule patches (noduleflow.models.tasks), data-parallel over its GPUs."""
+"""Rules train_vae (raw nodule patches) and train_vae_volumes (crops of full volumes): the 3D VAE
+(noduleflow.models.tasks), data-parallel over its GPUs."""
 
 from noduleflow import distributed
 from noduleflow.logs import log_to

@@ -17,14 +17,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from noduleflow.datasets import NodulePairs, NodulePatches
+from noduleflow.datasets import NodulePairs, NodulePatches, VolumeCrops
 from noduleflow.models.flow import FORMULATIONS, VelocityNet, box_weights, flow_matching_loss
 from noduleflow.models.vae import build_vae, vae_loss
-from noduleflow.training import TrainSettings, load_model, save_model, seeded_model, train
+from noduleflow.training import TrainSettings, derived_seed, load_model, save_model, seeded_model, train
 
 log = logging.getLogger(__name__)
 
 SPACES = ("raw", "slices", "latent")
+TRAIN_CROPS = 2**20  # random crops per train volume: more than any training run draws
+VAL_CROPS = 4  # fixed crops per val volume
 
 
 def _non_empty(dataset: Dataset) -> Dataset | None:
@@ -39,18 +41,31 @@ def _patches(folder: str | os.PathLike[str], space: str) -> NodulePatches:
     return NodulePatches(folder, slices=space == "slices")
 
 
+def vae_datasets(config: dict[str, Any], train_folder: str, val_folder: str,
+                 seed: int) -> tuple[Dataset, Dataset | None]:
+    """What a VAE trains and validates on: raw nodule patches, or with `crop` in its config (`vae_volumes`) random
+    crops of the train volumes and VAL_CROPS fixed crops per val volume, all drawn from `seed`."""
+    if "crop" not in config:
+        return _patches(train_folder, "raw"), _non_empty(_patches(val_folder, "raw"))
+    crop = tuple(config["crop"])
+    train_set = VolumeCrops(train_folder, crop, derived_seed(seed, "train crops"), TRAIN_CROPS)
+    return train_set, _non_empty(VolumeCrops(val_folder, crop, derived_seed(seed, "val crops"), VAL_CROPS))
+
+
 def train_vae(config: dict[str, Any], train_folder: str, val_folder: str, model_path: str, work_dir: str,
               seed: int) -> None:
-    """Train the 3D VAE on the raw patches of the train split, validated on the val split."""
+    """Train the 3D VAE on the train split (see vae_datasets), validated on the val split."""
     hparams = {"spatial_dims": 3, **{k: config[k] for k in ("channels", "latent_channels", "num_res_blocks",
                                                            "norm_num_groups")}}
     settings = TrainSettings.from_mapping({**config["training"], "seed": seed})
     model = seeded_model(lambda: build_vae(hparams), seed)
     kl_weight = float(config["kl_weight"])
-    result = train(model, lambda m, batch, g: vae_loss(m, batch["image"], g, kl_weight),
-                   _patches(train_folder, "raw"), settings, work_dir,
-                   {"hparams": hparams, "kl_weight": kl_weight, "settings": config["training"], "seed": seed},
-                   val_dataset=_non_empty(_patches(val_folder, "raw")), val_every=settings.checkpoint_every)
+    train_set, val_set = vae_datasets(config, train_folder, val_folder, seed)
+    crop = {"crop": list(config["crop"])} if "crop" in config else {}
+    result = train(model, lambda m, batch, g: vae_loss(m, batch["image"], g, kl_weight), train_set, settings,
+                   work_dir, {"hparams": hparams, "kl_weight": kl_weight, "settings": config["training"], "seed": seed,
+                              **crop},
+                   val_dataset=val_set, val_every=settings.checkpoint_every)
     save_model(model_path, result.model, hparams, result.history)
 
 

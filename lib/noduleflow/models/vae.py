@@ -1,4 +1,5 @@
-"""The VAE on nodule patches (MONAI AutoencoderKL), its loss, and the latent cache it produces (seed 15-17)."""
+"""The VAE on nodule patches or full volumes (MONAI AutoencoderKL), its loss, and the latent caches it produces
+(seed 15-17)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL
 
-from noduleflow.io import atomic_path
+from noduleflow.io import write_array
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ def vae_loss(model: AutoencoderKL, images: torch.Tensor, generator: torch.Genera
 @torch.no_grad()
 def encode_cache(model: AutoencoderKL, index: pd.DataFrame, raw_folder: str | os.PathLike[str],
                  latent_folder: str | os.PathLike[str], batch_size: int = 8) -> pd.DataFrame:
-    """Encode every cached patch (the encoder mean) into shard files of the same names and offsets.
+    """Encode every cached array (patches or whole volumes: the encoder is fully convolutional) to the encoder
+    mean, into shard files of the same names and offsets, `batch_size` arrays at a time.
 
     Returns the latent cache's index.
     """
@@ -51,17 +53,17 @@ def encode_cache(model: AutoencoderKL, index: pd.DataFrame, raw_folder: str | os
     device = next(model.parameters()).device
     latent_folder = Path(latent_folder)
     for shard_file, rows in index.groupby("shard_file", sort=True):
-        patches = np.load(Path(raw_folder) / shard_file, mmap_mode="r", allow_pickle=False)
+        arrays = np.load(Path(raw_folder) / shard_file, mmap_mode="r", allow_pickle=False)
         rows = rows.sort_values("offset")
         latents = []
         for start in range(0, len(rows), batch_size):
             offsets = rows["offset"].to_numpy()[start:start + batch_size]
-            batch = torch.from_numpy(np.asarray(patches[offsets], dtype=np.float32)).to(device)
+            batch = torch.from_numpy(np.asarray(arrays[offsets], dtype=np.float32)).to(device)
             latents.append(model.encode(batch)[0].float().cpu().numpy())
-        with atomic_path(latent_folder / shard_file) as tmp:
-            np.save(tmp, np.concatenate(latents), allow_pickle=False)
-        log.info("encoded %s: %d patches", shard_file, len(rows))
-    return index.drop(columns="slice_file")  # same files, rows and offsets; latents have no slices
+        stack = np.concatenate(latents)
+        write_array(latent_folder / shard_file, stack, stack.shape, stack.dtype)
+        log.info("encoded %s: %d arrays", shard_file, len(rows))
+    return index.drop(columns="slice_file", errors="ignore")  # same files, rows and offsets; latents have no slices
 
 
 def decoder(model: AutoencoderKL) -> Callable[[np.ndarray], np.ndarray]:
