@@ -37,16 +37,16 @@ def _module_name(package_dir: Path, path: Path) -> tuple[str, bool]:
     return ".".join(parts), False
 
 
-@functools.cache
-def _parsed(source: str) -> ast.Module:
-    """The syntax tree of a module's source (cached: every rule's script walks much the same modules)."""
-    return ast.parse(source)
-
-
-def _imported_names(path: Path, own_name: str | None, is_package: bool) -> set[str]:
+def _imported_names(path: Path, own_name: str | None, is_package: bool) -> frozenset[str]:
     """Dotted names `path` imports (relative imports resolved against `own_name`), with every parent package."""
+    return _names_in_source(path.read_text(), own_name, is_package)
+
+
+@functools.cache
+def _names_in_source(source: str, own_name: str | None, is_package: bool) -> frozenset[str]:
+    """What _imported_names finds, cached by source: every rule's script walks much the same modules."""
     names = set()
-    for node in ast.walk(_parsed(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -64,7 +64,7 @@ def _imported_names(path: Path, own_name: str | None, is_package: bool) -> set[s
     for name in names:
         parts = name.split(".")
         with_parents.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
-    return with_parents
+    return frozenset(with_parents)
 
 
 def imported_modules(script: str | Path, package_dir: str | Path) -> list[Path]:
