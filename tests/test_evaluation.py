@@ -177,6 +177,30 @@ def test_an_untrained_bridge_run_copies_the_prior_and_sizes_match_the_spheres(tm
     assert table["dims"].eq(3).all() and len(result.examples) == 1
 
 
+def test_a_noisy_prior_run_draws_seeded_samples_around_the_prior(tmp_path):
+    """Untrained (zero velocity), a noisy_prior flow returns its start: the prior plus start_noise times the noise,
+    so a pair whose follow-up equals its prior has PSNR 20 log10(2 / start_noise) against it, for every sample."""
+    window = (-2000.0, 500.0)
+    small, large = (to_unit_range(_sphere_patch(r), window) for r in (3.0, 4.5))
+    raw = _pairs_cache(tmp_path, [small, small], [small, large], [12, 19, 12, 19, 2, 5])
+    hparams = {"spatial_dims": 3, "data_channels": 1, "prior_channels": 1, "interval_dim": 8, "channels": [8, 8],
+               "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 4}
+    run = {"space": "raw", "formulation": "noisy_prior", "start_noise": 0.05, "interval": True}
+    save_model(tmp_path / "model.pt", VelocityNet(hparams), {**hparams, "run": run})
+
+    def evaluate():
+        return evaluate_run(tmp_path / "model.pt", raw, raw, None, PatchSettings(spacing_mm=(0.7, 0.7, 2.5)),
+                            HalfMaximumSegmenter(), ForecastSettings(samples=2, steps=2, examples=0), "noisy").table
+
+    table = evaluate()
+    forecasts = table[table["method"] == "noisy"]
+    assert forecasts.groupby("pair")["sample"].nunique().eq(2).all()
+    same = forecasts[forecasts["pair"] == 0]
+    assert same["psnr"].to_numpy() == pytest.approx(20 * np.log10(2 / 0.05), abs=0.3)
+    assert same["psnr"].nunique() == 2  # each sample has its own noise
+    pd.testing.assert_frame_equal(evaluate(), table)  # and the noise is seeded
+
+
 @pytest.mark.slow
 def test_the_evaluation_stage_writes_numbers_summaries_a_ranking_and_a_report(demo_run):
     folder = demo_run / "results" / "evaluation"

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import REPO, planned_jobs, reconstruction_errors, snakemake
 from noduleflow.datasets import NodulePatches
-from noduleflow.models.flow import VelocityNet, box_weights, flow_matching_loss, sample
+from noduleflow.models.flow import VelocityNet, box_weights, flow_matching_loss, flow_start, sample
 from noduleflow.models.tasks import load_vae, paired_loss, random_flips, run_hparams
 from noduleflow.models.vae import build_vae, vae_loss
 from noduleflow.training import TrainSettings, load_model, train
@@ -58,6 +58,15 @@ def test_flow_matching_loss_vanishes_for_the_true_velocity_of_straight_paths():
     assert flow_matching_loss(Straight(torch.zeros_like(x0)), x0, x1, generator).item() > 0.5
 
 
+def test_flows_start_at_the_prior_the_noise_or_the_noisy_prior():
+    prior, noise = torch.full((1, 1, 2, 2, 2), 0.5), torch.randn(1, 1, 2, 2, 2)
+    assert torch.equal(flow_start("bridge", prior, noise, 0.3), prior)
+    assert torch.equal(flow_start("noise", prior, noise, 0.3), noise)
+    assert torch.allclose(flow_start("noisy_prior", prior, noise, 0.3), 0.5 + 0.3 * noise)
+    with pytest.raises(ValueError, match="unknown formulation"):
+        flow_start("teleport", prior, noise, 0.3)
+
+
 def test_box_weights_cover_both_boxes_with_their_margin_in_patch_and_latent_grids():
     boxes = (torch.tensor([[4, 5, 6, 7, 2, 2]]), torch.tensor([[10, 11, 10, 11, 3, 3]]))  # (y, x, z)
     weights = box_weights((1, 1, 8, 16, 16), boxes, (1, 1, 0), 5.0, (1.0, 1.0, 1.0))
@@ -79,7 +88,7 @@ def _pairs(count=6, seed=0):
             for i in range(count)]
 
 
-@pytest.mark.parametrize("formulation", ["bridge", "noise"])
+@pytest.mark.parametrize("formulation", ["bridge", "noise", "noisy_prior"])
 def test_the_interval_embedding_is_trained(tmp_path, formulation):
     run = {**RUN, "formulation": formulation}
     net = VelocityNet(run_hparams(run, 1))
@@ -94,7 +103,7 @@ def test_the_interval_embedding_is_trained(tmp_path, formulation):
                                       torch.Generator().manual_seed(1)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.interval.parameters())
     x, t = torch.randn(1, 1, 8, 16, 16), torch.tensor([0.5])
-    prior = x if formulation == "noise" else None
+    prior = None if formulation == "bridge" else x
     with torch.no_grad():
         early, late = (trained(x, t, prior, torch.tensor([days])) for days in (100.0, 700.0))
     assert not torch.allclose(early, late)

@@ -5,7 +5,7 @@ decode through the VAE), and every image is measured the same way: the segmenter
 nodule boxes (so prior, real and generated sizes come from one region), Dice compares the generated and the
 real segmentation, SSIM and PSNR compare the images on the whole patch and on the nodule region (the union box
 grown by a margin). The copy-the-prior baseline gets the same measurements with the prior as its forecast.
-Runs whose sampling is random (the "noise" formulation) are sampled several times per pair.
+Runs whose sampling is random (every formulation but the bridge) are sampled several times per pair.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from monai.metrics import PSNRMetric, SSIMMetric, compute_dice
 from noduleflow.datasets import NodulePairs
 from noduleflow.evaluation.metrics import COPY_PRIOR
 from noduleflow.evaluation.segmenter import grown_box
-from noduleflow.models.flow import VelocityNet, sample
+from noduleflow.models.flow import START_NOISE, VelocityNet, flow_start, sample
 from noduleflow.patches import PatchSettings, to_hu
 from noduleflow.training import derived_seed, load_model
 
@@ -90,18 +90,17 @@ def load_run(path: str | os.PathLike[str], device: torch.device) -> tuple[Veloci
 
 
 def _starts(run: dict[str, Any], priors: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-    """Where each flow starts: the prior itself (bridge), or seeded noise per pair and sample (noise)."""
-    if run["formulation"] == "bridge":
-        return priors
+    """Where each flow starts, with seeded noise per pair and sample (see `flow_start`)."""
     noise = [torch.randn(priors.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
-    return torch.stack(noise).to(priors)
+    start_noise = float(run.get("start_noise", START_NOISE))
+    return flow_start(run["formulation"], priors, torch.stack(noise).to(priors), start_noise)
 
 
 def forecast_batch(net: VelocityNet, run: dict[str, Any], priors: torch.Tensor, delta_days: torch.Tensor,
                    seeds: Sequence[int], settings: ForecastSettings) -> torch.Tensor:
     """Generated follow-ups (in the run's space) for a batch of priors and intervals."""
     x0 = _starts(run, priors, seeds)
-    condition = priors if run["formulation"] == "noise" else None
+    condition = None if run["formulation"] == "bridge" else priors
     delta = delta_days if run["interval"] else None
     return sample(net, x0, settings.steps, settings.sampler, condition, delta)
 
@@ -173,7 +172,7 @@ def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_dat
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, run = load_run(model_path, device)
     slices = run["space"] == "slices"
-    samples = settings.samples if run["formulation"] == "noise" else 1
+    samples = 1 if run["formulation"] == "bridge" else settings.samples
     rows, examples = [], []
     for start in range(0, len(raw), settings.batch_size):
         items = range(start, min(start + settings.batch_size, len(raw)))

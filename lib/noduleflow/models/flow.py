@@ -1,9 +1,10 @@
 """Flow matching (seed steps 18-19): the objective, ODE samplers and the velocity network.
 
 A flow carries x0 to x1 along straight paths x_t = t x1 + (1 - t) x0 (+ sigma noise); the network learns the
-velocity u = x1 - x0. Unconditional pretraining flows from noise to data. Paired forecasting flows either from
-the prior itself to the follow-up ("bridge"), or from noise to the follow-up with the prior concatenated as
-conditioning channels ("noise"); the interval in days conditions the network through a trained embedding.
+velocity u = x1 - x0. Unconditional pretraining flows from noise to data. Paired forecasting flows to the
+follow-up from the prior itself ("bridge"), from noise ("noise"), or from the prior plus noise ("noisy_prior");
+the last two see the prior as conditioning channels too and give a different forecast for each noise draw. The
+interval in days conditions the network through a trained embedding.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-FORMULATIONS = ("bridge", "noise")
+FORMULATIONS = ("bridge", "noise", "noisy_prior")
+START_NOISE = 1.0  # default standard deviation of the noise added to the prior (noisy_prior)
 
 
 class IntervalEmbedding(nn.Module):
@@ -38,7 +40,7 @@ class IntervalEmbedding(nn.Module):
 class VelocityNet(nn.Module):
     """MONAI DiffusionModelUNet predicting the flow's velocity, optionally conditioned on a prior and an interval.
 
-    hparams: spatial_dims, data_channels, prior_channels (0, or data_channels for the "noise" formulation),
+    hparams: spatial_dims, data_channels, prior_channels (0 for the bridge, else data_channels),
     channels, attention_levels, num_res_blocks, num_head_channels, norm_num_groups, interval_dim (0: none).
     """
 
@@ -62,6 +64,19 @@ class VelocityNet(nn.Module):
             x = torch.cat([x, prior], dim=1)
         context = self.interval(delta_days) if self.interval is not None else None
         return self.unet(x, timesteps=t * 1000.0, context=context)
+
+
+def flow_start(formulation: str, prior: torch.Tensor, noise: torch.Tensor, start_noise: float) -> torch.Tensor:
+    """Where a paired flow starts: the prior (bridge), the noise (noise), or the prior plus start_noise times the
+    noise (noisy_prior: early on the change hides under the noise, so the network has to forecast it from the
+    prior rather than read it off x_t, while the background stays the prior's)."""
+    if formulation == "bridge":
+        return prior
+    if formulation == "noise":
+        return noise
+    if formulation == "noisy_prior":
+        return prior + start_noise * noise
+    raise ValueError(f"unknown formulation {formulation!r}; expected one of {FORMULATIONS}")
 
 
 def _broadcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
