@@ -153,15 +153,21 @@ def _pairs_cache(folder, priors, follow_ups, box) -> NodulePairs:
     return NodulePairs(folder, pairs)
 
 
-def test_an_untrained_bridge_run_copies_the_prior_and_sizes_match_the_spheres(tmp_path):
-    """MONAI zero-initialises the velocity net's output, so an untrained bridge flow returns its start: the prior."""
+def _untrained_run(tmp_path, run):
+    """Two sphere pairs (follow-up = prior, follow-up larger) and an untrained run saved as tmp_path/model.pt."""
     window = (-2000.0, 500.0)
     small, large = (to_unit_range(_sphere_patch(r), window) for r in (3.0, 4.5))
     raw = _pairs_cache(tmp_path, [small, small], [small, large], [12, 19, 12, 19, 2, 5])
-    hparams = {"spatial_dims": 3, "data_channels": 1, "prior_channels": 0, "interval_dim": 8, "channels": [8, 8],
-               "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 4}
-    run = {"space": "raw", "formulation": "bridge", "interval": True}
+    hparams = {"spatial_dims": 3, "data_channels": 1, "prior_channels": 0 if run["formulation"] == "bridge" else 1,
+               "interval_dim": 8, "channels": [8, 8], "attention_levels": [False, True], "num_res_blocks": 1,
+               "num_head_channels": 8, "norm_num_groups": 4}
     save_model(tmp_path / "model.pt", VelocityNet(hparams), {**hparams, "run": run})
+    return raw
+
+
+def test_an_untrained_bridge_run_copies_the_prior_and_sizes_match_the_spheres(tmp_path):
+    """MONAI zero-initialises the velocity net's output, so an untrained bridge flow returns its start: the prior."""
+    raw = _untrained_run(tmp_path, {"space": "raw", "formulation": "bridge", "interval": True})
     result = evaluate_run(tmp_path / "model.pt", raw, raw, None, PatchSettings(spacing_mm=(0.7, 0.7, 2.5)),
                           HalfMaximumSegmenter(), ForecastSettings(steps=2, examples=1), "untrained")
     table = result.table
@@ -180,13 +186,8 @@ def test_an_untrained_bridge_run_copies_the_prior_and_sizes_match_the_spheres(tm
 def test_a_noisy_prior_run_draws_seeded_samples_around_the_prior(tmp_path):
     """Untrained (zero velocity), a noisy_prior flow returns its start: the prior plus start_noise times the noise,
     so a pair whose follow-up equals its prior has PSNR 20 log10(2 / start_noise) against it, for every sample."""
-    window = (-2000.0, 500.0)
-    small, large = (to_unit_range(_sphere_patch(r), window) for r in (3.0, 4.5))
-    raw = _pairs_cache(tmp_path, [small, small], [small, large], [12, 19, 12, 19, 2, 5])
-    hparams = {"spatial_dims": 3, "data_channels": 1, "prior_channels": 1, "interval_dim": 8, "channels": [8, 8],
-               "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 4}
-    run = {"space": "raw", "formulation": "noisy_prior", "start_noise": 0.05, "interval": True}
-    save_model(tmp_path / "model.pt", VelocityNet(hparams), {**hparams, "run": run})
+    raw = _untrained_run(tmp_path, {"space": "raw", "formulation": "noisy_prior", "start_noise": 0.05,
+                                    "interval": True})
 
     def evaluate():
         return evaluate_run(tmp_path / "model.pt", raw, raw, None, PatchSettings(spacing_mm=(0.7, 0.7, 2.5)),
