@@ -18,8 +18,12 @@ fewer network evaluations: a Heun step takes two) for the same forecast. Euler 1
 about a quarter of Euler 20's distance to it (Euler's error is proportional to the step), which bounds how close
 an accurate sampler can come to it.
 
+The precision part times training steps of `config/quality.yaml`'s forecaster (1 x 12 x 36 x 36 patches, batch 8)
+in float32 and with bf16 autocast on the chosen device, and prints the ratio (what `training.bf16_cpu` buys on a
+CPU; a CPU without bf16 units, AVX512-BF16 or AMX, may be slower with it).
+
     .venv/bin/python benchmarks/training.py [--device cuda|cpu] [--quick] [--batch 2] [--seed 0] [--budget 30]
-        [--threads N] [--parts vae latent raw error]
+        [--threads N] [--parts vae latent raw error precision]
 
 On a free 2-core CPU the full sizes take about 5 minutes (the raw flow net needs about 30 s per training step and
 at least 3 are run); on a busy CPU two threads can be many times slower than one (`--threads 1`). `--quick`
@@ -74,6 +78,11 @@ QUICK: dict[str, dict[str, Any]] = {
     "raw": {**FULL["raw"], "channels": [8, 16, 32, 64], "num_head_channels": 16, "norm_num_groups": 8,
             "interval_dim": 32},
 }
+# config/quality.yaml's raw 3D forecaster (noisy_prior: the prior is concatenated), its patch and batch
+QUALITY_NET: dict[str, Any] = {"spatial_dims": 3, "data_channels": 1, "prior_channels": 1, "channels": [16, 32, 64],
+                               "attention_levels": [False, False, True], "num_res_blocks": 1, "num_head_channels": 16,
+                               "norm_num_groups": 8, "interval_dim": 64}
+QUALITY_PATCH, QUALITY_BATCH = (1, 12, 36, 36), 8
 ERROR_NET: dict[str, Any] = {"spatial_dims": 3, "data_channels": LATENT_CHANNELS, "prior_channels": 0,
                              "channels": [16, 32], "attention_levels": [False, True], "num_res_blocks": 1,
                              "num_head_channels": 16, "norm_num_groups": 8, "interval_dim": 32}
@@ -104,8 +113,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, bf16: bool | None = None) -> torch.autocast:
+    """bf16 autocast: on CUDA by default, anywhere when `bf16` says so."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=device.type == "cuda" if bf16 is None else bf16)
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -118,17 +129,18 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_training(model: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor], device: torch.device,
-                  warmup: int, budget: float) -> tuple[float, int]:
+                  warmup: int, budget: float, bf16: bool | None = None) -> tuple[float, int]:
     """Training steps per second (forward + backward + AdamW) and how many steps were timed after the warm-up.
 
     Times MAX_TIMED_STEPS steps, or fewer (at least 2) where the last warm-up step says they exceed `budget` s.
+    `bf16`: autocast or not (default: on CUDA only).
     """
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.0e-4, fused=device.type == "cuda")
     generator = torch.Generator(device).manual_seed(0)
 
     def step() -> None:
-        with _autocast(device):
+        with _autocast(device, bf16):
             loss = loss_fn(generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -223,6 +235,22 @@ def bench_flow(name: str, hparams: dict[str, Any], shape: tuple[int, ...], batch
                                 warmup, budget)
     seconds, note = time_flow_sampling(net, x0, days, device, budget)
     return Row(name, _params(net), rate, steps, seconds, note, _peak_gib(device))
+
+
+def bench_precision(device: torch.device, warmup: int, budget: float, seed: int) -> tuple[float, float]:
+    """Training steps/s of the quality config's forecaster in float32 and with bf16 autocast (same weights, data)."""
+    rates = []
+    for bf16 in (False, True):
+        _fresh(device)
+        torch.manual_seed(seed)
+        net = VelocityNet(QUALITY_NET).to(device)
+        generator = torch.Generator(device).manual_seed(seed)
+        prior, x1 = (torch.randn(QUALITY_BATCH, *QUALITY_PATCH, generator=generator, device=device) for _ in "ab")
+        days = _days(QUALITY_BATCH, generator, device)
+        x0 = prior + 0.5 * torch.randn(prior.shape, generator=generator, device=device)
+        rates.append(time_training(net, lambda g: flow_matching_loss(net, x0, x1, g, 0.0, prior, days), device,
+                                   warmup, budget, bf16)[0])
+    return rates[0], rates[1]
 
 
 def smooth_field(shape: tuple[int, ...], batch: int, generator: torch.Generator,
@@ -322,8 +350,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=30.0,
                         help="seconds one timing aims at; fewer steps are timed beyond it (default 30)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
-    parser.add_argument("--parts", nargs="+", choices=("vae", "latent", "raw", "error"),
-                        default=["vae", "latent", "raw", "error"], help="what to run (default: all)")
+    parser.add_argument("--parts", nargs="+", choices=("vae", "latent", "raw", "error", "precision"),
+                        default=["vae", "latent", "raw", "error", "precision"], help="what to run (default: all)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads > 0:
@@ -362,6 +390,14 @@ def main() -> None:
         print("vae: train = MSE + KL on random patches, sample = decoding a latent. latent, raw: bridge flow "
               "matching with interval conditioning, sample = Heun in the model's own space (latent: decoding not "
               f"included). Training steps timed after {warmup} warm-up step(s): up to {MAX_TIMED_STEPS}, at least 2.")
+
+    if "precision" in args.parts:
+        float32, bf16 = bench_precision(device, warmup, args.budget, args.seed)
+        print()
+        print(f"precision: config/quality.yaml's forecaster {QUALITY_NET['channels']}, patch {QUALITY_PATCH}, batch "
+              f"{QUALITY_BATCH}, noisy_prior flow matching on {device.type}: float32 {float32:.3g} steps/s, bf16 "
+              f"autocast {bf16:.3g} steps/s, ratio {bf16 / float32:.2f} (training.bf16_cpu: true on a CPU, "
+              "bf16: true on CUDA)")
 
     if "error" in args.parts:
         fit_steps = int(ERROR_FIT["steps"]) // (2 if args.quick else 1)

