@@ -73,6 +73,19 @@ def test_baselines_and_summaries_reproduce_a_hand_built_table():
     pd.testing.assert_frame_equal(summary, again)
 
 
+def test_the_kind_growth_reference_scales_each_prior_by_its_kinds_rate():
+    table = _hand_table().assign(kind=["solid", "calcified", "ground_glass"] * 2)
+    pairs = metrics.with_baselines(table, annual_rate=1.2, kind_rates={"solid": 2.0, "calcified": 1.0})
+    kind = pairs[pairs["method"] == metrics.KIND_GROWTH].sort_values("pair")
+    # ground glass has no rate of its own: the overall 1.2 per year, over two years
+    assert kind["predicted_size"].tolist() == pytest.approx([200.0, 200.0, 50 * 1.44])
+    assert kind["dice"].isna().all()
+    summary = _values(metrics.summarise(pairs, "run", metrics.SummarySettings(bootstrap=0)), metrics.KIND_GROWTH)
+    assert summary["mae"] == pytest.approx((50 + 0 + 52) / 3)
+    assert summary["direction_accuracy"] == pytest.approx(2 / 3)  # growth and stable right; 1.44x is no shrink
+    assert metrics.KIND_GROWTH not in set(metrics.with_baselines(_hand_table(), 1.2, {"solid": 2.0})["method"])
+
+
 def test_direction_of_the_hand_table():
     table = _hand_table()
     run = table[table["method"] == "run"]
@@ -214,8 +227,9 @@ def test_the_evaluation_stage_writes_numbers_summaries_a_ranking_and_a_report(de
         samples = pairs[pairs["method"] == run].groupby("pair")["sample"].nunique()
         assert samples.eq(3 if run == "latent3d_noise" else 1).all()
         assert ("true_size" in pairs) == (run != "slices2d_bridge")
+        assert set(pairs["kind"]) <= {"solid", "part_solid", "ground_glass", "calcified"}
         summary = pd.read_csv(folder / run / "summary.csv")
-        assert {run, "copy_prior", "median_growth"} <= set(summary["method"])
+        assert {run, "copy_prior", "median_growth", "kind_growth"} <= set(summary["method"])
         copy = _values(summary, "copy_prior")
         assert copy["mae"] == pytest.approx((pairs.query("method == 'copy_prior'")["prior_size"]
                                              - pairs.query("method == 'copy_prior'")["real_size"]).abs().mean())
@@ -223,6 +237,7 @@ def test_the_evaluation_stage_writes_numbers_summaries_a_ranking_and_a_report(de
     assert set(table["dims"]) == {2, 3} and table.groupby("dims")["rank"].min().eq(1).all()
     rates = json.loads((folder / "train_growth_rates.json").read_text())
     assert rates["3"]["pairs"] > 0 and 0.5 < rates["3"]["annual_rate"] < 4
+    assert set(rates["3"]["by_kind"]) <= {"solid", "part_solid", "ground_glass", "calcified"}
     snakemake(demo_run, "--report", "report.html")
     report = (demo_run / "report.html").read_text(errors="replace")
     assert "montage.png" in report and "runs.csv" in report

@@ -164,9 +164,12 @@ def evaluation_inputs(wildcards):
     }
     if space == "latent":
         inputs["vae"] = "results/models/vae/model.pt"
-    if config["data"]["source"] == "synthetic":
-        inputs["truth"] = f"{SYNTHETIC}/truth/nodules.parquet"
-    return inputs
+    return inputs | synthetic_truth()
+
+
+def synthetic_truth():
+    """{"truth": the synthetic cohort's nodule truth} where the data are synthetic, else {}."""
+    return {"truth": f"{SYNTHETIC}/truth/nodules.parquet"} if config["data"]["source"] == "synthetic" else {}
 
 
 def track_library_code():

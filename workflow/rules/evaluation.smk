@@ -36,6 +36,7 @@ rule growth_rates:
     input:
         raw="results/cache/raw/train/index.parquet",
         pairs="results/metadata/train/paired_nodules.parquet",
+        **synthetic_truth(),
     output:
         "results/evaluation/train_growth_rates.json",
     params:

@@ -1,4 +1,5 @@
-"""Rule growth_rates: the train split's median annual growth, for the median-growth baseline."""
+"""Rule growth_rates: the train split's median annual growth, for the median-growth baseline (and per nodule kind,
+for the kind-growth reference, on the synthetic cohort)."""
 
 from noduleflow.evaluation.tasks import growth_rates
 from noduleflow.logs import log_to
@@ -6,4 +7,4 @@ from noduleflow.models.tasks import cache_folder
 
 with log_to(snakemake.log[0]):
     growth_rates(str(cache_folder(snakemake.input.raw)), snakemake.input.pairs, snakemake.params.patch,
-                 snakemake.params.segmentation, snakemake.output[0])
+                 snakemake.params.segmentation, snakemake.output[0], snakemake.input.get("truth"))

@@ -165,7 +165,8 @@ def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_dat
 
     `raw` gives the prior and real follow-up images (patches or slices); `model_data` the same pairs in the
     run's space (the raw pairs again, or latents, with `decode` back to patches). `true_volumes` (synthetic
-    cohort: exam_id, nodule_group, true_volume_mm3) adds the true follow-up volume of 3D pairs.
+    cohort: exam_id, nodule_group, true_volume_mm3, kind) adds the true follow-up volume of 3D pairs and every
+    nodule's kind.
     """
     if list(raw.pairs["key_b"]) != list(model_data.pairs["key_b"]):
         raise ValueError("the raw and the model caches hold different pairs")
@@ -203,8 +204,10 @@ def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_dat
     table = pd.DataFrame(rows)
     table.insert(0, "run", run_name)
     table.insert(1, "dims", 2 if slices else 3)
-    if true_volumes is not None and not slices:
-        truth = true_volumes.set_index(["exam_id", "nodule_group"])["true_volume_mm3"]
+    if true_volumes is not None:
+        truth = true_volumes.set_index(["exam_id", "nodule_group"])
         keys = list(zip(table["exam_b"], table["nodule_group"], strict=True))
-        table["true_size"] = truth.reindex(keys).to_numpy()
+        if not slices:
+            table["true_size"] = truth["true_volume_mm3"].reindex(keys).to_numpy()
+        table["kind"] = truth["kind"].reindex(keys).to_numpy()
     return Forecasts(table, examples)

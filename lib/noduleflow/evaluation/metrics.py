@@ -4,7 +4,11 @@ A forecast is judged by the size of the nodule it shows (volume in mm^3 for 3D, 
 against the segmented real follow-up, and by its image against the real follow-up image (Dice of the two
 segmentations, SSIM and PSNR, computed in `noduleflow.evaluation.forecast`). Two baselines get the same
 metrics on the same pairs: `copy_prior` (the nodule stays as it is) and `median_growth` (the prior size scaled
-by the train split's median growth rate over the pair's interval).
+by the train split's median growth rate over the pair's interval). On the synthetic cohort a third row,
+`kind_growth`, scales the prior by the median growth rate of the train nodules of the same kind (solid,
+part-solid, ground-glass, calcified). It is a reference, not a forecaster: it is told the kind, which a forecaster
+has to read off the image, and it shows how far knowing the kind gets under this measurement (what is left is
+the spread of growth within a kind and the segmenter's error on both exams).
 
 Definitions (every one of them is defined at zero size):
 - relative error: |predicted - real| / ((predicted + real) / 2), 0 when both are 0 (bounded by 2);
@@ -22,8 +26,9 @@ import numpy as np
 import pandas as pd
 
 DAYS_PER_YEAR = 365.25
-COPY_PRIOR, MEDIAN_GROWTH, SEGMENTED_FOLLOW_UP = "copy_prior", "median_growth", "segmented_follow_up"
-BASELINES = (COPY_PRIOR, MEDIAN_GROWTH)
+COPY_PRIOR, MEDIAN_GROWTH, KIND_GROWTH = "copy_prior", "median_growth", "kind_growth"
+SEGMENTED_FOLLOW_UP = "segmented_follow_up"
+BASELINES = (COPY_PRIOR, MEDIAN_GROWTH, KIND_GROWTH)
 IMAGE_METRICS = ("dice", "ssim", "psnr", "ssim_nodule", "psnr_nodule")
 SUMMARY_COLUMNS = ["run", "method", "metric", "value", "ci_low", "ci_high", "n_pairs"]
 
@@ -56,8 +61,9 @@ def annual_growth_rates(prior: np.ndarray, follow_up: np.ndarray, delta_days: np
     return (follow_up[usable] / prior[usable]) ** (DAYS_PER_YEAR / days[usable])
 
 
-def median_growth_forecast(prior: np.ndarray, delta_days: np.ndarray, annual_rate: float) -> np.ndarray:
-    """The median-growth baseline: prior size times the annual rate to the power of the interval in years."""
+def median_growth_forecast(prior: np.ndarray, delta_days: np.ndarray, annual_rate: float | np.ndarray) -> np.ndarray:
+    """The growth baselines: prior size times the annual rate (one, or one per pair) to the power of the interval
+    in years."""
     return np.asarray(prior, dtype=float) * annual_rate ** (np.asarray(delta_days, dtype=float) / DAYS_PER_YEAR)
 
 
@@ -129,16 +135,26 @@ def bootstrap(frame: pd.DataFrame, metric: Metric, settings: SummarySettings) ->
     return value, float(low), float(high)
 
 
-def with_baselines(pairs: pd.DataFrame, annual_rate: float) -> pd.DataFrame:
+def with_baselines(pairs: pd.DataFrame, annual_rate: float,
+                   kind_rates: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Per-pair rows of a run plus median-growth rows built from its copy-prior rows (no image, so no image metrics).
 
-    `pairs` has the model's rows (method = the run) and one `copy_prior` row per pair.
+    `pairs` has the model's rows (method = the run) and one `copy_prior` row per pair. Where it also has the
+    nodules' `kind` (synthetic cohort) and `kind_rates` (kind -> annual rate) are given, kind-growth rows are added
+    too; a kind without a rate gets `annual_rate`.
     """
     copy = pairs[pairs["method"] == COPY_PRIOR]
-    growth = copy.assign(method=MEDIAN_GROWTH,
-                         predicted_size=median_growth_forecast(copy["prior_size"], copy["delta_days"], annual_rate))
-    growth.loc[:, [c for c in IMAGE_METRICS if c in growth]] = np.nan
-    return pd.concat([pairs, growth], ignore_index=True)
+    image_columns = [c for c in IMAGE_METRICS if c in copy]
+    rates = {MEDIAN_GROWTH: np.full(len(copy), annual_rate)}
+    if kind_rates and "kind" in copy:
+        rates[KIND_GROWTH] = copy["kind"].map(lambda kind: kind_rates.get(kind, annual_rate)).to_numpy(dtype=float)
+    baselines = []
+    for method, rate in rates.items():
+        baseline = copy.assign(method=method, predicted_size=median_growth_forecast(copy["prior_size"],
+                                                                                    copy["delta_days"], rate))
+        baseline.loc[:, image_columns] = np.nan
+        baselines.append(baseline)
+    return pd.concat([pairs, *baselines], ignore_index=True)
 
 
 def summarise(pairs: pd.DataFrame, run: str, settings: SummarySettings) -> pd.DataFrame:

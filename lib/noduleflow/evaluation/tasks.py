@@ -53,17 +53,31 @@ def forecast(run_name: str, space: str, model: str, raw_folder: str, model_folde
 
 
 def growth_rates(raw_folder: str, pairs_path: str, patch: dict[str, Any], segmentation: dict[str, Any],
-                 path: str) -> None:
-    """Median annual growth of nodule volume (3D) and central-slice area (2D) on the train split."""
+                 path: str, truth: str | None = None) -> None:
+    """Median annual growth of nodule volume (3D) and central-slice area (2D) on the train split; with the synthetic
+    `truth`, also per nodule kind (`by_kind`, for the kind-growth reference)."""
     patch_settings, segmenter = PatchSettings.from_mapping(patch), build_segmenter(segmentation)
     rates = {}
     for dims in (2, 3):
         space = "slices" if dims == 2 else "raw"
-        sizes = pair_sizes(paired_dataset(raw_folder, pairs_path, space), patch_settings, segmenter, dims == 2)
+        pairs = paired_dataset(raw_folder, pairs_path, space)
+        sizes = pair_sizes(pairs, patch_settings, segmenter, dims == 2)
         annual = metrics.annual_growth_rates(sizes["prior_size"], sizes["real_size"], sizes["delta_days"])
         rates[str(dims)] = {"annual_rate": float(np.median(annual)) if annual.size else 1.0, "pairs": int(annual.size)}
+        if truth:
+            kinds = nodule_kinds(pd.read_parquet(truth), pairs.pairs["exam_a"], pairs.pairs["nodule_group"])
+            rates[str(dims)]["by_kind"] = {
+                kind: float(np.median(annual)) for kind, group in sizes.groupby(kinds.to_numpy(), sort=True)
+                if (annual := metrics.annual_growth_rates(group["prior_size"], group["real_size"],
+                                                          group["delta_days"])).size}
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(rates, indent=2))
+
+
+def nodule_kinds(truth: pd.DataFrame, exam_ids: pd.Series, nodule_groups: pd.Series) -> pd.Series:
+    """The synthetic truth's kind of each (exam, nodule group)."""
+    kind = truth.drop_duplicates(["exam_id", "nodule_group"]).set_index(["exam_id", "nodule_group"])["kind"]
+    return pd.Series(kind.reindex(list(zip(exam_ids, nodule_groups, strict=True))).to_numpy(), index=exam_ids.index)
 
 
 def summarise(run_name: str, table_path: str, rates_path: str, evaluation: dict[str, Any], seed: int,
@@ -71,8 +85,8 @@ def summarise(run_name: str, table_path: str, rates_path: str, evaluation: dict[
     """Metrics of a run and its baselines with bootstrap intervals, and the two pictures of its errors."""
     pairs = pd.read_csv(table_path)
     dims = int(pairs["dims"].iloc[0]) if len(pairs) else 3
-    rate = json.loads(Path(rates_path).read_text())[str(dims)]["annual_rate"]
-    pairs = metrics.with_baselines(pairs, rate)
+    rates = json.loads(Path(rates_path).read_text())[str(dims)]
+    pairs = metrics.with_baselines(pairs, rates["annual_rate"], rates.get("by_kind"))
     settings = metrics.settings_from(evaluation, seed)
     summary = metrics.summarise(pairs, run_name, settings)
     if "true_size" in pairs and pairs["true_size"].notna().any():
