@@ -80,6 +80,17 @@ def test_loss_falls_and_progress_is_logged(tmp_path, caplog):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary files left behind
 
 
+def test_bf16_on_cpu_is_an_option_that_still_converges(tmp_path):
+    settings = dataclasses.replace(SETTINGS, steps=120, lr=0.03)
+    float32 = train(make_model(), mse, Regression(), settings, tmp_path / "float32", FINGERPRINT).history
+    bf16 = train(make_model(), mse, Regression(), dataclasses.replace(settings, bf16_cpu=True), tmp_path / "bf16",
+                 FINGERPRINT).history
+    assert bf16["loss"].tail(10).mean() < bf16["loss"].head(10).mean() / 10
+    # the same seeded run in another precision: the first losses agree to bf16's precision, not exactly
+    assert bf16["loss"].iloc[0] == pytest.approx(float32["loss"].iloc[0], rel=0.02)
+    assert bf16["loss"].iloc[0] != float32["loss"].iloc[0]
+
+
 def test_killed_run_resumes_to_identical_weights_and_history(tmp_path):
     """A stop after 20 steps, and a crash at step 23 (checkpoint from step 15), both finish like an unbroken run."""
     dataset = Regression()
