@@ -142,6 +142,25 @@ def test_half_maximum_segmenter_measures_solid_and_ground_glass_spheres():
     assert not segmenter(np.full((8, 8, 8), -850.0), [2, 4, 2, 4, 2, 4]).any()
 
 
+def test_a_loose_box_measures_a_small_nodule_as_its_own_box_does():
+    """A nodule that shrank is measured in the union of its two boxes: most of that box is parenchyma."""
+    zz, yy, xx = np.meshgrid(np.arange(16) * 2.5, np.arange(48) * 0.7, np.arange(48) * 0.7, indexing="ij")
+    distance = np.sqrt((zz - 20) ** 2 + (yy - 16.8) ** 2 + (xx - 16.8) ** 2)
+    for hu in (40.0, -300.0):  # solid; faint (part-solid)
+        inside = np.clip(3.0 - distance + 0.5, 0, 1)
+        patch = -850.0 + inside * (hu + 850.0) + np.random.default_rng(2).normal(0, 15, distance.shape)
+        tight, loose = ([int(v) for v in (np.argwhere(distance <= r).min(0).tolist()
+                                          + np.argwhere(distance <= r).max(0).tolist())] for r in (3.0, 5.0))
+        tight, loose = ([b[1], b[4], b[2], b[5], b[0], b[3]] for b in (tight, loose))
+        volume = {name: segmenter(patch, box).sum() * 0.7 * 0.7 * 2.5
+                  for name, segmenter, box in (("tight", HalfMaximumSegmenter(), tight),
+                                               ("loose", HalfMaximumSegmenter(), loose),
+                                               ("unrefined", HalfMaximumSegmenter(refinements=0), loose))}
+        assert volume["loose"] == pytest.approx(volume["tight"], rel=0.15)
+        assert volume["loose"] == pytest.approx(4 / 3 * np.pi * 3.0**3, rel=0.15)
+        assert volume["unrefined"] > 1.3 * volume["tight"]  # without the re-estimate the noise around it counts
+
+
 # --- the cache of the demo run ---------------------------------------------------------------------------
 
 def _cache(workdir, name, reader=pd.read_parquet):

@@ -10,6 +10,14 @@ then given back. Tiny nodules that the opening would remove entirely keep their 
 threshold follows each nodule's own contrast, so solid, part-solid and ground-glass nodules are measured alike
 and partial-volume voxels count half in, half out.
 
+A loose box needs one more step. Forecasts are measured in the union of the prior's and the follow-up's boxes,
+so a nodule that shrank (or the prior of one that grew) fills a small part of its box; the box's 90th
+percentile then lies near the parenchyma and the threshold low enough to take in noise and the partial-volume
+voxels around the nodule. Where the nodule found fills less than `loose_fill` of the box, the bright end is
+re-estimated from the nodule itself (its `peak_percentile` percentile) and the nodule found again, until the
+threshold settles (`refinements` at most). Tight boxes, where the first estimate is good, are left alone: there
+the re-estimate would follow the bright core of a part-solid or calcified nodule and cut its fainter rest off.
+
 Users with a learned segmenter give its file instead (`segmentation.model`): a `torch.export` program (`.pt2`)
 or a TorchScript file (what a MONAI bundle's `ckpt_export` writes) that maps a (1, 1, Z, Y, X) float HU tensor to
 nodule probabilities of the same shape; the mask is the component above `threshold` at the box centre, inside
@@ -58,6 +66,9 @@ class HalfMaximumSegmenter:
     margin_voxels: tuple[int, int, int] = (2, 2, 1)  # x, y, z added around the box
     min_contrast_hu: float = 100.0  # a box this close to its surroundings holds no nodule
     opening_voxels: tuple[int, int, int] = (3, 3, 1)  # x, y, z size of the opening's box element; (1, 1, 1): none
+    loose_fill: float = 0.25  # a nodule filling less of its box than this gets its bright end re-estimated
+    peak_percentile: float = 60.0  # the re-estimate: this percentile of the nodule's HU
+    refinements: int = 3  # re-estimates at most (0: never)
 
     def __call__(self, patch_hu: np.ndarray, box: Sequence[int]) -> np.ndarray:
         """Boolean mask (Z, Y, X) of the nodule in a HU patch; `box` is (i0, i1, j0, j1, k0, k1) = (y, x, z)."""
@@ -67,10 +78,25 @@ class HalfMaximumSegmenter:
         surroundings = patch_hu[region][outside[region]]
         background = float(np.median(surroundings)) if surroundings.size else float(patch_hu.min())
         peak = float(np.percentile(patch_hu[inner], 90))
-        above = np.zeros(patch_hu.shape, dtype=bool)
         if peak - background < self.min_contrast_hu:
-            return above
-        above[region] = patch_hu[region] > background + self.level * (peak - background)
+            return np.zeros(patch_hu.shape, dtype=bool)
+        mask = self._nodule(patch_hu, box, region, inner, background + self.level * (peak - background))
+        box_voxels = patch_hu[inner].size
+        for _ in range(self.refinements):
+            if not mask.any() or mask[inner].sum() >= self.loose_fill * box_voxels:
+                break
+            refined = float(np.percentile(patch_hu[mask], self.peak_percentile))
+            if abs(refined - peak) < 1.0:
+                break
+            peak = refined
+            mask = self._nodule(patch_hu, box, region, inner, background + self.level * (peak - background))
+        return mask
+
+    def _nodule(self, patch_hu: np.ndarray, box: Sequence[int], region: tuple[slice, ...], inner: tuple[slice, ...],
+                threshold: float) -> np.ndarray:
+        """The component above `threshold` at the box, opened to cut vessels off, with its rim given back."""
+        above = np.zeros(patch_hu.shape, dtype=bool)
+        above[region] = patch_hu[region] > threshold
         opened = ndimage.binary_opening(above, structure=np.ones(tuple(reversed(self.opening_voxels)), dtype=bool))
         if not opened[inner].any():
             return _component_at_box(above, box, inner)
@@ -107,5 +133,9 @@ def build_segmenter(values: dict[str, Any]) -> HalfMaximumSegmenter | LearnedSeg
     margin = tuple(values["margin_voxels"])
     if values.get("model"):
         return LearnedSegmenter(str(values["model"]), float(values.get("threshold", 0.5)), margin)
+    default = HalfMaximumSegmenter()
     return HalfMaximumSegmenter(float(values["level"]), margin, float(values["min_contrast_hu"]),
-                                tuple(values.get("opening_voxels", (3, 3, 1))))
+                                tuple(values.get("opening_voxels", default.opening_voxels)),
+                                float(values.get("loose_fill", default.loose_fill)),
+                                float(values.get("peak_percentile", default.peak_percentile)),
+                                int(values.get("refinements", default.refinements)))
