@@ -137,7 +137,8 @@ def bootstrap(frame: pd.DataFrame, metric: Metric, settings: SummarySettings) ->
 
 def with_baselines(pairs: pd.DataFrame, annual_rate: float,
                    kind_rates: Mapping[str, float] | None = None) -> pd.DataFrame:
-    """Per-pair rows of a run plus median-growth rows built from its copy-prior rows (no image, so no image metrics).
+    """Per-pair rows of a run plus the growth baselines' rows, built from its copy-prior rows (no image, so no
+    image metrics).
 
     `pairs` has the model's rows (method = the run) and one `copy_prior` row per pair. Where it also has the
     nodules' `kind` (synthetic cohort) and `kind_rates` (kind -> annual rate) are given, kind-growth rows are added

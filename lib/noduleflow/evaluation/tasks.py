@@ -57,6 +57,7 @@ def growth_rates(raw_folder: str, pairs_path: str, patch: dict[str, Any], segmen
     """Median annual growth of nodule volume (3D) and central-slice area (2D) on the train split; with the synthetic
     `truth`, also per nodule kind (`by_kind`, for the kind-growth reference)."""
     patch_settings, segmenter = PatchSettings.from_mapping(patch), build_segmenter(segmentation)
+    truth_table = pd.read_parquet(truth) if truth else None
     rates = {}
     for dims in (2, 3):
         space = "slices" if dims == 2 else "raw"
@@ -64,12 +65,11 @@ def growth_rates(raw_folder: str, pairs_path: str, patch: dict[str, Any], segmen
         sizes = pair_sizes(pairs, patch_settings, segmenter, dims == 2)
         annual = metrics.annual_growth_rates(sizes["prior_size"], sizes["real_size"], sizes["delta_days"])
         rates[str(dims)] = {"annual_rate": float(np.median(annual)) if annual.size else 1.0, "pairs": int(annual.size)}
-        if truth:
-            kinds = nodule_kinds(pd.read_parquet(truth), pairs.pairs["exam_a"], pairs.pairs["nodule_group"])
-            rates[str(dims)]["by_kind"] = {
-                kind: float(np.median(annual)) for kind, group in sizes.groupby(kinds.to_numpy(), sort=True)
-                if (annual := metrics.annual_growth_rates(group["prior_size"], group["real_size"],
-                                                          group["delta_days"])).size}
+        if truth_table is not None:
+            kinds = nodule_kinds(truth_table, pairs.pairs["exam_a"], pairs.pairs["nodule_group"]).to_numpy()
+            by_kind = {kind: metrics.annual_growth_rates(group["prior_size"], group["real_size"], group["delta_days"])
+                       for kind, group in sizes.groupby(kinds, sort=True)}
+            rates[str(dims)]["by_kind"] = {kind: float(np.median(r)) for kind, r in by_kind.items() if r.size}
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(rates, indent=2))
 
