@@ -24,7 +24,7 @@ from monai.metrics import PSNRMetric, SSIMMetric, compute_dice
 from noduleflow.datasets import NodulePairs
 from noduleflow.evaluation.metrics import COPY_PRIOR
 from noduleflow.evaluation.segmenter import grown_box
-from noduleflow.models.flow import START_NOISE, VelocityNet, flow_start, sample
+from noduleflow.models.flow import VelocityNet, paired_start, sample
 from noduleflow.patches import PatchSettings, to_hu
 from noduleflow.training import derived_seed, load_model
 
@@ -89,18 +89,16 @@ def load_run(path: str | os.PathLike[str], device: torch.device) -> tuple[Veloci
     return net.to(device).eval(), hparams["run"]
 
 
-def _starts(run: dict[str, Any], priors: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-    """Where each flow starts, with seeded noise per pair and sample (see `flow_start`)."""
+def _noise(priors: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """Seeded noise per pair and sample, shaped like the priors."""
     noise = [torch.randn(priors.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
-    start_noise = float(run.get("start_noise", START_NOISE))
-    return flow_start(run["formulation"], priors, torch.stack(noise).to(priors), start_noise)
+    return torch.stack(noise).to(priors)
 
 
 def forecast_batch(net: VelocityNet, run: dict[str, Any], priors: torch.Tensor, delta_days: torch.Tensor,
                    seeds: Sequence[int], settings: ForecastSettings) -> torch.Tensor:
     """Generated follow-ups (in the run's space) for a batch of priors and intervals."""
-    x0 = _starts(run, priors, seeds)
-    condition = None if run["formulation"] == "bridge" else priors
+    x0, condition = paired_start(run, priors, _noise(priors, seeds))
     delta = delta_days if run["interval"] else None
     return sample(net, x0, settings.steps, settings.sampler, condition, delta)
 

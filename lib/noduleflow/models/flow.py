@@ -79,6 +79,15 @@ def flow_start(formulation: str, prior: torch.Tensor, noise: torch.Tensor, start
     raise ValueError(f"unknown formulation {formulation!r}; expected one of {FORMULATIONS}")
 
 
+def paired_start(run: dict[str, Any], prior: torch.Tensor,
+                 noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A paired run's flow start (`flow_start` with the run's formulation and start_noise) and its conditioning
+    channels (the prior, except for the bridge, which starts at it)."""
+    formulation = run["formulation"]
+    x0 = flow_start(formulation, prior, noise, float(run.get("start_noise", START_NOISE)))
+    return x0, None if formulation == "bridge" else prior
+
+
 def _broadcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from noduleflow.datasets import NodulePairs, NodulePatches, VolumeCrops
-from noduleflow.models.flow import FORMULATIONS, START_NOISE, VelocityNet, box_weights, flow_matching_loss, flow_start
+from noduleflow.models.flow import FORMULATIONS, VelocityNet, box_weights, flow_matching_loss, paired_start
 from noduleflow.models.vae import build_vae, vae_loss
 from noduleflow.training import TrainSettings, derived_seed, load_model, save_model, seeded_model, train
 
@@ -145,7 +145,6 @@ def paired_loss(run: dict[str, Any], box_scale: tuple[float, float, float]):
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; expected one of {FORMULATIONS}")
     weight, margin = float(run["box_weight"]), tuple(run["box_margin"])
-    start_noise = float(run.get("start_noise", START_NOISE))
 
     def loss(net: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         prior, x1 = batch["prior"], batch["follow_up"]
@@ -156,8 +155,7 @@ def paired_loss(run: dict[str, Any], box_scale: tuple[float, float, float]):
         if run.get("augment"):
             prior, x1, weights = random_flips([prior, x1, weights], generator)
         noise = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-        x0 = flow_start(formulation, prior, noise, start_noise)
-        condition = None if formulation == "bridge" else prior
+        x0, condition = paired_start(run, prior, noise)
         return flow_matching_loss(net, x0, x1, generator, sigma, condition, delta, weights)
 
     return loss
