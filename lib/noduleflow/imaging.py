@@ -173,7 +173,8 @@ def _check_forms(header: Any, shape: Sequence[int]) -> None:
     if qcode and scode:
         corners = np.array([[x, y, z, 1.0] for x in (0, shape[0] - 1) for y in (0, shape[1] - 1)
                             for z in (0, shape[2] - 1)]).T
-        distance = float(np.max(np.linalg.norm((qform - sform)[:3] @ corners, axis=0)))
+        with np.errstate(invalid="ignore", over="ignore"):  # a non-finite form gives a NaN distance: refused
+            distance = float(np.max(np.linalg.norm((qform - sform)[:3] @ corners, axis=0)))
         if not distance <= QFORM_SFORM_TOLERANCE_MM:
             raise ImageHeaderError(f"qform and sform disagree: a corner of the volume lies {distance:.2f} mm apart "
                                    f"(readers differ in which they use)")
