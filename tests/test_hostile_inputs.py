@@ -499,3 +499,68 @@ def test_config_semantics_beyond_the_schema(changes, words):
     assert config_problems(_config()) == []
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         check_config(_config(**changes))
+
+
+# --- nothing good is lost: the metadata stage end to end -----------------------------------------------------------
+
+BOX = (5, 7, 4, 6, 1, 3)  # inside both the NIfTI (20 x 16 x 60) and the DICOM (20 x 16 x 6) exams
+
+
+def _metadata_inputs(data: Path, bad: bool) -> tuple[Path, Path]:
+    """A tiny cohort (NIfTI and DICOM exams) and its tracking file; with `bad`, one hostile item of each kind added."""
+    rng = np.random.default_rng(8)
+    rows, tracking = [], {}
+    for pid in ("100001", "100002", "100003"):
+        for timepoint in (0, 1):
+            row = manifest_row(pid, timepoint, "a", image_path=f"images/{pid}_{timepoint}.nii.gz")
+            if pid == "100003":  # exams given as DICOM folders
+                row.update(image_path=f"dicom/{pid}_{timepoint}", series_uid=f"1.2.826.0.1.3680043.9.7.{pid}{timepoint}")
+                write_dicom_series(data / row["image_path"], rng.integers(-1000, 500, (6, 16, 20)).astype(np.int16),
+                                   [(0.0, 0.0, 2.0 * k) for k in range(6)], series_uid=row["series_uid"])
+            else:
+                write_volume(data / row["image_path"])
+            rows.append(row)
+        tracking[pid] = {1: {0: lesion(f"{pid}0a", coords=BOX), 1: lesion(f"{pid}1a", coords=BOX, volume=60.0)}}
+    if bad:
+        uid = "1.2.826.0.1.3680043.9.7.1000040"
+        write_dicom_series(data / "dicom/bad", rng.integers(-1000, 500, (6, 16, 20)).astype(np.int16),
+                           [(0.0, 0.0, 2.0 * k) for k in range(6)], series_uid=uid)
+        _edit_first_slice(data / "dicom/bad", _setattr(ImageOrientationPatient=[1, 0, 0, 0, 1]))
+        (data / "images/truncated.nii.gz").write_bytes((data / rows[0]["image_path"]).read_bytes()[:300])
+        rows += [manifest_row("100004", 0, "a", image_path="dicom/bad", series_uid=uid),
+                 manifest_row("100005", 0, "a", image_path="images/truncated.nii.gz"),
+                 manifest_row("100006", 0, "a", screen_timepoint="inf", image_path=rows[0]["image_path"])]
+        tracking["100001"][2] = {0: lesion("1000010a", coords=(5, float("inf"), 4, 6, 10, 12))}
+        tracking["100004"] = {1: {0: lesion("1000040a")}}
+        tracking = [*tracking.items(), (100007, {1: {0: lesion("1000070a")}}), ("100007", {})]
+    manifest = data / f"manifest{'_bad' if bad else ''}.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    nodules = data / f"nodules{'_bad' if bad else ''}.p"
+    nodules.write_bytes(pickle.dumps(tracking if bad else list(tracking.items())))
+    return manifest, nodules
+
+
+@pytest.mark.slow
+def test_bad_items_leave_every_good_output_of_the_metadata_stage_byte_identical(tmp_path):
+    from conftest import make_workdir, snakemake
+
+    data = tmp_path / "data"
+    runs = {}
+    for bad in (False, True):
+        manifest, nodules = _metadata_inputs(data, bad)
+        workdir = make_workdir(tmp_path / "run", data={"source": "files", "manifest": str(manifest),
+                                                      "nodules": str(nodules)}, series_filter={"min_slices": 5})
+        snakemake(workdir, "--cores", "2", "metadata")
+        results = workdir / "results"
+        outputs = sorted([*results.glob("metadata/**/*.parquet"), *results.glob("metadata/*.pkl"),
+                          *results.glob("dicom/images/*.nii.gz")])
+        runs[bad] = {str(p.relative_to(results)): p.read_bytes() for p in outputs}
+        problems = pd.read_csv(results / "metadata/input_problems.csv", dtype=str)
+        runs[bad, "problems"] = problems
+    assert set(runs[True]) == set(runs[False]) and len(runs[False]) >= 12
+    assert [name for name in runs[False] if runs[True][name] != runs[False][name]] == []
+    assert runs[False, "problems"].empty
+    problems = runs[True, "problems"]
+    reported = set(zip(problems["stage"], problems["pid"], strict=True))
+    assert {("dicom", "100004"), ("manifest", "100005"), ("manifest", "100006"), ("nodules", "100001"),
+            ("nodules", "100004"), ("nodules", "100007")} <= reported
