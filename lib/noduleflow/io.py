@@ -88,7 +88,7 @@ def write_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 MAX_INPUT_BYTES = 2 * 1024**3  # an NLST metadata JSON is about 1 GB; a tracking file a few MB
-MAX_NESTING_DEPTH = 32  # the deepest legitimate input (tracking file: pid > group > exam > lesion > list) is 5
+MAX_NESTING_DEPTH = 16  # legitimate inputs nest about 8 deep (NLST JSON: patients > patient > exams > ... > list)
 
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
