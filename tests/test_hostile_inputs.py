@@ -225,7 +225,7 @@ TRACKING_CASES = [
     ("coords_huge", {"1": {0: _with(coords=[5, 1e30, 4, 6, 10, 12])}}, "outside the plausible range"),
     ("coords_fraction", {"1": {0: _with(coords=[5.5, 7, 4, 6, 10, 12])}}, "not an integer"),
     ("coords_five_values", {"1": {0: _with(coords=[5, 7, 4, 6, 10])}}, "6 values"),
-    ("coords_text", {"1": {0: _with(coords="5,7,4,6,10,12")}}, "must be a list"),
+    ("coords_text", {"1": {0: _with(coords="5,7,4,6,10,12")}}, "must be a list of numbers"),
     ("box_min_above_max", {"1": {0: _with(coords=[7, 5, 4, 6, 10, 12])}}, "minimum exceeds"),
     ("box_outside_volume", {"1": {0: _with(coords=[30, 40, 4, 6, 10, 12], center=[35, 5, 11])}}, "outside the volume"),
     ("center_outside_box", {"1": {0: _with(center=[0, 0, 0])}}, "center [0, 0, 0] lies outside its box"),

@@ -110,11 +110,19 @@ def check_input_size(path: str | os.PathLike[str], max_bytes: int = MAX_INPUT_BY
         raise InputLimitError(f"{path}: {size} bytes, more than the limit of {max_bytes}")
 
 
-def check_nesting(value: Any, max_depth: int = MAX_NESTING_DEPTH) -> None:
-    """Raise InputLimitError if containers in `value` nest deeper than `max_depth` or refer to themselves.
+def check_nesting(value: Any, max_depth: int = MAX_NESTING_DEPTH, source: str | os.PathLike[str] = "") -> None:
+    """Raise InputLimitError (naming `source`) if containers in `value` nest deeper than `max_depth` or refer to
+    themselves.
 
     Each distinct container is visited once (iteratively), so shared references cannot make this exponential.
     """
+    try:
+        _walk(value, max_depth)
+    except InputLimitError as error:
+        raise InputLimitError(f"{source}: {error}" if source else str(error)) from None
+
+
+def _walk(value: Any, max_depth: int) -> None:
     depth_of: dict[int, int] = {}  # id -> depth below it, once finished
     active: set[int] = set()  # containers on the current path (a second visit is a cycle)
     keep_alive = []  # ids stay unique while the walk runs
@@ -161,10 +169,7 @@ def load_json(path: str | os.PathLike[str], max_bytes: int = MAX_INPUT_BYTES,
         raise InputLimitError(f"{path}: JSON nested too deeply to parse") from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
-    try:
-        check_nesting(data, max_depth)
-    except InputLimitError as error:
-        raise InputLimitError(f"{path}: {error}") from error
+    check_nesting(data, max_depth, path)
     return data
 
 
@@ -186,8 +191,5 @@ def load_plain_pickle(path: str | os.PathLike[str], max_bytes: int = MAX_INPUT_B
             data = _PlainDataUnpickler(io.BufferedReader(handle)).load()
         except RecursionError as error:
             raise InputLimitError(f"{path}: pickle nested too deeply to load") from error
-    try:
-        check_nesting(data, max_depth)
-    except InputLimitError as error:
-        raise InputLimitError(f"{path}: {error}") from error
+    check_nesting(data, max_depth, path)
     return data

@@ -99,13 +99,15 @@ def _patients(tracking: Mapping[Any, Any] | Iterable[Any], problems: ProblemLog)
     return patients
 
 
-def _indices(value: Any, name: str, count: int | None = None) -> list[int]:
-    """A list of voxel indices (each an integer within +-MAX_INDEX), of `count` values if given."""
+def _indices(value: Any, name: str, count: int | None = None, integral: bool = True) -> list[Any]:
+    """A list of voxel indices (integers, or numbers if not `integral`, within +-MAX_INDEX), of `count` values if
+    given."""
     if not isinstance(value, list | tuple):
-        raise ValueError(f"{name} must be a list of integers, got {type(value).__name__}")
+        raise ValueError(f"{name} must be a list of numbers, got {type(value).__name__}")
     if count is not None and len(value) != count:
         raise ValueError(f"{name} must have {count} values, got {len(value)}")
-    return [integer(v, name, -MAX_INDEX, MAX_INDEX) for v in value]
+    check = integer if integral else number
+    return [check(v, name, -MAX_INDEX, MAX_INDEX) for v in value]
 
 
 def _optional_list(value: Any) -> list[int] | None:
@@ -128,8 +130,7 @@ def _lesion_row(pid: str, group: Any, exam_idx: Any, lesion: Any) -> dict[str, A
     if any(not coords[2 * a] <= center[a] <= coords[2 * a + 1] for a in range(3)):
         raise ValueError(f"center {center} lies outside its box {coords}")
     past = lesion.get("centers_in_past_exam_ijk_space")
-    past = [None] * 3 if past is None else [number(v, "centers_in_past_exam_ijk_space", -MAX_INDEX, MAX_INDEX)
-                                            for v in _indices_count(past, "centers_in_past_exam_ijk_space", 3)]
+    past = [None] * 3 if past is None else _indices(past, "centers_in_past_exam_ijk_space", 3, integral=False)
     coords_past = lesion.get("coords_in_past_exam_ijk_space")
     abnid = lesion.get("abnid_in_nlst")
     if abnid is not None and not isinstance(abnid, list | tuple):
@@ -154,12 +155,6 @@ def _lesion_row(pid: str, group: Any, exam_idx: Any, lesion: Any) -> dict[str, A
         "abn_prexist": _flag(lesion.get("abn_prexist", False), "abn_prexist"),
         "screen_detected": _flag(lesion.get("screen_detected", True), "screen_detected"),
     }
-
-
-def _indices_count(value: Any, name: str, count: int) -> list[Any]:
-    if not isinstance(value, list | tuple) or len(value) != count:
-        raise ValueError(f"{name} must be a list of {count} numbers")
-    return list(value)
 
 
 def _flag(value: Any, name: str) -> bool:
