@@ -149,8 +149,9 @@ def _mutate_dicom(files: list[Path], kind, index, where, value) -> None:
                 delattr(ds, where)
         else:
             stored = "\\".join(str(v) for v in value) if isinstance(value, list) else str(value)
-            element = pydicom.DataElement(pydicom.datadict.tag_for_keyword(where), pydicom.datadict.dictionary_VR(where),
-                                          stored, validation_mode=pydicom.config.IGNORE)
+            element = pydicom.DataElement(pydicom.datadict.tag_for_keyword(where),
+                                          pydicom.datadict.dictionary_VR(where), stored,
+                                          validation_mode=pydicom.config.IGNORE)
             ds[where] = element
         with pydicom.config.disable_value_validation():
             ds.save_as(path)

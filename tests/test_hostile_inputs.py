@@ -43,7 +43,8 @@ def _bad(pid="100009", timepoint=0, series="x", **extra):
 
 
 MANIFEST_CASES = [
-    ("timepoint_infinite", [_bad(screen_timepoint="inf")], {"1000090x": ("dropped", "screen_timepoint inf is not finite")}),
+    ("timepoint_infinite", [_bad(screen_timepoint="inf")],
+     {"1000090x": ("dropped", "screen_timepoint inf is not finite")}),
     ("timepoint_huge", [_bad(screen_timepoint=10**12)], {"1000090x": ("dropped", "outside the plausible range")}),
     ("timepoint_negative", [_bad(screen_timepoint=-1)], {"1000090x": ("dropped", "screen_timepoint -1")}),
     ("timepoint_fraction", [_bad(screen_timepoint=1.5)], {"1000090x": ("dropped", "not an integer")}),
@@ -422,7 +423,8 @@ def _patch_position(folder: Path, vr: bytes | None = None, letters: bool = False
 DICOM_CASES = [
     ("orientation_five_values", lambda f: _edit_first_slice(f, _setattr(ImageOrientationPatient=[1, 0, 0, 0, 1])),
      "ImageOrientationPatient has 5 value"),
-    ("orientation_not_orthonormal", lambda f: _edit_first_slice(f, _setattr(ImageOrientationPatient=[1, 0, 0, 1, 0, 0])),
+    ("orientation_not_orthonormal",
+     lambda f: _edit_first_slice(f, _setattr(ImageOrientationPatient=[1, 0, 0, 1, 0, 0])),
      "orthonormal|differ"),
     ("position_text", lambda f: _patch_position(f, letters=True), "malformed geometry tags"),
     ("position_missing", lambda f: _edit_first_slice(f, _setattr(ImagePositionPatient=None)),
@@ -514,7 +516,8 @@ def _metadata_inputs(data: Path, bad: bool) -> tuple[Path, Path]:
         for timepoint in (0, 1):
             row = manifest_row(pid, timepoint, "a", image_path=f"images/{pid}_{timepoint}.nii.gz")
             if pid == "100003":  # exams given as DICOM folders
-                row.update(image_path=f"dicom/{pid}_{timepoint}", series_uid=f"1.2.826.0.1.3680043.9.7.{pid}{timepoint}")
+                row.update(image_path=f"dicom/{pid}_{timepoint}",
+                           series_uid=f"1.2.826.0.1.3680043.9.7.{pid}{timepoint}")
                 write_dicom_series(data / row["image_path"], rng.integers(-1000, 500, (6, 16, 20)).astype(np.int16),
                                    [(0.0, 0.0, 2.0 * k) for k in range(6)], series_uid=row["series_uid"])
             else:

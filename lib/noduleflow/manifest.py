@@ -148,7 +148,7 @@ def _check_timelines(frame: pd.DataFrame, problems: ProblemLog) -> pd.DataFrame:
     by_timepoint = frame.groupby(["pid", "screen_timepoint"], sort=True)["days_since_baseline"]
     spread = by_timepoint.agg(lambda d: d.max() - d.min())
     first = by_timepoint.min().groupby(level="pid").diff()
-    bad_pids = set(spread[spread > 0].index.get_level_values("pid")) | set(first[first <= 0].index.get_level_values("pid"))
+    bad_pids = {*spread[spread > 0].index.get_level_values("pid"), *first[first <= 0].index.get_level_values("pid")}
     for pid in sorted(bad_pids):
         rows = frame[frame["pid"] == pid].sort_values(["screen_timepoint", "days_since_baseline"], kind="stable")
         dates = ", ".join(f"timepoint {t}: day {d:g}"
