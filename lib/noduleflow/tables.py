@@ -150,7 +150,7 @@ def split_tables(series: pd.DataFrame, nodules: pd.DataFrame, split: str, seed: 
     timelines.insert(2, "fixed_exam_id", [ids[0] for ids in timelines["exam_id"]])
     timelines.insert(3, "shard", groups["shard"].first().to_numpy())
 
-    timelines["fixed_exam_id"] = timelines["fixed_exam_id"].astype(exams["exam_id"].dtype)  # also when empty
+    timelines["fixed_exam_id"] = timelines["fixed_exam_id"].astype(str)  # text also when the split is empty
     # Dates increase with the timepoint (noduleflow.manifest rejects patients where they do not): delta_days > 0.
     pairs = consecutive_pairs(exams, ["pid", "shard"], PAIR_FIELDS)
 
