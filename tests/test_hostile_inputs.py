@@ -434,6 +434,9 @@ DICOM_CASES = [
      "outside the plausible range"),
     ("rescale_slope_zero", lambda f: _edit_first_slice(f, _setattr(RescaleSlope="0")), "RescaleSlope"),
     ("unknown_vr", lambda f: _patch_position(f, vr=b"ZZ"), "Unknown Value Representation"),
+    ("rows_missing", lambda f: _edit_first_slice(f, _setattr(Rows=None)), "malformed geometry tags"),
+    ("header_unparseable", lambda f: _write(sorted(f.iterdir())[-1], sorted(f.iterdir())[-1].read_bytes()[:200]),
+     "cannot be read"),
     ("pixel_data_truncated", lambda f: _edit_first_slice(f, lambda ds: setattr(ds, "PixelData", ds.PixelData[:10])),
      "pixel data"),
 ]

@@ -6,7 +6,8 @@ the body axis (not axial). The rest is sorted by position along the slice normal
 cosines); the slice spacing comes from those positions, not from SliceThickness. Pixels become HU through
 RescaleSlope and RescaleIntercept, slice by slice. Anything that would make the volume wrong raises
 DicomSeriesError with the reason: a single image, a gap, a duplicate position, uneven spacing, a sheared
-stack (gantry tilt), mixed orientations, sizes or spacings, missing geometry tags.
+stack (gantry tilt), mixed orientations, sizes or spacings, missing, malformed or implausible geometry tags, a
+DICOM file in the folder that cannot be parsed, an unusable rescale.
 """
 
 from __future__ import annotations
@@ -90,20 +91,39 @@ def _slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
                                    f"{str(error)[:200]})")
 
 
-def read_headers(folder: str | os.PathLike[str]) -> dict[str, list[SliceHeader]]:
-    """Image files under `folder` (recursively, in path order) grouped by SeriesInstanceUID.
+def _looks_like_dicom(path: Path) -> bool:
+    """True if the file carries the DICOM Part 10 marker ('DICM' after the 128-byte preamble)."""
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
 
-    Files that are not DICOM, whose header cannot be parsed, or without an image (a DICOMDIR, a report) are
-    skipped (a skipped slice of a series shows as a gap). A file with malformed placing tags keeps its place
-    in its series with the problem recorded; converting that series then fails with the file's name.
+
+def _claims_image(ds: pydicom.Dataset) -> bool:
+    """True if the file meta says this file holds an image (CT Image Storage and the like)."""
+    sop_class = getattr(ds, "file_meta", pydicom.Dataset()).get("MediaStorageSOPClassUID")
+    return sop_class is not None and "Image Storage" in pydicom.uid.UID(str(sop_class)).name
+
+
+def read_headers(folder: str | os.PathLike[str]) -> tuple[dict[str, list[SliceHeader]], list[str]]:
+    """Image files under `folder` (recursively, in path order) grouped by SeriesInstanceUID, and the names of the
+    DICOM files whose header cannot be parsed at all (unknown series: a caller must not ignore them).
+
+    Files that are not DICOM, and DICOM files without an image (a DICOMDIR, a report), are skipped. A file with
+    malformed placing tags, or without Rows while placed in space, keeps its place in its series with the problem
+    recorded; converting that series then fails with the file's name.
     """
     series: dict[str, list[SliceHeader]] = {}
-    skipped = 0
+    skipped, unreadable = 0, []
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-            uid = str(ds.SeriesInstanceUID) if "SeriesInstanceUID" in ds and "Rows" in ds else None
+            is_image = "SeriesInstanceUID" in ds and ("Rows" in ds or "ImagePositionPatient" in ds)
+            uid = str(ds.SeriesInstanceUID) if is_image else None
+            if uid is None and _claims_image(ds):  # an image storage file cut short
+                unreadable.append(path.name)
         except Exception:  # not DICOM, or a header pydicom cannot parse (unknown VR, truncated, bad encoding)
+            if _looks_like_dicom(path):
+                unreadable.append(path.name)
             uid = None
         if uid is None:
             skipped += 1
@@ -111,7 +131,7 @@ def read_headers(folder: str | os.PathLike[str]) -> dict[str, list[SliceHeader]]
         series.setdefault(uid, []).append(_slice_header(path, ds))
     if skipped:
         log.info("%s: %d file(s) without a readable DICOM image header skipped", folder, skipped)
-    return series
+    return series, unreadable
 
 
 def _axes(orientation: tuple[float, ...]) -> np.ndarray:
@@ -214,10 +234,13 @@ def read_series(folder: str | os.PathLike[str], series_uid: str) -> tuple[np.nda
 
     The array is int16 when every slope and intercept is an integer and the HU fit, float32 otherwise.
     """
-    groups = read_headers(folder)
+    groups, unreadable = read_headers(folder)
     if series_uid not in groups:
         found = ", ".join(f"{uid} ({len(files)} files)" for uid, files in sorted(groups.items())) or "no DICOM images"
         raise DicomSeriesError(f"series {series_uid} not found in {folder}; found: {found}")
+    if unreadable:
+        raise DicomSeriesError(f"{len(unreadable)} DICOM file(s) in the folder cannot be read, e.g. {unreadable[0]} "
+                               f"(they may be slices of this series)")
     headers = [h for h in groups[series_uid] if not SCOUT_TYPES & set(h.image_type)]
     malformed = [h.problem for h in headers if h.problem]
     if malformed:
