@@ -229,7 +229,6 @@ TRACKING_CASES = [
     ("coords_text", {"1": {0: _with(coords="5,7,4,6,10,12")}}, "must be a list of numbers"),
     ("box_min_above_max", {"1": {0: _with(coords=[7, 5, 4, 6, 10, 12])}}, "minimum exceeds"),
     ("box_outside_volume", {"1": {0: _with(coords=[30, 40, 4, 6, 10, 12], center=[35, 5, 11])}}, "outside the volume"),
-    ("center_outside_box", {"1": {0: _with(center=[0, 0, 0])}}, "center [0, 0, 0] lies outside its box"),
     ("center_nan", {"1": {0: _with(center=[float("nan"), 5, 11])}}, "center nan is not finite"),
     ("volume_negative", {"1": {0: _with(volume=-3.0)}}, "volume (mm^3) -3"),
     ("volume_zero", {"1": {0: _with(volume=0.0)}}, "volume (mm^3) 0"),
@@ -259,6 +258,14 @@ def test_bad_lesion_entry_is_reported_and_the_good_ones_are_unchanged(tmp_path, 
     table, problems = build_tracking_table(hostile, series)
     pd.testing.assert_frame_equal(table, clean)
     assert len(problems.problems) == 1 and words in problems.problems[0].reason, problems.problems
+
+
+def test_a_centre_outside_its_box_is_kept_with_a_warning(tmp_path):
+    series = _clean_series(tmp_path)
+    table, problems = build_tracking_table({"100001": {1: {0: {**lesion("1000010a"), "center": [0, 0, 0]}}}}, series)
+    assert table[["center_i", "center_j", "center_k"]].values.tolist() == [[0, 0, 0]]
+    [problem] = problems.problems
+    assert problem.severity == "warning" and "center [0, 0, 0] lies outside its box" in problem.reason
 
 
 def test_the_same_pid_as_number_and_text_is_reported_not_overwritten(tmp_path):

@@ -127,8 +127,6 @@ def _lesion_row(pid: str, group: Any, exam_idx: Any, lesion: Any) -> dict[str, A
     center = _indices(lesion["center"], "center", 3)
     if any(coords[2 * a] > coords[2 * a + 1] for a in range(3)):
         raise ValueError(f"malformed box {coords}: a minimum exceeds its maximum")
-    if any(not coords[2 * a] <= center[a] <= coords[2 * a + 1] for a in range(3)):
-        raise ValueError(f"center {center} lies outside its box {coords}")
     past = lesion.get("centers_in_past_exam_ijk_space")
     past = [None] * 3 if past is None else _indices(past, "centers_in_past_exam_ijk_space", 3, integral=False)
     coords_past = lesion.get("coords_in_past_exam_ijk_space")
@@ -254,6 +252,10 @@ def build_tracking_table(tracking: Mapping[Any, Any] | Iterable[Any],
                 if pids[row["exam"]] != pid:
                     problems.add(f"exam belongs to patient {pids[row['exam']]}, not to {pid}", **ids)
                     continue
+                center = [row["center_i"], row["center_j"], row["center_k"]]
+                if any(not row["coords"][2 * a] <= center[a] <= row["coords"][2 * a + 1] for a in range(3)):
+                    # Kept: only the box places the nodule; the centre is carried along (NLST: inside in i only).
+                    problems.add(f"center {center} lies outside its box {row['coords']}", severity="warning", **ids)
                 if _check_box(row, list(shapes[row["exam"]]), problems):
                     rows.append(row)
     if not rows and not problems.problems:
