@@ -387,7 +387,9 @@ def test_nlst_pid_as_number_and_text_rejects_both_rows(tmp_path):
     ("[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]", "nested more than"),
     ("", "not valid JSON"),
     ('{"pid": "1"}', "expected a list"),
-], ids=["json_nesting_overflows_the_parser", "json_deeper_than_the_limit", "json_empty", "json_not_a_list"])
+    ("[]", "list of patient rows is empty"),
+], ids=["json_nesting_overflows_the_parser", "json_deeper_than_the_limit", "json_empty", "json_not_a_list",
+        "json_no_patients"])
 def test_unusable_nlst_json_fails_naming_the_file(tmp_path, content, words):
     (tmp_path / "nlst.json").write_text(content)
     with pytest.raises(NlstError, match=words) as error:

@@ -157,6 +157,8 @@ def nlst_manifest(json_path: str | os.PathLike[str],
         raise NlstError(f"cannot read NLST metadata {json_path} ({type(error).__name__}: {error})") from error
     if not isinstance(patients, list):
         raise NlstError(f"{json_path}: expected a list of patient rows, got {type(patients).__name__}")
+    if not patients:
+        raise NlstError(f"{json_path}: the list of patient rows is empty")
     series, malformed = candidate_series(patients, Path(json_path).parent, problems)
     removed = {FILTERS[0]: malformed}
     too_thick, too_few = series_filter.rejects(series)
