@@ -579,3 +579,21 @@ def test_bad_items_leave_every_good_output_of_the_metadata_stage_byte_identical(
     reported = set(zip(problems["stage"], problems["pid"], strict=True))
     assert {("dicom", "100004"), ("manifest", "100005"), ("manifest", "100006"), ("nodules", "100001"),
             ("nodules", "100004"), ("nodules", "100007")} <= reported
+
+
+def test_a_split_with_no_patients_gives_empty_tables_with_their_columns(tmp_path):
+    from noduleflow.tables import nodule_pairs, split_tables
+
+    series = _clean_series(tmp_path)
+    tracking, _ = build_tracking_table({"100001": {1: {0: lesion("1000010a"), 1: lesion("1000011a")}}}, series)
+    fractions = {"train": 1.0, "val": 0.0, "test": 0.0}
+    full, _ = split_tables(series, tracking, "train", 0, fractions, 2, SeriesFilter(min_slices=5))
+    empty, problems = split_tables(series, tracking, "val", 0, fractions, 1, SeriesFilter(min_slices=5))
+    assert problems.problems == []
+    for name, table in empty.items():
+        assert table.empty and list(table.columns) == list(full[name].columns), name
+    assert str(empty["timelines"]["fixed_exam_id"].dtype) == str(full["timelines"]["fixed_exam_id"].dtype)
+    boxes = tracking.iloc[:0].assign(days_since_baseline=pd.Series([], dtype=float),
+                                     box_outside=pd.Series([], dtype=object))  # as read back from an empty parquet
+    pairs = nodule_pairs(boxes)
+    assert pairs.empty and {"pid", "nodule_group", "exam_idx_a", "exam_idx_b", "delta_days"} <= set(pairs.columns)

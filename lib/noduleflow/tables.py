@@ -121,7 +121,8 @@ def consecutive_pairs(frame: pd.DataFrame, keys: list[str], fields: list[str]) -
 
 def nodule_pairs(nodules: pd.DataFrame) -> pd.DataFrame:
     """Consecutive exams of the same physical nodule (pid + nodule_group) among those inside registered space."""
-    usable = nodules[~nodules["box_outside"]].sort_values(["pid", "nodule_group", "exam_idx"], kind="stable")
+    inside = ~nodules["box_outside"].astype(bool)  # boolean also when empty (an empty object mask selects columns)
+    usable = nodules[inside].sort_values(["pid", "nodule_group", "exam_idx"], kind="stable")
     fields = [c for c in usable.columns if c not in ("pid", "nodule_group")]
     pairs = consecutive_pairs(usable.reset_index(drop=True), ["pid", "nodule_group"], fields)
     log.info("nodule pairs: %d from %d nodules", len(pairs), usable.groupby(["pid", "nodule_group"]).ngroups)
