@@ -70,9 +70,10 @@ def _floats(value: object, name: str, count: int, low: float, high: float, *, lo
 
 def _slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
     """The placing tags of one file; a malformed or implausible tag is recorded as the header's problem."""
-    image_type = ds.get("ImageType") or ()
-    types = tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type))
+    types: tuple[str, ...] = ()
     try:
+        image_type = ds.get("ImageType") or ()
+        types = tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type))
         return SliceHeader(
             path=str(path),
             image_type=types,

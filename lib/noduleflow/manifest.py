@@ -99,8 +99,8 @@ def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _validate_rows(frame: pd.DataFrame, problems: ProblemLog) -> pd.DataFrame:
-    """Drop rows with unsafe ids, missing or implausible values, conflicting duplicate exam ids, an image given
-    under two exams, and patients whose dates contradict their timepoint order."""
+    """Drop rows with unsafe ids, missing or implausible values, conflicting duplicate exam ids, and patients whose
+    dates contradict their timepoint order."""
     keep = []
     for row in frame.itertuples(index=False):
         ids = {"pid": row.pid, "exam_id": row.exam_id}
@@ -164,7 +164,8 @@ def _check_shared_images(frame: pd.DataFrame, problems: ProblemLog) -> pd.DataFr
     shared = pd.Series(False, index=frame.index)
     for key, label in ((real, "image file"), (frame["series_uid"], "series UID")):
         exams = frame.groupby(key)["exam_id"].transform("nunique")
-        for value, group in frame[exams > 1].groupby(key[exams > 1], sort=True):
+        new = (exams > 1) & ~shared  # each rejected row reported once
+        for value, group in frame[new].groupby(key[new], sort=True):
             owners = ", ".join(f"{p}/{e}" for p, e in zip(group["pid"], group["exam_id"], strict=True))
             for row in group.itertuples(index=False):
                 problems.add(f"the same {label} {value} is given under {len(group)} exams ({owners}); all rejected",
