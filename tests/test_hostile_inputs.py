@@ -301,13 +301,15 @@ def test_152_byte_nested_pickle_is_refused_quickly_with_a_short_message(tmp_path
     assert time.perf_counter() - start < 2 and len(str(error.value)) < 1000 and "nested more than" in str(error.value)
 
 
-def test_shallow_shared_pickle_entry_is_reported_with_a_short_message(tmp_path):
+def test_shallow_shared_pickle_entry_or_pid_is_reported_with_a_short_message(tmp_path):
     nested: list = []
-    for _ in range(12):
+    for _ in range(14):
         nested = [nested, nested]
     series = _clean_series(tmp_path)
-    table, problems = build_tracking_table([nested], series)
-    assert table.empty and len(problems.problems[0].reason) < 500
+    table, problems = build_tracking_table([nested, (nested, {}), ("100002", {1: {0: lesion("1000020a")}})], series)
+    assert table["exam"].tolist() == ["1000020a"]
+    assert len(problems.problems) == 2 and all(len(p.reason) < 500 for p in problems.problems)
+    assert "neither text nor an integer" in problems.problems[1].reason
 
 
 @pytest.mark.parametrize(("name", "content", "words"), [

@@ -88,6 +88,9 @@ def _patients(tracking: Mapping[Any, Any] | Iterable[Any], problems: ProblemLog)
         if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[1], Mapping | type(None))):
             problems.add(f"entry {short_repr(item)} is not a (pid, nodules) pair", item=f"tracking entry {index}")
             continue
+        if isinstance(item[0], bool) or not isinstance(item[0], str | int):
+            problems.add(f"pid {short_repr(item[0])} is neither text nor an integer", item=f"tracking entry {index}")
+            continue
         pid = str(item[0])
         seen[pid] = seen.get(pid, 0) + 1
         patients[pid] = item[1] or {}
