@@ -197,6 +197,9 @@ NIFTI_CASES = [
     ("zero_spacing", lambda d: _patch_raw(_nifti(d / "i", gz=False), 84, "<f", 0.0), "spacing"),
     ("nan_spacing", lambda d: _patch_raw(_nifti(d / "i", gz=False), 84, "<f", float("nan")), "spacing"),
     ("origin_far_away", lambda d: _nifti(d / "i", affine=np.diag([0.7, 0.7, 2.0, 1]) + _offset(1e9)), "origin"),
+    ("units_metres", lambda d: _nifti(d / "i", edit=lambda i: i.header.set_xyzt_units("meter", "sec")),
+     "spatial unit 'meter'"),
+    ("bitpix_contradicts_datatype", lambda d: _patch_raw(_nifti(d / "i", gz=False), 72, "<h", 8), "bitpix 8"),
     ("complex_voxels", lambda d: _nifti(d / "i", data=np.zeros((8, 8, 8), np.complex64)), "not a real number"),
     ("not_nifti_at_all", lambda d: _write(d / "x.nii.gz", b"hello"), "not a readable"),
 ]

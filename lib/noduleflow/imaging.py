@@ -91,10 +91,11 @@ MAX_DEFLATE_RATIO = 1032  # the most that DEFLATE can compress: a .nii.gz smalle
 def read_geometry(path: str | os.PathLike[str]) -> Geometry:
     """Read only the header of a NIfTI file and return its LPS geometry; raise ImageHeaderError if invalid.
 
-    Checked: a 3D image of a real numeric type, of plausible size, spacing and position; the data offset past the
-    header; the file holding as many bytes as the header promises; a qform or an sform set, and the two agreeing
-    when both are (nibabel reads the sform, ITK may read the qform); an intensity scaling that nibabel and ITK
-    read alike (scl_slope 0 with an intercept: nibabel ignores both, ITK adds the intercept).
+    Checked: a 3D image of a real numeric type (bitpix agreeing), of plausible size, spacing and position, in mm;
+    the data offset past the header; the file holding as many bytes as the header promises; a qform or an sform
+    set, and the two agreeing when both are (nibabel reads the sform, ITK may read the qform); an intensity
+    scaling that nibabel and ITK read alike (scl_slope 0 with an intercept: nibabel ignores both, ITK adds the
+    intercept).
     """
     try:
         return _read_geometry(os.fspath(path))
@@ -125,6 +126,13 @@ def _read_geometry(path: str) -> Geometry:
     zooms = np.asarray(raw["pixdim"][1:4], dtype=float)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise ImageHeaderError(f"invalid voxel spacing {zooms.tolist()} (must be finite and positive)")
+    if int(raw["bitpix"]) != dtype.itemsize * 8:
+        raise ImageHeaderError(f"bitpix {int(raw['bitpix'])} contradicts the voxel type {dtype} "
+                               f"({dtype.itemsize * 8} bits)")
+    units = raw.get_xyzt_units()[0]
+    if units not in ("mm", "unknown"):
+        raise ImageHeaderError(f"spatial unit {units!r}: nibabel reads the numbers as mm, ITK converts them; "
+                               f"only mm (or unset) is accepted")
     _check_scaling(raw)
     _check_forms(header, shape)
     lps = _LPS_FROM_RAS @ np.asarray(image.affine, dtype=float)[:3, :]
