@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, lesion, make_manifest, manifest_row, write_dicom_series, write_volume
@@ -245,6 +246,7 @@ TRACKING_CASES = [
     ("exam_idx_infinite", {"1": {float("inf"): _with()}}, "exam_idx inf"),
     ("exams_not_a_dict", {"1": [_with()]}, "must be a dict"),
     ("flag_not_boolean", {"1": {0: _with(abn_prexist="maybe")}}, "abn_prexist"),
+    ("flag_tensor_of_two_values", {"1": {0: _with(screen_detected=torch.tensor([1, 0]))}}, "ambiguous"),
     ("past_centre_infinite", {"1": {0: _with(centers_in_past_exam_ijk_space=[1, 2, float("inf")])}}, "not finite"),
     ("exam_idx_order_contradicts_dates", {"7": {0: _with(), 1: lesion("1000010a")}},
      "exam_idx order contradicts the exam dates"),

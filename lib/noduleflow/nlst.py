@@ -139,8 +139,8 @@ def candidate_series(patients: list[Any], json_dir: Path, problems: ProblemLog) 
             for uid, series in series_items:
                 try:
                     rows.append(_series_row(pid, exam, str(uid), series, metadata, json_dir))
-                except (KeyError, TypeError, ValueError, AttributeError) as error:
-                    problems.add(f"malformed series: {type(error).__name__}: {error}", pid=pid,
+                except Exception as error:  # the item boundary: whatever a malformed series raises stays its own
+                    problems.add(f"malformed series: {type(error).__name__}: {str(error)[:300]}", pid=pid,
                                  item=short_repr(str(uid)))
                     malformed += 1
     columns = [*REQUIRED_COLUMNS, "pixel_spacing", "num_slices", "localizer", "removed_by"]

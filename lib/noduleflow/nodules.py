@@ -244,8 +244,8 @@ def build_tracking_table(tracking: Mapping[Any, Any] | Iterable[Any],
                 ids = _problem_ids(pid, group, exam_idx)
                 try:
                     row = _lesion_row(pid, group, exam_idx, lesion)
-                except (KeyError, ValueError, TypeError) as error:
-                    problems.add(f"malformed lesion entry: {error}", **ids)
+                except Exception as error:  # the item boundary: whatever a malformed entry raises stays its own
+                    problems.add(f"malformed lesion entry: {str(error)[:300]}", **ids)
                     continue
                 ids["exam_id"] = row["exam"]
                 if row["exam"] not in shapes:
