@@ -376,6 +376,55 @@ def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thicknes
     return array + noise
 
 
+def _exam_pose(config: CohortConfig, rng: np.random.Generator, index: int,
+               position: int) -> tuple[Pose, float, Deformation]:
+    """How the patient's `position`-th exam sees the anatomy: pose, scan-range offset and non-rigid change.
+
+    The first exam has no misalignment and no deformation. Offset and deformation come from their own random
+    stream, so that a cohort without them is the same as before they existed.
+    """
+    rotation = np.eye(3) if position == 0 else _random_rotation(rng, config.max_rotation_deg)
+    translation = np.zeros(3) if position == 0 else rng.uniform(-1, 1, 3) * config.max_translation_mm
+    breathing = 1.0 + np.array([0.0, *rng.uniform(-1, 1, 2)]) * config.breathing_scale
+    geometry_rng = np.random.default_rng([config.seed, index, 1, position])
+    start_offset = float(geometry_rng.uniform(-0.5, 0.5)) * config.max_start_offset_mm
+    waves = position > 0 and config.deformation_mm > 0
+    deformation = Deformation.sample(geometry_rng, config.deformation_mm) if waves else Deformation(np.zeros((0, 7)))
+    return Pose(rotation, translation, breathing), start_offset, deformation
+
+
+def exam_pair(config: CohortConfig, index: int, pixel_spacing: float, thickness: float,
+              follow_up: np.ndarray | None = None,
+              start_offsets: tuple[float, float] | None = None) -> tuple[sitk.Image, sitk.Image, pd.DataFrame,
+                                                                       ChestAnatomy]:
+    """A baseline and a follow-up of one synthetic patient, without nodules, for registration checks.
+
+    Drawn as `generate_patient` draws its exams' geometry (pose, scan-range offset, non-rigid change), on grids
+    of `pixel_spacing` x `pixel_spacing` x `thickness` mm; `follow_up` (a 4x4 anatomy -> exam matrix) and
+    `start_offsets` (mm, baseline and follow-up) replace the drawn ones. Returns both int16 images, their truth
+    rows (exam_id "baseline" and "follow_up", for `truth_map_points`) and the anatomy.
+    """
+    rng = np.random.default_rng([config.seed, index])
+    anatomy = sample_anatomy(rng, config.fov_mm)
+    reference = _anatomy_image(anatomy, config)
+    images, truth = [], []
+    for position, exam_id in enumerate(("baseline", "follow_up")):
+        pose, start_offset, deformation = _exam_pose(config, rng, index, position)
+        if position and follow_up is not None:
+            pose = Pose(np.asarray(follow_up)[:3, :3], np.asarray(follow_up)[:3, 3], np.ones(3))
+        start_offset = start_offset if start_offsets is None else start_offsets[position]
+        geometry = _exam_geometry(config, pixel_spacing, thickness, start_offset)
+        volume = _render_exam(reference, geometry, pose, thickness, rng, float(rng.uniform(*config.noise_hu)),
+                              deformation)
+        image = sitk.GetImageFromArray(np.clip(np.round(volume), -1024, 3071).astype(np.int16))
+        image.SetSpacing(geometry.spacing)
+        image.SetOrigin(geometry.origin)
+        images.append(image)
+        truth.append({"exam_id": exam_id, "anatomy_to_exam": pose.matrix()[:3, :].ravel().tolist(),
+                      "deformation": deformation.waves.ravel().tolist(), "start_offset_mm": start_offset})
+    return images[0], images[1], pd.DataFrame(truth), anatomy
+
+
 def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Render every exam of one patient; return its manifest rows, tracking entry and truth rows."""
     out = Path(out_dir)
@@ -394,15 +443,8 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
     tracking: dict[int, dict[int, dict[str, Any]]] = {}
     nodule_id = 0
     for position, tp in enumerate(pattern):
-        rotation = np.eye(3) if position == 0 else _random_rotation(rng, config.max_rotation_deg)
-        translation = np.zeros(3) if position == 0 else rng.uniform(-1, 1, 3) * config.max_translation_mm
-        breathing = 1.0 + np.array([0.0, *rng.uniform(-1, 1, 2)]) * config.breathing_scale
-        pose = Pose(rotation, translation, breathing)
-        # scan range and non-rigid change come from their own stream: without them the cohort is unchanged
-        geometry_rng = np.random.default_rng([config.seed, index, 1, position])
-        start_offset = float(geometry_rng.uniform(-0.5, 0.5)) * config.max_start_offset_mm
-        deformation = Deformation.sample(geometry_rng, config.deformation_mm) if position and \
-            config.deformation_mm > 0 else Deformation(np.zeros((0, 7)))
+        pose, start_offset, deformation = _exam_pose(config, rng, index, position)
+        rotation, translation = pose.rotation, pose.translation
         pixel_spacing = round(float(rng.uniform(*config.pixel_spacing_mm)), 4)
         thicknesses = [float(rng.choice(config.slice_thicknesses_mm))]
         if rng.random() < config.second_series_fraction:
