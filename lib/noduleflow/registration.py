@@ -36,12 +36,13 @@ class RegistrationSettings:
     resample_mm: float = 2.0  # both images are smoothed and resampled to this isotropic spacing first
     search_mm: float = 6.0  # spacing of the translation search that starts the optimisation
     search_min_overlap: float = 0.3  # the search ignores shifts overlapping less than this fraction of the body
-    search_starts: int = 3  # best distinct shifts of the search tried as starts (the best final metric wins)
+    search_starts: int = 3  # at most this many distinct shifts of the search are tried as starts ...
+    search_tolerance: float = 0.1  # ... those whose correlation is within this of the best one's
     shrink_factors: tuple[int, ...] = (2, 1)
     smoothing_sigmas_mm: tuple[float, ...] = (2.0, 0.0)
     iterations: int = 100
     histogram_bins: int = 50
-    sampling_fraction: float = 0.05
+    sampling_fraction: float = 0.03
     body_threshold_hu: float = -500.0
     threads: int = 1  # ITK threads; more is faster, but multi-threaded metric sums differ in the last bits
     seed: int = 42
@@ -55,13 +56,11 @@ class RegistrationSettings:
 def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """Anti-aliased resampling to an isotropic grid inside the same physical extent (float32, same axes).
 
-    Voxels are first averaged in blocks (as many whole voxels as fit in `spacing_mm` per axis), the cheap part
-    of the anti-aliasing on a full-size CT; what is left is a small Gaussian before linear resampling.
+    Voxels are averaged in blocks of about `spacing_mm` (the anti-aliasing, cheap on a full-size CT), then
+    linearly resampled.
     """
-    factors = [max(1, int(spacing_mm / s)) for s in image.GetSpacing()]
+    factors = [max(1, round(spacing_mm / s)) for s in image.GetSpacing()]
     image = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
-    sigma = [max(0.01, max(0.0, spacing_mm**2 - s**2) ** 0.5 / 2.355) for s in image.GetSpacing()]
-    image = sitk.SmoothingRecursiveGaussian(image, sigma)
     size = [max(2, int((n - 1) * s / spacing_mm) + 1) for n, s in zip(image.GetSize(), image.GetSpacing(),
                                                                      strict=True)]
     return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spacing_mm] * 3,
@@ -78,7 +77,7 @@ def body_mask(image: sitk.Image, threshold_hu: float) -> sitk.Image:
     labels, count = ndimage.label(above)
     body = np.zeros(above.shape, dtype=np.uint8)
     if count:
-        largest = labels == 1 + int(np.argmax(ndimage.sum_labels(above, labels, range(1, count + 1))))
+        largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
         for k in range(largest.shape[0]):  # 2D filling: the lungs may touch the first or last slice
             body[k] = ndimage.binary_fill_holes(largest[k])
     mask = sitk.GetImageFromArray(body)
@@ -134,7 +133,7 @@ def _shift_candidates(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Im
     The masked normalised cross-correlation (Padfield 2012, ITK's MaskedFFTNormalizedCorrelation) of both
     images at `search_mm`, over every shift whose body overlap is at least `search_min_overlap`, so that exams
     covering different parts of the chest are compared only where both see the patient. Peaks closer than
-    30 mm to a better one are skipped.
+    30 mm to a better one, or with a correlation more than `search_tolerance` below the best, are skipped.
     """
     factor = max(1, int(round(settings.search_mm / settings.resample_mm)))
     images = [sitk.BinShrink(image, [factor] * 3) for image in (fixed, moving)]
@@ -150,10 +149,14 @@ def _shift_candidates(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Im
     spacing = np.asarray(images[0].GetSpacing())
     axes = np.reshape(images[0].GetDirection(), (3, 3))
     candidates: list[np.ndarray] = []
-    for index in np.argwhere(peaks)[order][:, ::-1]:
+    values = correlation[peaks][order]
+    for index, value in zip(np.argwhere(peaks)[order][:, ::-1], values, strict=True):
+        if value < values[0] - settings.search_tolerance:
+            break
         # correlation voxel `index` pairs fixed voxel i with moving voxel i - (index - (moving size - 1))
         voxels = (np.asarray(images[1].GetSize()) - 1) - index
         shift = origin_shift + axes @ (voxels * spacing)
+        log.debug("search: shift %s mm, correlation %.3f", np.round(shift, 1).tolist(), value)
         if all(np.linalg.norm(shift - other) > 30.0 for other in candidates):
             candidates.append(shift)
         if len(candidates) == settings.search_starts:
@@ -190,6 +193,8 @@ def _rigid_register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Imag
     method.SetMetricSamplingPercentage(settings.sampling_fraction, settings.seed)
     method.SetMetricFixedMask(fixed_mask)
     method.SetMetricMovingMask(moving_mask)
+    method.SetMetricUseFixedImageGradientFilter(False)  # gradients at the samples only, not of whole images
+    method.SetMetricUseMovingImageGradientFilter(False)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=1e-3, numberOfIterations=settings.iterations, relaxationFactor=0.6,
@@ -205,17 +210,23 @@ def _rigid_register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Imag
 
 def _register(fixed: sitk.Image, moving: sitk.Image, fixed_body: sitk.Image, moving_body: sitk.Image,
               settings: RegistrationSettings) -> tuple[sitk.Transform, float]:
-    """Search the translation, run the first pyramid level from each start, refine the best one."""
+    """Search the translation, run the first pyramid level from each start, refine the best one.
+
+    Starts are compared by the body similarity where both exams overlap (their metric values are not
+    comparable: each start has its own overlap mask).
+    """
     starts = _shift_candidates(fixed, moving, fixed_body, moving_body, settings)
     if not starts:
         raise ValueError(f"no shift overlaps the bodies by {settings.search_min_overlap:.0%} or more")
+    body = sitk.GetArrayViewFromImage(fixed_body).astype(bool)
     best = None
     for shift in starts:
         start, mask = _rigid_start(fixed, moving, fixed_body, shift)
         transform, metric = _rigid_register(fixed, moving, mask, moving_body, start, slice(0, 1), settings)
-        if best is None or metric < best[2]:
-            best = (transform, mask, metric)
-    transform, mask, metric = best
+        score = _similarity(fixed, body, moving, transform)[1] if len(starts) > 1 else 0.0
+        if best is None or score > best[3]:
+            best = (transform, mask, metric, score)
+    transform, mask, metric, _ = best
     if len(settings.shrink_factors) > 1:
         rigid = sitk.VersorRigid3DTransform(sitk.CompositeTransform(transform).GetNthTransform(0))
         transform, metric = _rigid_register(fixed, moving, mask, moving_body, rigid, slice(1, None), settings)
