@@ -146,7 +146,8 @@ def reading(pair: Pair) -> None:
         write_nifti(sitk.GetArrayFromImage(image), Geometry(image.GetSize(), image.GetSpacing(), image.GetOrigin(),
                                                             image.GetDirection()), path)
         timings = {}
-        for name, read in (("SimpleITK ReadImage", lambda: sitk.ReadImage(path)), ("read_image", lambda: read_image(path))):
+        for name, read in (("SimpleITK ReadImage", lambda: sitk.ReadImage(path)),
+                           ("read_image", lambda: read_image(path))):
             read()  # warm the page cache
             start = time.perf_counter()
             for _ in range(3):
@@ -192,8 +193,9 @@ def speed(args: argparse.Namespace, ants_pairs: int) -> None:
     for method in ("ANTsPy Rigid (defaults)", "ANTsPy Rigid on 2 mm copies"):
         if method in methods:
             count = len(methods[method][0])
-            ratios = ", ".join(f"{np.mean(methods[method][0]) / np.mean(methods[f'noduleflow, {t} thread(s)'][0][:count]):.1f}x"
-                               f" with {t} thread(s)" for t in NODULEFLOW_THREADS)
+            theirs = np.mean(methods[method][0])
+            ratios = ", ".join(f"{theirs / np.mean(methods[f'noduleflow, {t} thread(s)'][0][:count]):.1f}x with {t} "
+                               "thread(s)" for t in NODULEFLOW_THREADS)
             print(f"speed ratio {method} / noduleflow on the same pairs: {ratios}")
     print("goals: <= 4 s per pair on 2 cores with TRE < 0.5 mm; >= 50x ANTsPy defaults, >= 4x ANTsPy on 2 mm copies")
 

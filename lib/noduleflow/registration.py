@@ -182,7 +182,8 @@ def _rigid_start(fixed: sitk.Image, moving: sitk.Image, fixed_body: sitk.Image,
 
 
 def _rigid_register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
-                    start: sitk.Transform, levels: slice, settings: RegistrationSettings) -> tuple[sitk.Transform, float]:
+                    start: sitk.Transform, levels: slice,
+                    settings: RegistrationSettings) -> tuple[sitk.Transform, float]:
     """Versor-rigid registration with Mattes mutual information over some levels of the pyramid.
 
     Returns the transform and the final metric (lower is better).
@@ -377,7 +378,8 @@ def quality_reasons(row: Mapping[str, Any], thresholds: QualityThresholds) -> st
         return None
     reasons = []
     if row["overlap"] < thresholds.min_overlap:
-        reasons.append(f"the follow-up covers {row['overlap']:.0%} of the baseline's body < {thresholds.min_overlap:.0%}")
+        reasons.append(f"the follow-up covers {row['overlap']:.0%} of the baseline's body "
+                       f"< {thresholds.min_overlap:.0%}")
     if row["lung_ncc_after"] < thresholds.min_lung_ncc:
         reasons.append(f"lung similarity after registration {row['lung_ncc_after']:.3f} < {thresholds.min_lung_ncc}")
     if row["lung_ncc_after"] < row["lung_ncc_before"] - thresholds.max_ncc_drop:
