@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class RegistrationSettings:
     """How follow-ups are registered (config key `registration`)."""
 
-    resample_mm: float = 2.0  # both images are smoothed and resampled to this isotropic spacing first
+    resample_mm: float = 2.0  # both images are block-averaged and resampled to this isotropic spacing first
     search_mm: float = 6.0  # spacing of the translation search that starts the optimisation
     search_min_overlap: float = 0.3  # the search ignores shifts overlapping less than this fraction of the body
     search_starts: int = 3  # at most this many distinct shifts of the search are tried as starts ...
