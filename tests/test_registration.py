@@ -21,9 +21,10 @@ from noduleflow.registration import (
     RegistrationSettings,
     matrix_to_transform,
     quality_reasons,
+    register_exam,
     register_shard,
 )
-from noduleflow.synthetic import truth_transform
+from noduleflow.synthetic import CohortConfig, Deformation, exam_pair, truth_map_points, truth_transform
 from noduleflow.tables import computed_split
 
 SPLITS = ("train", "val", "test")
@@ -72,7 +73,7 @@ def test_map_box_follows_a_known_translation():
 
 def test_quality_reasons_name_each_violated_threshold():
     good = {"error": None, "is_fixed": False, "lung_ncc_before": 0.2, "lung_ncc_after": 0.93, "rotation_deg": 4.0,
-            "translation_mm": 12.0}
+            "translation_mm": 12.0, "overlap": 0.55}
     thresholds = QualityThresholds()
     assert quality_reasons(good, thresholds) is None
     assert "lung similarity" in quality_reasons({**good, "lung_ncc_after": 0.4}, thresholds)
@@ -80,6 +81,109 @@ def test_quality_reasons_name_each_violated_threshold():
     assert "rotation" in quality_reasons({**good, "rotation_deg": 40.0}, thresholds)
     assert "translation" in quality_reasons({**good, "translation_mm": 200.0}, thresholds)
     assert "failed: boom" in quality_reasons({**good, "error": "boom"}, thresholds)
+    expected = "the follow-up covers 30% of the baseline's body < 40%"
+    assert quality_reasons({**good, "overlap": 0.3}, thresholds) == expected
+
+
+# --- robust start and fair QC on synthetic pairs (coarse grids, so each registration takes seconds) ---------
+
+COARSE = CohortConfig(fov_mm=(240.0, 200.0, 180.0), reference_spacing_mm=(2.0, 2.0, 2.5), noise_hu=(20.0, 20.0))
+
+
+def _pair_tre(fixed, truth, matrix, anatomy_points=2000):
+    """Mean and max TRE (mm) of a fixed -> moving matrix over lung voxels of the baseline."""
+    array = sitk.GetArrayViewFromImage(fixed)
+    zyx = np.argwhere((array > -950) & (array < -700))
+    zyx = zyx[np.random.default_rng(0).choice(len(zyx), size=min(anatomy_points, len(zyx)), replace=False)]
+    points = np.asarray(fixed.GetOrigin()) + zyx[:, ::-1] * np.asarray(fixed.GetSpacing())
+    target = truth_map_points(truth, "baseline", "follow_up", points)
+    errors = np.linalg.norm(np.c_[points, np.ones(len(points))] @ matrix[:3].T - target, axis=1)
+    return errors.mean(), errors.max()
+
+
+def _register(fixed, moving):
+    result = register_exam(fixed, moving, RegistrationSettings())
+    return result, homogeneous(result["fixed_to_moving"])
+
+
+def test_a_follow_up_offset_60mm_along_the_body_axis_registers_within_1mm():
+    truth_pose = _rigid((3.0, -2.0, 6.0), (8.0, -5.0, 60.0))
+    fixed, moving, truth, _ = exam_pair(COARSE, 0, 2.0, 3.0, follow_up=truth_pose, start_offsets=(0.0, 0.0))
+    result, matrix = _register(fixed, moving)
+    mean, worst = _pair_tre(fixed, truth, matrix)
+    assert mean < 1.0 and worst < 2.0, (mean, worst)
+    assert quality_reasons({"error": None, "is_fixed": False, **result}, QualityThresholds()) is None
+
+
+def test_a_pair_overlapping_60_percent_passes_qc_with_the_right_transform():
+    """The old QC compared the whole baseline lungs, air where the follow-up ends, and flagged such pairs as
+    badly registered (a false alarm); on the overlap the similarity is that of a good registration."""
+    truth_pose = _rigid((-4.0, 3.0, -5.0), (-6.0, 9.0, 0.0))
+    fixed, moving, truth, _ = exam_pair(COARSE, 1, 2.0, 3.0, follow_up=truth_pose, start_offsets=(-36.0, 36.0))
+    result, matrix = _register(fixed, moving)
+    mean, worst = _pair_tre(fixed, truth, matrix)
+    assert mean < 1.0 and worst < 2.0, (mean, worst)
+    assert 0.5 < result["overlap"] < 0.7
+    assert quality_reasons({"error": None, "is_fixed": False, **result}, QualityThresholds()) is None
+    # what the old QC measured: lung similarity over the whole baseline, air where the follow-up ends
+    array = sitk.GetArrayFromImage(fixed).astype(float)
+    moved = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, matrix_to_transform(matrix), sitk.sitkLinear,
+                                                 -1024.0)).astype(float)
+    lungs = array < -400
+    assert np.corrcoef(array[lungs], moved[lungs])[0, 1] < result["lung_ncc_after"] - 0.05
+
+
+def test_another_patients_exam_is_still_flagged():
+    fixed, _, _, _ = exam_pair(COARSE, 2, 2.0, 3.0, follow_up=np.eye(4), start_offsets=(0.0, 0.0))
+    _, other, _, _ = exam_pair(COARSE, 3, 2.0, 3.0, follow_up=_rigid((2.0, 0.0, 0.0), (0.0, 0.0, 20.0)))
+    result, _ = _register(fixed, other)
+    assert "lung similarity" in quality_reasons({"error": None, "is_fixed": False, **result}, QualityThresholds())
+
+
+def test_a_non_rigid_follow_up_registers_within_2mm_on_average():
+    config = CohortConfig(**{**COARSE.__dict__, "deformation_mm": 5.0, "max_rotation_deg": 5.0,
+                             "max_translation_mm": 30.0, "max_start_offset_mm": 40.0})
+    fixed, moving, truth, _ = exam_pair(config, 4, 2.0, 3.0)
+    assert len(truth.loc[1, "deformation"]) == 21
+    _, matrix = _register(fixed, moving)
+    rigid = truth_transform(truth, "baseline", "follow_up")
+    mean, _ = _pair_tre(fixed, truth, matrix)
+    assert mean < 2.0
+    assert _pair_tre(fixed, truth, rigid)[0] > 0.5  # the deformation is there: the rigid pose alone is off
+
+
+def test_the_truth_maps_points_exactly_under_the_non_rigid_change():
+    deformation = Deformation.sample(np.random.default_rng(5), 6.0)
+    points = np.random.default_rng(6).uniform(-150.0, 150.0, (500, 3))
+    moved = deformation.to_anatomy(points)
+    assert 0.5 < np.linalg.norm(moved - points, axis=1).max() <= 6.0
+    np.testing.assert_allclose(deformation.from_anatomy(moved), points, atol=1e-9)
+    pose = _rigid((3, 1, -2), (5, 6, 7))
+    truth = pd.DataFrame({"exam_id": ["a", "b"], "anatomy_to_exam": [np.eye(4)[:3].ravel().tolist(),
+                                                                     pose[:3].ravel().tolist()],
+                          "deformation": [[], deformation.waves.ravel().tolist()]})
+    there = truth_map_points(truth, "a", "b", points)
+    np.testing.assert_allclose(truth_map_points(truth, "b", "a", there), points, atol=1e-9)
+    before_pose = np.linalg.solve(pose, np.c_[there, np.ones(500)].T).T[:, :3]
+    np.testing.assert_allclose(deformation.to_anatomy(before_pose), points, atol=1e-9)
+
+
+def test_the_rendered_follow_up_shows_the_anatomy_where_the_truth_says():
+    config = CohortConfig(**{**COARSE.__dict__, "deformation_mm": 6.0, "noise_hu": (0.0, 0.0)})
+    pose = _rigid((2.0, 0.0, -3.0), (4.0, -3.0, 10.0))
+    fixed, moving, truth, _ = exam_pair(config, 5, 2.0, 3.0, follow_up=pose, start_offsets=(0.0, 25.0))
+    rigid_truth = truth.assign(deformation=[[], []])
+    array = sitk.GetArrayViewFromImage(fixed)
+    zyx = np.argwhere((array > -900) & (array < 200))[::50]
+    points = np.asarray(fixed.GetOrigin()) + zyx[:, ::-1] * np.asarray(fixed.GetSpacing())
+    errors = {}
+    for name, table in (("non-rigid", truth), ("rigid only", rigid_truth)):
+        mapped = truth_map_points(table, "baseline", "follow_up", points)
+        index = np.round((mapped - np.asarray(moving.GetOrigin())) / np.asarray(moving.GetSpacing())).astype(int)
+        inside = np.all((index >= 0) & (index < np.asarray(moving.GetSize())), axis=1)
+        seen = sitk.GetArrayViewFromImage(moving)[tuple(index[inside][:, ::-1].T)].astype(float)
+        errors[name] = np.abs(seen - array[tuple(zyx[inside].T)]).mean()
+    assert errors["non-rigid"] < 0.5 * errors["rigid only"], errors
 
 
 @pytest.fixture(scope="module")

@@ -220,19 +220,21 @@ def _check_data_size(path: str, expected: int) -> None:
 def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     """Read a NIfTI file as a SimpleITK image on its LPS geometry; raise ImageHeaderError if it is unusable.
 
-    Integer images (all CT exports) are read by ITK, which decompresses about 3x faster than nibabel; floating
-    point images are read by nibabel, because ITK's reader silently turns NaN into 0, and non-finite voxels
-    are reported.
+    The header is checked once (`read_geometry`). Integer images (all CT exports) are decoded by ITK alone,
+    about 3x faster than nibabel; floating point images by nibabel, because ITK's reader silently turns NaN
+    into 0, and non-finite voxels are reported.
     """
     geometry = read_geometry(path)
-    header = nib.load(os.fspath(path))
-    if header.get_data_dtype().kind == "f":
-        array = np.asanyarray(header.dataobj)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(os.fspath(path))
+    reader.ReadImageInformation()
+    if reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = np.asanyarray(nib.load(os.fspath(path)).dataobj)
         if not np.isfinite(array).all():
             raise ImageHeaderError(f"image contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
         image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     else:
-        image = sitk.ReadImage(os.fspath(path))
+        image = reader.Execute()
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)

@@ -33,12 +33,16 @@ log = logging.getLogger(__name__)
 class RegistrationSettings:
     """How follow-ups are registered (config key `registration`)."""
 
-    resample_mm: float = 2.0  # both images are smoothed and resampled to this isotropic spacing first
-    shrink_factors: tuple[int, ...] = (4, 2, 1)
-    smoothing_sigmas_mm: tuple[float, ...] = (4.0, 2.0, 0.0)
-    iterations: int = 200
+    resample_mm: float = 2.0  # both images are block-averaged and resampled to this isotropic spacing first
+    search_mm: float = 6.0  # spacing of the translation search that starts the optimisation
+    search_min_overlap: float = 0.3  # the search ignores shifts overlapping less than this fraction of the body
+    search_starts: int = 3  # at most this many distinct shifts of the search are tried as starts ...
+    search_tolerance: float = 0.1  # ... those whose correlation is within this of the best one's
+    shrink_factors: tuple[int, ...] = (2, 1)
+    smoothing_sigmas_mm: tuple[float, ...] = (2.0, 0.0)
+    iterations: int = 100
     histogram_bins: int = 50
-    sampling_fraction: float = 0.1
+    sampling_fraction: float = 0.03
     body_threshold_hu: float = -500.0
     threads: int = 1  # ITK threads; more is faster, but multi-threaded metric sums differ in the last bits
     seed: int = 42
@@ -50,11 +54,15 @@ class RegistrationSettings:
 
 
 def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Anti-aliased resampling to an isotropic grid covering the same physical extent."""
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    sigma = [max(0.01, max(0.0, spacing_mm**2 - s**2) ** 0.5 / 2.355) for s in image.GetSpacing()]
-    image = sitk.SmoothingRecursiveGaussian(image, sigma)
-    size = [max(2, int(round(n * s / spacing_mm))) for n, s in zip(image.GetSize(), image.GetSpacing(), strict=True)]
+    """Anti-aliased resampling to an isotropic grid inside the same physical extent (float32, same axes).
+
+    Voxels are averaged in blocks of about `spacing_mm` (the anti-aliasing, cheap on a full-size CT), then
+    linearly resampled.
+    """
+    factors = [max(1, round(spacing_mm / s)) for s in image.GetSpacing()]
+    image = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
+    size = [max(2, int((n - 1) * s / spacing_mm) + 1) for n, s in zip(image.GetSize(), image.GetSpacing(),
+                                                                     strict=True)]
     return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spacing_mm] * 3,
                          image.GetDirection(), -1024.0, sitk.sitkFloat32)
 
@@ -69,7 +77,7 @@ def body_mask(image: sitk.Image, threshold_hu: float) -> sitk.Image:
     labels, count = ndimage.label(above)
     body = np.zeros(above.shape, dtype=np.uint8)
     if count:
-        largest = labels == 1 + int(np.argmax(ndimage.sum_labels(above, labels, range(1, count + 1))))
+        largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
         for k in range(largest.shape[0]):  # 2D filling: the lungs may touch the first or last slice
             body[k] = ndimage.binary_fill_holes(largest[k])
     mask = sitk.GetImageFromArray(body)
@@ -78,11 +86,11 @@ def body_mask(image: sitk.Image, threshold_hu: float) -> sitk.Image:
 
 
 def _ncc(fixed: np.ndarray, moving: np.ndarray, inside: np.ndarray) -> float:
-    """Normalised cross-correlation of two arrays inside a mask."""
+    """Normalised cross-correlation of two arrays inside a mask (0 when the mask is empty)."""
     a = fixed[inside].astype(np.float64)
     b = moving[inside].astype(np.float64)
-    a -= a.mean()
-    b -= b.mean()
+    a -= a.mean() if a.size else 0.0
+    b -= b.mean() if b.size else 0.0
     denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
     return float((a * b).sum() / denominator) if denominator > 0 else 0.0
 
@@ -102,29 +110,128 @@ def matrix_to_transform(matrix: np.ndarray) -> sitk.AffineTransform:
     return sitk.AffineTransform(np.asarray(matrix)[:3, :3].ravel().tolist(), np.asarray(matrix)[:3, 3].tolist())
 
 
+def _domain(image: sitk.Image, margin_voxels: int = 0) -> sitk.Image:
+    """A uint8 image of ones on the image's grid, zero within `margin_voxels` of its border."""
+    size = [max(1, n - 2 * margin_voxels) for n in image.GetSize()]
+    ones = sitk.Image(size, sitk.sitkUInt8) + 1
+    domain = sitk.ConstantPad(ones, [margin_voxels] * 3, [n - m - margin_voxels for n, m in
+                                                          zip(image.GetSize(), size, strict=True)], 0)
+    domain.CopyInformation(image)
+    return domain
+
+
+def _seen(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, margin_voxels: int = 0) -> np.ndarray:
+    """Which fixed voxels the transform maps inside the moving exam ([z, y, x] boolean array)."""
+    domain = _domain(moving, margin_voxels)
+    return sitk.GetArrayFromImage(sitk.Resample(domain, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
+
+
+def _shift_candidates(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
+                      settings: RegistrationSettings) -> list[np.ndarray]:
+    """Translations (fixed -> moving, mm) that best line up the bodies, best first.
+
+    The masked normalised cross-correlation (Padfield 2012, ITK's MaskedFFTNormalizedCorrelation) of both
+    images at `search_mm`, over every shift whose body overlap is at least `search_min_overlap`, so that exams
+    covering different parts of the chest are compared only where both see the patient. Peaks closer than
+    30 mm to a better one, or with a correlation more than `search_tolerance` below the best, are skipped.
+    """
+    factor = max(1, int(round(settings.search_mm / settings.resample_mm)))
+    images = [sitk.BinShrink(image, [factor] * 3) for image in (fixed, moving)]
+    masks = [sitk.Cast(sitk.BinShrink(sitk.Cast(mask, sitk.sitkFloat32), [factor] * 3) > 0.5, sitk.sitkFloat32)
+             for mask in (fixed_mask, moving_mask)]
+    origin_shift = np.asarray(images[1].GetOrigin()) - np.asarray(images[0].GetOrigin())
+    for image in (images[1], masks[1]):  # ITK wants both on one origin; the shift is added back below
+        image.SetOrigin(images[0].GetOrigin())
+    correlation = sitk.GetArrayFromImage(sitk.MaskedFFTNormalizedCorrelation(
+        images[0], images[1], masks[0], masks[1], 0, settings.search_min_overlap))
+    peaks = correlation == ndimage.maximum_filter(correlation, size=5)
+    order = np.argsort(correlation[peaks])[::-1]
+    spacing = np.asarray(images[0].GetSpacing())
+    axes = np.reshape(images[0].GetDirection(), (3, 3))
+    candidates: list[np.ndarray] = []
+    values = correlation[peaks][order]
+    for index, value in zip(np.argwhere(peaks)[order][:, ::-1], values, strict=True):
+        if value < values[0] - settings.search_tolerance:
+            break
+        # correlation voxel `index` pairs fixed voxel i with moving voxel i - (index - (moving size - 1))
+        voxels = (np.asarray(images[1].GetSize()) - 1) - index
+        shift = origin_shift + axes @ (voxels * spacing)
+        log.debug("search: shift %s mm, correlation %.3f", np.round(shift, 1).tolist(), value)
+        if all(np.linalg.norm(shift - other) > 30.0 for other in candidates):
+            candidates.append(shift)
+        if len(candidates) == settings.search_starts:
+            break
+    return candidates
+
+
+def _rigid_start(fixed: sitk.Image, moving: sitk.Image, fixed_body: sitk.Image,
+                 shift: np.ndarray) -> tuple[sitk.VersorRigid3DTransform, sitk.Image]:
+    """A translation as a versor-rigid start, and the metric's fixed mask: the body voxels that it maps inside
+    the moving exam (10 mm in from its border), whose centre is the rotation centre."""
+    translation = sitk.TranslationTransform(3, shift.tolist())
+    margin = int(math.ceil(10.0 / fixed.GetSpacing()[0]))
+    inside = sitk.GetArrayViewFromImage(fixed_body).astype(bool) & _seen(fixed, moving, translation, margin)
+    if not inside.any():
+        raise ValueError("the exams do not overlap at the start of the optimisation")
+    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
+    mask.CopyInformation(fixed_body)
+    start = sitk.VersorRigid3DTransform()
+    start.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint(np.argwhere(inside).mean(axis=0)[::-1].tolist()))
+    start.SetTranslation(shift.tolist())
+    return start, mask
+
+
 def _rigid_register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
+                    start: sitk.Transform, levels: slice,
                     settings: RegistrationSettings) -> tuple[sitk.Transform, float]:
-    """Multi-resolution versor-rigid registration with Mattes mutual information; returns transform and metric."""
-    initial = sitk.CenteredTransformInitializer(
-        sitk.Cast(fixed_mask, sitk.sitkFloat32), sitk.Cast(moving_mask, sitk.sitkFloat32),
-        sitk.VersorRigid3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    """Versor-rigid registration with Mattes mutual information over some levels of the pyramid.
+
+    Returns the transform and the final metric (lower is better).
+    """
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(settings.sampling_fraction, settings.seed)
     method.SetMetricFixedMask(fixed_mask)
     method.SetMetricMovingMask(moving_mask)
+    method.SetMetricUseFixedImageGradientFilter(False)  # gradients at the samples only, not of whole images
+    method.SetMetricUseMovingImageGradientFilter(False)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-4, numberOfIterations=settings.iterations, relaxationFactor=0.6,
+        learningRate=2.0, minStep=1e-3, numberOfIterations=settings.iterations, relaxationFactor=0.6,
         gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(list(settings.shrink_factors))
-    method.SetSmoothingSigmasPerLevel(list(settings.smoothing_sigmas_mm))
+    method.SetShrinkFactorsPerLevel(list(settings.shrink_factors[levels]))
+    method.SetSmoothingSigmasPerLevel(list(settings.smoothing_sigmas_mm[levels]))
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetInitialTransform(initial, inPlace=False)
+    method.SetInitialTransform(sitk.VersorRigid3DTransform(start), inPlace=False)
     transform = method.Execute(fixed, moving)
     return transform, float(method.GetMetricValue())
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image, fixed_body: sitk.Image, moving_body: sitk.Image,
+              settings: RegistrationSettings) -> tuple[sitk.Transform, float]:
+    """Search the translation, run the first pyramid level from each start, refine the best one.
+
+    Starts are compared by the body similarity where both exams overlap (their metric values are not
+    comparable: each start has its own overlap mask).
+    """
+    starts = _shift_candidates(fixed, moving, fixed_body, moving_body, settings)
+    if not starts:
+        raise ValueError(f"no shift overlaps the bodies by {settings.search_min_overlap:.0%} or more")
+    body = sitk.GetArrayViewFromImage(fixed_body).astype(bool)
+    best = None
+    for shift in starts:
+        start, mask = _rigid_start(fixed, moving, fixed_body, shift)
+        transform, metric = _rigid_register(fixed, moving, mask, moving_body, start, slice(0, 1), settings)
+        score = _similarity(fixed, body, moving, transform)[1] if len(starts) > 1 else 0.0
+        if best is None or score > best[3]:
+            best = (transform, mask, metric, score)
+    transform, mask, metric, _ = best
+    if len(settings.shrink_factors) > 1:
+        rigid = sitk.VersorRigid3DTransform(sitk.CompositeTransform(transform).GetNthTransform(0))
+        transform, metric = _rigid_register(fixed, moving, mask, moving_body, rigid, slice(1, None), settings)
+    return transform, metric
 
 
 def _rotation_deg(matrix: np.ndarray) -> float:
@@ -136,13 +243,30 @@ def _geometry_of(image: sitk.Image) -> Geometry:
                     tuple(image.GetDirection()))
 
 
+def _similarity(fixed: sitk.Image, fixed_body: np.ndarray, moving: sitk.Image,
+                transform: sitk.Transform) -> tuple[float, float, float]:
+    """Overlap and similarity of fixed and moving through a transform, where both exams see the patient.
+
+    Returns the fraction of the fixed body that the transform maps inside the moving exam, and the normalised
+    cross-correlation inside the body and inside the lungs (below -400 HU) on that overlap only, so that a
+    follow-up covering less of the chest is not mistaken for a bad registration.
+    """
+    fixed_array = sitk.GetArrayViewFromImage(fixed)
+    moved = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, -1024.0))
+    body = fixed_body & _seen(fixed, moving, transform)
+    overlap = float(body.sum() / fixed_body.sum()) if fixed_body.any() else 0.0
+    return overlap, _ncc(fixed_array, moved, body), _ncc(fixed_array, moved, body & (fixed_array < -400))
+
+
 def register_exam(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
                   precomputed: sitk.Transform | None = None) -> dict[str, Any]:
     """Register `moving` to `fixed` (or evaluate a precomputed transform) and measure its quality.
 
-    Returns the fixed -> moving matrix and QC numbers: the final metric, the rotation and translation of the
-    transform, and the normalised cross-correlation of fixed and moving inside the fixed body and lungs,
-    before (identity) and after registration.
+    A translation search over the whole plausible range proposes `search_starts` starts; the first pyramid
+    level runs from each, and the best is refined on the others. Returns the fixed -> moving matrix and QC
+    numbers: the final metric, the rotation and translation of the transform, the overlap of the two exams
+    and the normalised cross-correlation of fixed and moving inside the fixed body and lungs, where both
+    exams see the patient, before (identity) and after registration.
     """
     fixed_small = _downsample(fixed, settings.resample_mm)
     moving_small = _downsample(moving, settings.resample_mm)
@@ -150,24 +274,23 @@ def register_exam(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationS
     moving_body = body_mask(moving_small, settings.body_threshold_hu)
     metric = math.nan
     if precomputed is None:
-        transform, metric = _rigid_register(fixed_small, moving_small, fixed_body, moving_body, settings)
+        transform, metric = _register(fixed_small, moving_small, fixed_body, moving_body, settings)
     else:
         transform = precomputed
     matrix = transform_to_matrix(transform)
-    fixed_array = sitk.GetArrayViewFromImage(fixed_small)
     body = sitk.GetArrayViewFromImage(fixed_body).astype(bool)
-    lungs = body & (fixed_array < -400)
-    before, after = (sitk.GetArrayFromImage(sitk.Resample(moving_small, fixed_small, t, sitk.sitkLinear, -1024.0))
-                     for t in (sitk.Transform(), transform))
+    _, body_before, lung_before = _similarity(fixed_small, body, moving_small, sitk.Transform())
+    overlap, body_after, lung_after = _similarity(fixed_small, body, moving_small, transform)
     return {
         "fixed_to_moving": matrix[:3, :].ravel().tolist(),
         "metric": metric,
         "rotation_deg": _rotation_deg(matrix),
         "translation_mm": float(np.linalg.norm(matrix[:3, 3])),
-        "body_ncc_before": _ncc(fixed_array, before, body),
-        "body_ncc_after": _ncc(fixed_array, after, body),
-        "lung_ncc_before": _ncc(fixed_array, before, lungs),
-        "lung_ncc_after": _ncc(fixed_array, after, lungs),
+        "overlap": overlap,
+        "body_ncc_before": body_before,
+        "body_ncc_after": body_after,
+        "lung_ncc_before": lung_before,
+        "lung_ncc_after": lung_after,
     }
 
 
@@ -179,7 +302,7 @@ def _load_precomputed(exam: ShardExam) -> sitk.Transform:
 
 SHARD_COLUMNS = [
     "exam_id", "pid", "fixed_exam_id", "is_fixed", "transform_source", "transform_file", "fixed_to_moving",
-    "metric", "rotation_deg", "translation_mm", "body_ncc_before", "body_ncc_after", "lung_ncc_before",
+    "metric", "rotation_deg", "translation_mm", "overlap", "body_ncc_before", "body_ncc_after", "lung_ncc_before",
     "lung_ncc_after", "fixed_shape", "fixed_spacing", "fixed_origin", "fixed_direction", "original_shape",
     "original_spacing", "original_origin", "original_direction", "error", "runtime_s",
 ]
@@ -241,6 +364,7 @@ class QualityThresholds:
     """When a registration is flagged as bad (config key `registration.qc`)."""
 
     min_lung_ncc: float = 0.7  # lung similarity after registration (same patient ~0.85-0.95, another ~0.5)
+    min_overlap: float = 0.4  # fraction of the baseline's body that the registered follow-up covers
     max_ncc_drop: float = 0.02  # registration may not make the lung similarity worse than no registration
     max_rotation_deg: float = 15.0  # screening follow-ups differ by a few degrees
     max_translation_mm: float = 80.0
@@ -253,6 +377,9 @@ def quality_reasons(row: Mapping[str, Any], thresholds: QualityThresholds) -> st
     if row["is_fixed"]:
         return None
     reasons = []
+    if row["overlap"] < thresholds.min_overlap:
+        reasons.append(f"the follow-up covers {row['overlap']:.0%} of the baseline's body "
+                       f"< {thresholds.min_overlap:.0%}")
     if row["lung_ncc_after"] < thresholds.min_lung_ncc:
         reasons.append(f"lung similarity after registration {row['lung_ncc_after']:.3f} < {thresholds.min_lung_ncc}")
     if row["lung_ncc_after"] < row["lung_ncc_before"] - thresholds.max_ncc_drop:

@@ -69,6 +69,8 @@ class CohortConfig:
     reference_spacing_mm: tuple[float, float, float] = (0.75, 0.75, 1.0)
     max_rotation_deg: float = 5.0
     max_translation_mm: float = 15.0
+    max_start_offset_mm: float = 0.0  # exams' scan ranges start up to this far apart along the body axis
+    deformation_mm: float = 0.0  # largest smooth non-rigid displacement of a follow-up (0: rigid only)
     breathing_scale: float = 0.003
     nodules_per_patient: tuple[int, int] = (1, 4)
     initial_volume_mm3: tuple[float, float] = (15.0, 1500.0)
@@ -95,6 +97,52 @@ class Pose:
         out[:3, :3] = self.rotation @ np.diag(self.breathing)
         out[:3, 3] = self.translation
         return out
+
+
+@dataclass(frozen=True)
+class Deformation:
+    """Smooth non-rigid change of one exam's anatomy: its point x (before the pose) shows anatomy point x + u(x).
+
+    u is a sum of sine waves, u(x) = sum_k a_k sin(k_k . x + phase_k), with wavelengths of 150-300 mm and
+    |u| <= the sum of |a_k|; its gradient stays below 0.25, so the inverse is found by fixed-point iteration.
+    No waves: the identity.
+    """
+
+    waves: np.ndarray  # (K, 7): wave vector (rad/mm, 3), amplitude (mm, 3), phase (rad)
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, amplitude_mm: float, count: int = 3) -> Deformation:
+        """Random waves whose amplitudes add up to `amplitude_mm`."""
+        directions = _unit_rows(rng.normal(size=(count, 3)))
+        vectors = directions * (2 * np.pi / rng.uniform(150.0, 300.0, count))[:, None]
+        amplitudes = _unit_rows(rng.normal(size=(count, 3))) * amplitude_mm / count
+        return cls(np.column_stack([vectors, amplitudes, rng.uniform(0.0, 2 * np.pi, count)]))
+
+    @classmethod
+    def from_list(cls, values: list[float] | np.ndarray) -> Deformation:
+        """The deformation stored in the truth table as a flat list."""
+        return cls(np.reshape(np.asarray(values, dtype=float), (-1, 7)))
+
+    def displacement(self, points: np.ndarray) -> np.ndarray:
+        """u at (N, 3) points, mm."""
+        vectors, amplitudes, phases = self.waves[:, :3], self.waves[:, 3:6], self.waves[:, 6]
+        return np.sin(np.asarray(points, dtype=float) @ vectors.T + phases) @ amplitudes
+
+    def to_anatomy(self, points: np.ndarray) -> np.ndarray:
+        """Anatomy points seen at the exam's (pre-pose) points."""
+        return np.asarray(points, dtype=float) + self.displacement(points)
+
+    def from_anatomy(self, points: np.ndarray) -> np.ndarray:
+        """Pre-pose exam points that show the given anatomy points (inverse of `to_anatomy`)."""
+        points = np.asarray(points, dtype=float)
+        x = points.copy()
+        for _ in range(40):  # contraction with factor < 0.25: 40 steps reach float precision
+            x = points - self.displacement(x)
+        return x
+
+
+def _unit_rows(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 @dataclass
@@ -188,7 +236,7 @@ def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: Coh
     """Place 1-4 nodules in lung parenchyma, far enough from the lung border, vessels and each other."""
     timepoints = sorted(days)
     count = int(rng.integers(config.nodules_per_patient[0], config.nodules_per_patient[1] + 1))
-    half = np.asarray(config.fov_mm) / 2.0 - np.array([35.0, 35.0, 30.0])
+    half = np.asarray(config.fov_mm) / 2.0 - np.array([35.0, 35.0, 30.0 + config.max_start_offset_mm / 2.0])
     candidates = rng.uniform(-half, half, size=(20000, 3))
     depth = lung_depth_mm(anatomy, candidates)
     tracks: list[NoduleTrack] = []
@@ -265,9 +313,11 @@ def _render_nodule(volume: np.ndarray, labels: np.ndarray, track: NoduleTrack, d
 
 
 def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> sitk.Image:
-    """Noise-free anatomy rendered once per patient on a grid larger than the field of view."""
+    """Noise-free anatomy rendered once per patient on a grid larger than every exam's field of view."""
     spacing = np.asarray(config.reference_spacing_mm)
-    extent = np.asarray(config.fov_mm) + 2 * np.array([25.0, 25.0, 30.0])
+    reach = config.max_translation_mm + config.deformation_mm + 10.0
+    margins = np.maximum([25.0, 25.0, 30.0], [reach, reach, reach + config.max_start_offset_mm / 2.0])
+    extent = np.asarray(config.fov_mm) + 2 * margins
     size = np.ceil(extent / spacing).astype(int)
     origin = -(size - 1) * spacing / 2.0
     array = render_anatomy(anatomy, tuple(int(v) for v in size), tuple(spacing), tuple(origin))
@@ -277,18 +327,34 @@ def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> sitk.Image:
     return image
 
 
-def _exam_geometry(config: CohortConfig, pixel_spacing: float, thickness: float) -> Geometry:
-    """Axial exam grid covering the field of view, centred on the scanner's isocentre."""
+def _exam_geometry(config: CohortConfig, pixel_spacing: float, thickness: float, start_offset: float = 0.0) -> Geometry:
+    """Axial exam grid covering the field of view, centred on the scanner's isocentre shifted by `start_offset`
+    along the body axis."""
     spacing = np.array([pixel_spacing, pixel_spacing, thickness])
     size = np.floor(np.asarray(config.fov_mm) / spacing).astype(int)
-    origin = -(size - 1) * spacing / 2.0
+    origin = -(size - 1) * spacing / 2.0 + np.array([0.0, 0.0, start_offset])
     return Geometry(tuple(int(v) for v in size), tuple(float(v) for v in spacing), tuple(float(v) for v in origin),
                     (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
 
+def _deformation_field(reference: sitk.Image, deformation: Deformation) -> sitk.Transform:
+    """The deformation as an ITK displacement field on a 4 mm grid over the reference (exact to ~0.02 mm)."""
+    spacing = 4.0
+    size = [int(math.ceil(n * s / spacing)) + 3 for n, s in zip(reference.GetSize(), reference.GetSpacing(),
+                                                                 strict=True)]
+    origin = np.asarray(reference.GetOrigin()) - spacing
+    axes = [origin[i] + spacing * np.arange(size[i]) for i in range(3)]
+    z, y, x = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    field = deformation.displacement(np.stack([x, y, z], -1).reshape(-1, 3)).reshape(*x.shape, 3)
+    image = sitk.GetImageFromArray(field, isVector=True)
+    image.SetOrigin(tuple(origin))
+    image.SetSpacing([spacing] * 3)
+    return sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
+
+
 def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
-                 rng: np.random.Generator, noise_hu: float) -> np.ndarray:
-    """Anatomy seen through `pose` on the exam grid, blurred to the slice thickness (float HU, no noise yet)."""
+                 rng: np.random.Generator, noise_hu: float, deformation: Deformation | None = None) -> np.ndarray:
+    """Anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness, noisy."""
     blurred = reference
     ref_dz = reference.GetSpacing()[2]
     if thickness > ref_dz:
@@ -297,15 +363,66 @@ def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thicknes
         blurred = sitk.GetImageFromArray(array)
         blurred.CopyInformation(reference)
     anatomy_from_exam = np.linalg.inv(pose.matrix())
-    transform = sitk.AffineTransform(3)
+    transform: sitk.Transform = sitk.AffineTransform(3)
     transform.SetMatrix(anatomy_from_exam[:3, :3].ravel().tolist())
     transform.SetTranslation(anatomy_from_exam[:3, 3].tolist())
+    if deformation is not None and len(deformation.waves):
+        transform = sitk.CompositeTransform([_deformation_field(reference, deformation), transform])
     resampled = sitk.Resample(blurred, geometry.reference_image(), transform, sitk.sitkLinear, -1000.0,
                               sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(resampled)
     noise = gaussian_filter(rng.normal(size=array.shape).astype(np.float32), sigma=(0.0, 0.7, 0.7))
     noise *= noise_hu / max(float(noise.std()), 1e-6)
     return array + noise
+
+
+def _exam_pose(config: CohortConfig, rng: np.random.Generator, index: int,
+               position: int) -> tuple[Pose, float, Deformation]:
+    """How the patient's `position`-th exam sees the anatomy: pose, scan-range offset and non-rigid change.
+
+    The first exam has no misalignment and no deformation. Offset and deformation come from their own random
+    stream, so that a cohort without them is the same as before they existed.
+    """
+    rotation = np.eye(3) if position == 0 else _random_rotation(rng, config.max_rotation_deg)
+    translation = np.zeros(3) if position == 0 else rng.uniform(-1, 1, 3) * config.max_translation_mm
+    breathing = 1.0 + np.array([0.0, *rng.uniform(-1, 1, 2)]) * config.breathing_scale
+    geometry_rng = np.random.default_rng([config.seed, index, 1, position])
+    start_offset = float(geometry_rng.uniform(-0.5, 0.5)) * config.max_start_offset_mm
+    waves = position > 0 and config.deformation_mm > 0
+    deformation = Deformation.sample(geometry_rng, config.deformation_mm) if waves else Deformation(np.zeros((0, 7)))
+    return Pose(rotation, translation, breathing), start_offset, deformation
+
+
+def exam_pair(config: CohortConfig, index: int, pixel_spacing: float, thickness: float,
+              follow_up: np.ndarray | None = None,
+              start_offsets: tuple[float, float] | None = None) -> tuple[sitk.Image, sitk.Image, pd.DataFrame,
+                                                                       ChestAnatomy]:
+    """A baseline and a follow-up of one synthetic patient, without nodules, for registration checks.
+
+    Drawn as `generate_patient` draws its exams' geometry (pose, scan-range offset, non-rigid change), on grids
+    of `pixel_spacing` x `pixel_spacing` x `thickness` mm; `follow_up` (a 4x4 anatomy -> exam matrix) and
+    `start_offsets` (mm, baseline and follow-up) replace the drawn ones. Returns both int16 images, their truth
+    rows (exam_id "baseline" and "follow_up", for `truth_map_points`) and the anatomy.
+    """
+    rng = np.random.default_rng([config.seed, index])
+    anatomy = sample_anatomy(rng, config.fov_mm)
+    reference = _anatomy_image(anatomy, config)
+    images, truth = [], []
+    for position, exam_id in enumerate(("baseline", "follow_up")):
+        pose, start_offset, deformation = _exam_pose(config, rng, index, position)
+        if position and follow_up is not None:
+            pose = Pose(np.asarray(follow_up)[:3, :3], np.asarray(follow_up)[:3, 3], np.ones(3))
+        start_offset = start_offset if start_offsets is None else start_offsets[position]
+        geometry = _exam_geometry(config, pixel_spacing, thickness, start_offset)
+        volume = _render_exam(reference, geometry, pose, thickness, rng, float(rng.uniform(*config.noise_hu)),
+                              deformation)
+        image = sitk.GetImageFromArray(np.clip(np.round(volume), -1024, 3071).astype(np.int16))
+        image.SetSpacing(geometry.spacing)
+        image.SetOrigin(geometry.origin)
+        images.append(image)
+        truth.append({"exam_id": exam_id, "anatomy_to_exam": pose.matrix()[:3, :].ravel().tolist(),
+                      "deformation": deformation.waves.ravel().tolist(), "start_offset_mm": start_offset})
+    return images[0], images[1], pd.DataFrame(truth), anatomy
 
 
 def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -326,10 +443,8 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
     tracking: dict[int, dict[int, dict[str, Any]]] = {}
     nodule_id = 0
     for position, tp in enumerate(pattern):
-        rotation = np.eye(3) if position == 0 else _random_rotation(rng, config.max_rotation_deg)
-        translation = np.zeros(3) if position == 0 else rng.uniform(-1, 1, 3) * config.max_translation_mm
-        breathing = 1.0 + np.array([0.0, *rng.uniform(-1, 1, 2)]) * config.breathing_scale
-        pose = Pose(rotation, translation, breathing)
+        pose, start_offset, deformation = _exam_pose(config, rng, index, position)
+        rotation, translation = pose.rotation, pose.translation
         pixel_spacing = round(float(rng.uniform(*config.pixel_spacing_mm)), 4)
         thicknesses = [float(rng.choice(config.slice_thicknesses_mm))]
         if rng.random() < config.second_series_fraction:
@@ -339,15 +454,18 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
         for series_index, thickness in enumerate(thicknesses):
             series_uid = f"1.2.826.0.1.3680043.10.543.{pid}.{tp}.{series_index}.{int(rng.integers(10**11, 10**12))}"
             exam_id = nlst_exam_id(pid, tp, series_uid)
-            geometry = _exam_geometry(config, pixel_spacing, thickness)
-            volume = _render_exam(reference, geometry, pose, thickness, rng, noise_hu)
+            geometry = _exam_geometry(config, pixel_spacing, thickness, start_offset)
+            volume = _render_exam(reference, geometry, pose, thickness, rng, noise_hu, deformation)
             labels = np.zeros(volume.shape, dtype=np.uint8)
             voxel_volume = float(np.prod(geometry.spacing))
             for track in tracks:
                 if days[tp] < track.first_day:
                     continue
-                count, box, centre = _render_nodule(volume, labels, track, days[tp], geometry, pose.matrix())
-                centre_exam = pose.matrix()[:3, :3] @ track.center + pose.matrix()[:3, 3]
+                # a nodule is small next to the deformation's wavelength: it moves with its centre, keeping its shape
+                local = np.eye(4)
+                local[:3, 3] = deformation.from_anatomy(track.center[None])[0] - track.center
+                count, box, centre = _render_nodule(volume, labels, track, days[tp], geometry, pose.matrix() @ local)
+                centre_exam = (pose.matrix() @ local @ np.append(track.center, 1.0))[:3]
                 truth_nodules.append({
                     "pid": pid, "nodule_group": track.group, "kind": track.kind, "fate": track.fate,
                     "doubling_days": track.doubling_days, "exam_id": exam_id, "screen_timepoint": tp,
@@ -376,6 +494,7 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
             truth_exams.append({
                 "pid": pid, "exam_id": exam_id, "screen_timepoint": tp, "primary_series": series_index == 0,
                 "anatomy_to_exam": pose.matrix()[:3, :].ravel().tolist(),
+                "deformation": deformation.waves.ravel().tolist(), "start_offset_mm": start_offset,
                 "rotation_deg": np.rad2deg(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1))),
                 "translation_mm": float(np.linalg.norm(translation)),
             })
@@ -403,8 +522,23 @@ def generate_cohort(config: CohortConfig, out_dir: str | os.PathLike[str], threa
              sum(len(p["manifest"]) for p in patients), out)
 
 
+def _exam_frame(rows: pd.DataFrame, exam_id: str) -> tuple[np.ndarray, Deformation]:
+    return homogeneous(rows.loc[exam_id, "anatomy_to_exam"]), Deformation.from_list(rows.loc[exam_id, "deformation"])
+
+
+def truth_map_points(truth_exams: pd.DataFrame, from_exam_id: str, to_exam_id: str, points: np.ndarray) -> np.ndarray:
+    """(N, 3) physical points of one exam mapped to the same anatomy in another, non-rigid change included."""
+    rows = truth_exams.set_index("exam_id")
+    pose, deformation = _exam_frame(rows, from_exam_id)
+    anatomy = deformation.to_anatomy((np.asarray(points, dtype=float) - pose[:3, 3]) @ np.linalg.inv(pose[:3, :3]).T)
+    pose, deformation = _exam_frame(rows, to_exam_id)
+    return deformation.from_anatomy(anatomy) @ pose[:3, :3].T + pose[:3, 3]
+
+
 def truth_transform(truth_exams: pd.DataFrame, fixed_exam_id: str, moving_exam_id: str) -> np.ndarray:
-    """4x4 matrix mapping fixed-exam physical points to moving-exam physical points (ITK registration convention)."""
+    """4x4 matrix mapping fixed-exam physical points to moving-exam physical points (ITK registration convention).
+
+    The rigid part only: with a non-rigid change (`deformation_mm`), `truth_map_points` maps points exactly."""
     poses = {}
     for exam_id in (fixed_exam_id, moving_exam_id):
         poses[exam_id] = homogeneous(truth_exams.loc[truth_exams["exam_id"] == exam_id, "anatomy_to_exam"].iloc[0])
