@@ -24,7 +24,7 @@ rule train_vae:
     log:
         "logs/models/train_vae.log",
     benchmark:
-        "benchmarks/models/train_vae.tsv"
+        "logs/benchmarks/models/train_vae.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -43,7 +43,7 @@ rule encode_latents:
     log:
         "logs/models/encode_latents_{split}.log",
     benchmark:
-        "benchmarks/models/encode_latents_{split}.tsv"
+        "logs/benchmarks/models/encode_latents_{split}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -74,7 +74,7 @@ rule fm_pretrain:
     log:
         "logs/models/fm_pretrain_{dims}.log",
     benchmark:
-        "benchmarks/models/fm_pretrain_{dims}.tsv"
+        "logs/benchmarks/models/fm_pretrain_{dims}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -107,7 +107,7 @@ rule fm_paired:
     log:
         "logs/models/fm_paired_{run}.log",
     benchmark:
-        "benchmarks/models/fm_paired_{run}.tsv"
+        "logs/benchmarks/models/fm_paired_{run}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -127,7 +127,7 @@ rule small_boxes_encoded:
     log:
         "logs/models/small_boxes_encoded_{split}.log",
     benchmark:
-        "benchmarks/models/small_boxes_encoded_{split}.tsv"
+        "logs/benchmarks/models/small_boxes_encoded_{split}.tsv"
     conda:
         "../../envs/models.yaml"
     script:

@@ -15,7 +15,7 @@ rule volume_shard:
     log:
         "logs/volumes/{split}/{shard}.log",
     benchmark:
-        "benchmarks/volumes/{split}/{shard}.tsv"
+        "logs/benchmarks/volumes/{split}/{shard}.tsv"
     conda:
         "../../envs/registration.yaml"
     script:
@@ -35,7 +35,7 @@ rule volume_index:
     log:
         "logs/volumes/index_{split}.log",
     benchmark:
-        "benchmarks/volumes/index_{split}.tsv"
+        "logs/benchmarks/volumes/index_{split}.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -62,7 +62,7 @@ rule train_vae_volumes:
     log:
         "logs/models/train_vae_volumes.log",
     benchmark:
-        "benchmarks/models/train_vae_volumes.tsv"
+        "logs/benchmarks/models/train_vae_volumes.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -84,7 +84,7 @@ rule encode_volumes:
     log:
         "logs/models/encode_volumes_{split}.log",
     benchmark:
-        "benchmarks/models/encode_volumes_{split}.tsv"
+        "logs/benchmarks/models/encode_volumes_{split}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
