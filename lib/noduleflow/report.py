@@ -24,7 +24,7 @@ def runs_table(path: str | os.PathLike[str]) -> str:
     shown = table[columns].rename(columns=LANDING_COLUMNS)
     for column in shown.select_dtypes("number"):
         if column not in ("rank", "dims"):
-            shown[column] = shown[column].map(lambda v: "-" if pd.isna(v) else f"{v:.3g}")
+            shown[column] = shown[column].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}")
     lines = [",".join(f'"{v}"' for v in row) for row in [list(shown.columns), *shown.astype(str).values.tolist()]]
     return "\n".join("   " + line for line in lines)
 
