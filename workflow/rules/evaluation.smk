@@ -17,7 +17,7 @@ rule evaluate_run:
         evaluation=config["evaluation"],
         sampler=config["models"]["sampler"],
         seed=config["seed"],
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,

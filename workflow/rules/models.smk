@@ -16,7 +16,7 @@ rule train_vae:
         vae=config["models"]["vae"],
         work_dir="results/models/.work/vae",
         seed=config["seed"],
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,
@@ -37,7 +37,7 @@ rule encode_latents:
         index="results/cache/raw/{split}/index.parquet",
     output:
         directory("results/cache/latent/{split}"),
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
     log:
@@ -66,7 +66,7 @@ rule fm_pretrain:
                                               config["models"]["vae"]),
         work_dir="results/models/.work/pretrain_{dims}",
         seed=config["seed"],
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,
@@ -99,7 +99,7 @@ rule fm_paired:
                                               config["models"]["vae"]),
         work_dir="results/models/.work/runs/{run}",
         seed=config["seed"],
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,

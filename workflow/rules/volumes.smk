@@ -54,7 +54,7 @@ rule train_vae_volumes:
         vae=config["models"]["vae_volumes"],
         work_dir="results/models/.work/vae_volumes",
         seed=config["seed"],
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,
@@ -78,7 +78,7 @@ rule encode_volumes:
         directory("results/cache/volumes_encoded/{split}"),
     params:
         batch_size=1,
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
     log:
