@@ -17,6 +17,7 @@ rule train_vae:
         work_dir="results/models/.work/vae",
         seed=config["seed"],
     threads: config["models"]["threads"]
+    priority: 10  # heads the longest chain (latents, 3D pretraining, the latent run, its evaluation): start it first
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,
