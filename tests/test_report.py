@@ -1,5 +1,6 @@
 """The report: its landing page, and `snakemake --report` after the README's install (no test extras)."""
 
+import base64
 import json
 import re
 import subprocess
@@ -27,11 +28,16 @@ def test_the_runs_table_becomes_an_rst_table_of_the_landing_columns(tmp_path):
     assert cells[-2:] == ["12.5", "n/a"]  # a metric a baseline has no value for
 
 
-def test_an_image_tag_inlines_the_png(tmp_path):
-    png = b"\x89PNG\r\n\x1a\nnot really"
+def test_an_image_tag_inlines_the_png_in_lines_docutils_accepts(tmp_path):
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 200  # 51 kB: one base64 line would be too long for docutils
     (tmp_path / "a.png").write_bytes(png)
     tag = image_tag(tmp_path / "a.png", "montage.png")
-    assert tag.startswith('<img src="data:image/png;base64,iVBORw0KGgpub3QgcmVhbGx5"') and 'alt="montage.png"' in tag
+    assert tag.startswith('<img alt="montage.png" style="max-width: 100%" src="data:image/png;base64,')
+    assert max(len(line) for line in tag.splitlines()) < 10000
+    assert base64.b64decode("".join(tag.split("base64,")[1].rstrip('">').split())) == png
+    html = publish_parts(".. raw:: html\n\n" + "\n".join("   " + line for line in tag.splitlines()), writer="html",
+                         settings_overrides={"report_level": 2, "halt_level": 2})["body"]
+    assert "data:image/png;base64," in html
 
 
 @pytest.mark.slow

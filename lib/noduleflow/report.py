@@ -30,6 +30,10 @@ def runs_table(path: str | os.PathLike[str]) -> str:
 
 
 def image_tag(path: str | os.PathLike[str], alt: str) -> str:
-    """A PNG as an HTML <img> with the image inlined, so the self-contained report shows it on its first page."""
-    data = base64.b64encode(open(path, "rb").read()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{alt}" style="max-width: 100%">'
+    """A PNG as an HTML <img> with the image inlined, so the self-contained report shows it on its first page.
+
+    The base64 data is broken into lines (browsers drop the line breaks of a data URL): docutils refuses lines
+    longer than 10,000 characters.
+    """
+    data = base64.encodebytes(open(path, "rb").read()).decode("ascii").strip()
+    return f'<img alt="{alt}" style="max-width: 100%" src="data:image/png;base64,\n{data}">'
