@@ -100,7 +100,7 @@ def test_tracking_file_formats_and_hostile_pickles(tmp_path):
     tracking = {"100001": {1: {0: lesion("1000010a")}}}
     torch.save(tracking, tmp_path / "t.pt")
     (tmp_path / "t.p").write_bytes(pickle.dumps(list(tracking.items())))
-    assert load_tracking(tmp_path / "t.pt") == load_tracking(tmp_path / "t.p") == tracking
+    assert dict(load_tracking(tmp_path / "t.pt")) == dict(load_tracking(tmp_path / "t.p")) == tracking
     (tmp_path / "evil.p").write_bytes(b"cos\nsystem\n(S'echo owned'\ntR.")
     with pytest.raises(TrackingFileError, match="refusing"):
         load_tracking(tmp_path / "evil.p")

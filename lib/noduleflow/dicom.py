@@ -6,7 +6,8 @@ the body axis (not axial). The rest is sorted by position along the slice normal
 cosines); the slice spacing comes from those positions, not from SliceThickness. Pixels become HU through
 RescaleSlope and RescaleIntercept, slice by slice. Anything that would make the volume wrong raises
 DicomSeriesError with the reason: a single image, a gap, a duplicate position, uneven spacing, a sheared
-stack (gantry tilt), mixed orientations, sizes or spacings, missing geometry tags.
+stack (gantry tilt), mixed orientations, sizes or spacings, missing, malformed or implausible geometry tags, a
+DICOM file in the folder that cannot be parsed, an unusable rescale.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
+from noduleflow import limits
 from noduleflow.ids import is_safe_id
 from noduleflow.imaging import Geometry, write_nifti
 from noduleflow.io import write_csv
@@ -53,45 +54,85 @@ class SliceHeader:
     pixel_spacing: tuple[float, ...] | None
     size: tuple[int, int]  # rows, columns
     frames: int
+    problem: str | None = None  # why this file cannot be part of a volume (malformed or implausible tags)
 
 
-def _floats(value: object) -> tuple[float, ...] | None:
-    return None if value is None else tuple(float(v) for v in value)  # type: ignore[union-attr]
+def _floats(value: object, name: str, count: int, low: float, high: float, *, low_open: bool = False
+            ) -> tuple[float, ...] | None:
+    """A multi-valued numeric tag as `count` finite floats in range (None if absent); ValueError naming the tag."""
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str | bytes | int | float) else list(value)  # type: ignore[call-overload]
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} value(s), expected {count}")
+    return tuple(limits.number(v, name, low, high, low_open=low_open) for v in values)
 
 
-def read_headers(folder: str | os.PathLike[str]) -> dict[str, list[SliceHeader]]:
-    """Image files under `folder` (recursively, in path order) grouped by SeriesInstanceUID.
+def _slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
+    """The placing tags of one file; a malformed or implausible tag is recorded as the header's problem."""
+    types: tuple[str, ...] = ()
+    try:
+        image_type = ds.get("ImageType") or ()
+        types = tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type))
+        return SliceHeader(
+            path=str(path),
+            image_type=types,
+            position=_floats(ds.get("ImagePositionPatient"), "ImagePositionPatient", 3, -limits.MAX_POSITION_MM,
+                             limits.MAX_POSITION_MM),
+            orientation=_floats(ds.get("ImageOrientationPatient"), "ImageOrientationPatient", 6, -1.001, 1.001),
+            pixel_spacing=_floats(ds.get("PixelSpacing"), "PixelSpacing", 2, 0.0, limits.MAX_PIXEL_MM,
+                                  low_open=True),
+            size=(limits.integer(ds.Rows, "Rows", 1, limits.MAX_VOXELS_PER_AXIS),
+                  limits.integer(ds.Columns, "Columns", 1, limits.MAX_VOXELS_PER_AXIS)),
+            frames=limits.integer(ds.get("NumberOfFrames") or 1, "NumberOfFrames", 1, limits.MAX_VOXELS_PER_AXIS),
+        )
+    except Exception as error:  # pydicom converts values lazily and raises many types for malformed ones
+        return SliceHeader(str(path), types, None, None, None, (0, 0), 1,
+                           problem=f"{path.name}: malformed geometry tags ({type(error).__name__}: "
+                                   f"{str(error)[:200]})")
 
-    Files that are not DICOM, or DICOM files without an image (a DICOMDIR, a report), are skipped.
+
+def _looks_like_dicom(path: Path) -> bool:
+    """True if the file carries the DICOM Part 10 marker ('DICM' after the 128-byte preamble)."""
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def _claims_image(ds: pydicom.Dataset) -> bool:
+    """True if the file meta says this file holds an image (CT Image Storage and the like)."""
+    sop_class = getattr(ds, "file_meta", pydicom.Dataset()).get("MediaStorageSOPClassUID")
+    return sop_class is not None and "Image Storage" in pydicom.uid.UID(str(sop_class)).name
+
+
+def read_headers(folder: str | os.PathLike[str]) -> tuple[dict[str, list[SliceHeader]], list[str]]:
+    """Image files under `folder` (recursively, in path order) grouped by SeriesInstanceUID, and the names of the
+    DICOM files whose header cannot be parsed at all (unknown series: a caller must not ignore them).
+
+    Files that are not DICOM, and DICOM files without an image (a DICOMDIR, a report), are skipped. A file with
+    malformed placing tags, or without Rows while placed in space, keeps its place in its series with the problem
+    recorded; converting that series then fails with the file's name.
     """
     series: dict[str, list[SliceHeader]] = {}
-    skipped = 0
+    skipped, unreadable = 0, []
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
+            is_image = "SeriesInstanceUID" in ds and ("Rows" in ds or "ImagePositionPatient" in ds)
+            uid = str(ds.SeriesInstanceUID) if is_image else None
+            if uid is None and _claims_image(ds):  # an image storage file cut short
+                unreadable.append(path.name)
+        except Exception:  # not DICOM, or a header pydicom cannot parse (unknown VR, truncated, bad encoding)
+            if _looks_like_dicom(path):
+                unreadable.append(path.name)
+            uid = None
+        if uid is None:
             skipped += 1
             continue
-        if "SeriesInstanceUID" not in ds or "Rows" not in ds:
-            skipped += 1
-            continue
-        image_type = ds.get("ImageType") or ()
-        try:
-            header = SliceHeader(
-                path=str(path),
-                image_type=tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)),
-                position=_floats(ds.get("ImagePositionPatient")),
-                orientation=_floats(ds.get("ImageOrientationPatient")),
-                pixel_spacing=_floats(ds.get("PixelSpacing")),
-                size=(int(ds.Rows), int(ds.Columns)),
-                frames=int(ds.get("NumberOfFrames") or 1),
-            )
-        except (TypeError, ValueError) as error:
-            raise DicomSeriesError(f"{path.name}: malformed geometry tags ({error})") from error
-        series.setdefault(str(ds.SeriesInstanceUID), []).append(header)
+        series.setdefault(uid, []).append(_slice_header(path, ds))
     if skipped:
-        log.info("%s: %d file(s) without a DICOM image skipped", folder, skipped)
-    return series
+        log.info("%s: %d file(s) without a readable DICOM image header skipped", folder, skipped)
+    return series, unreadable
 
 
 def _axes(orientation: tuple[float, ...]) -> np.ndarray:
@@ -127,8 +168,9 @@ def stack_geometry(slices: list[SliceHeader]) -> tuple[list[SliceHeader], Geomet
     tags = {"position": "ImagePositionPatient", "orientation": "ImageOrientationPatient",
             "pixel_spacing": "PixelSpacing"}
     for name, tag in tags.items():
-        if any(getattr(s, name) is None for s in slices):
-            raise DicomSeriesError(f"a slice has no {tag}")
+        lacking = [Path(s.path).name for s in slices if getattr(s, name) is None]
+        if lacking:
+            raise DicomSeriesError(f"{len(lacking)} slice(s) without {tag}, e.g. {lacking[0]}")
     if any(s.frames != 1 for s in slices):
         raise DicomSeriesError("multi-frame (enhanced) DICOM images are not supported")
     _same([s.orientation for s in slices], "ImageOrientationPatient")
@@ -183,6 +225,8 @@ def _hu(path: str) -> tuple[np.ndarray, float, float]:
     except Exception as error:  # pydicom raises many types for truncated or undecodable files
         raise DicomSeriesError(f"{Path(path).name}: cannot read pixel data ({type(error).__name__}: {error}); "
                                f"a compressed transfer syntax needs a decoder such as pylibjpeg") from error
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
+        raise DicomSeriesError(f"{Path(path).name}: unusable RescaleSlope {slope} / RescaleIntercept {intercept}")
     return (pixels.astype(np.float64) * slope + intercept).astype(np.float32), slope, intercept
 
 
@@ -191,15 +235,22 @@ def read_series(folder: str | os.PathLike[str], series_uid: str) -> tuple[np.nda
 
     The array is int16 when every slope and intercept is an integer and the HU fit, float32 otherwise.
     """
-    groups = read_headers(folder)
+    groups, unreadable = read_headers(folder)
     if series_uid not in groups:
         found = ", ".join(f"{uid} ({len(files)} files)" for uid, files in sorted(groups.items())) or "no DICOM images"
         raise DicomSeriesError(f"series {series_uid} not found in {folder}; found: {found}")
-    headers = groups[series_uid]
-    scouts = [h for h in headers if is_scout(h)]
-    if scouts:
-        log.info("series %s: %d localizer or non-axial image(s) dropped", series_uid, len(scouts))
-    slices, geometry = stack_geometry([h for h in headers if not is_scout(h)])
+    if unreadable:
+        raise DicomSeriesError(f"{len(unreadable)} DICOM file(s) in the folder cannot be read, e.g. {unreadable[0]} "
+                               f"(they may be slices of this series)")
+    headers = [h for h in groups[series_uid] if not SCOUT_TYPES & set(h.image_type)]
+    malformed = [h.problem for h in headers if h.problem]
+    if malformed:
+        raise DicomSeriesError(f"{len(malformed)} image(s) with malformed tags, e.g. {malformed[0]}")
+    axial = [h for h in headers if not is_scout(h)]
+    if len(axial) < len(groups[series_uid]):
+        log.info("series %s: %d localizer or non-axial image(s) dropped", series_uid,
+                 len(groups[series_uid]) - len(axial))
+    slices, geometry = stack_geometry(axial)
     hu, slopes, intercepts = zip(*(_hu(s.path) for s in slices), strict=True)
     volume = np.stack(hu)
     if volume.shape[1:] != tuple(reversed(geometry.shape[:2])):
@@ -244,6 +295,9 @@ def convert_manifest(manifest_path: str | os.PathLike[str], out_manifest: str | 
             convert_series(row.image_path, row.series_uid, targets[row.exam_id])
         except DicomSeriesError as error:
             return str(error)
+        except Exception as error:  # the item boundary: one unexpected failure never sinks the other exams
+            log.exception("exam %s: unexpected error while converting", row.exam_id)
+            return f"unexpected {type(error).__name__}: {str(error)[:300]}"
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:

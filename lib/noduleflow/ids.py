@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import re
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def is_safe_id(value: object) -> bool:
     """True if `value` can be used as a file-name component: letters, digits, '.', '_', '-', no leading dot."""
-    return isinstance(value, str) and bool(_SAFE_ID.match(value)) and ".." not in value
+    return isinstance(value, str) and bool(_SAFE_ID.fullmatch(value)) and ".." not in value
 
 
 def nlst_exam_id(pid: str, screen_timepoint: int, series_uid: str) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from noduleflow.io import atomic_path
+from noduleflow.limits import MAX_PIXEL_MM, MAX_POSITION_MM, MAX_SLICE_MM, MAX_VOXELS_PER_AXIS
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -83,33 +84,76 @@ def write_nifti(array_zyx: np.ndarray, geometry: Geometry, path: str | os.PathLi
         nib.save(image, tmp)
 
 
+QFORM_SFORM_TOLERANCE_MM = 1.0  # qform and sform may place a corner of the volume this far apart
+MAX_DEFLATE_RATIO = 1032  # the most that DEFLATE can compress: a .nii.gz smaller than data / 1032 is truncated
+
+
 def read_geometry(path: str | os.PathLike[str]) -> Geometry:
-    """Read only the header of a NIfTI file and return its LPS geometry; raise ImageHeaderError if invalid."""
+    """Read only the header of a NIfTI file and return its LPS geometry; raise ImageHeaderError if invalid.
+
+    Checked: a 3D image of a real numeric type (bitpix agreeing), of plausible size, spacing and position, in mm;
+    the data offset past the header; the file holding as many bytes as the header promises; a qform or an sform
+    set, and the two agreeing when both are (nibabel reads the sform, ITK may read the qform); an intensity
+    scaling that nibabel and ITK read alike (scl_slope 0 with an intercept: nibabel ignores both, ITK adds the
+    intercept).
+    """
     try:
-        image = nib.load(os.fspath(path))
+        return _read_geometry(os.fspath(path))
+    except ImageHeaderError:
+        raise
+    except Exception as error:  # a damaged header can make nibabel fail anywhere
+        raise ImageHeaderError(f"unreadable NIfTI header ({type(error).__name__}: {str(error)[:200]})") from error
+
+
+def _read_geometry(path: str) -> Geometry:
+    try:
+        image = nib.load(path)
     except Exception as error:  # nibabel raises many types for damaged files
         raise ImageHeaderError(f"not a readable NIfTI image ({type(error).__name__}: {error})") from error
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise ImageHeaderError(f"not a NIfTI image but {type(image).__name__}")
+    header = image.header
     shape = image.shape
     if len(shape) != 3:
         raise ImageHeaderError(f"expected a 3D image, got {len(shape)}D with shape {tuple(shape)}")
-    if min(shape) < 2:
-        raise ImageHeaderError(f"degenerate image shape {tuple(shape)}")
-    with nib.openers.ImageOpener(os.fspath(path)) as handle:  # nibabel silently sets a zero spacing to 1
-        zooms = np.asarray(type(image.header).from_fileobj(handle, check=False)["pixdim"][1:4], dtype=float)
+    if min(shape) < 2 or max(shape) > MAX_VOXELS_PER_AXIS:
+        raise ImageHeaderError(f"implausible image shape {tuple(shape)} (each axis 2 to {MAX_VOXELS_PER_AXIS})")
+    dtype = header.get_data_dtype()
+    if dtype.kind not in "iuf" or dtype.fields is not None:
+        raise ImageHeaderError(f"voxel type {dtype} is not a real number type")
+    with nib.openers.ImageOpener(path) as handle:  # nibabel silently sets a zero spacing to 1
+        raw = type(header).from_fileobj(handle, check=False)
+    zooms = np.asarray(raw["pixdim"][1:4], dtype=float)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise ImageHeaderError(f"invalid voxel spacing {zooms.tolist()} (must be finite and positive)")
+    if int(raw["bitpix"]) != dtype.itemsize * 8:
+        raise ImageHeaderError(f"bitpix {int(raw['bitpix'])} contradicts the voxel type {dtype} "
+                               f"({dtype.itemsize * 8} bits)")
+    units = raw.get_xyzt_units()[0]
+    if units not in ("mm", "unknown"):
+        raise ImageHeaderError(f"spatial unit {units!r}: nibabel reads the numbers as mm, ITK converts them; "
+                               f"only mm (or unset) is accepted")
+    _check_scaling(raw)
+    _check_forms(header, shape)
     lps = _LPS_FROM_RAS @ np.asarray(image.affine, dtype=float)[:3, :]
     columns = lps[:, :3]
     spacing = np.linalg.norm(columns, axis=0)
     if not np.all(np.isfinite(lps)) or np.any(spacing <= 1e-6):
         raise ImageHeaderError("affine is not finite or has a zero-length axis")
+    if np.any(spacing > [MAX_PIXEL_MM, MAX_PIXEL_MM, MAX_SLICE_MM]):
+        raise ImageHeaderError(f"implausible voxel spacing {spacing.round(4).tolist()} mm (at most {MAX_PIXEL_MM} "
+                               f"in plane and {MAX_SLICE_MM} between slices)")
+    if np.any(np.abs(lps[:, 3]) > MAX_POSITION_MM):
+        raise ImageHeaderError(f"implausible origin {lps[:, 3].tolist()} mm")
     direction = columns / spacing
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
         raise ImageHeaderError("direction cosines are not orthogonal (sheared or skewed affine)")
-    _check_data_size(os.fspath(path), int(image.header.get_data_offset()) + int(np.prod(shape)) *
-                     image.header.get_data_dtype().itemsize)
+    offset = int(raw.get_data_offset())  # the file's vox_offset (a loaded image's header reports 0)
+    if not path.endswith((".hdr", ".hdr.gz", ".img", ".img.gz")):
+        minimum = int(raw.sizeof_hdr) + 4  # the header and its extension flag come first in a .nii
+        if offset < minimum:
+            raise ImageHeaderError(f"data offset (vox_offset) {offset} lies inside the {minimum}-byte header")
+    _check_data_size(path, offset + int(np.prod(shape)) * dtype.itemsize)
     return Geometry(
         shape=tuple(int(v) for v in shape),
         spacing=tuple(float(v) for v in spacing),
@@ -118,18 +162,49 @@ def read_geometry(path: str | os.PathLike[str]) -> Geometry:
     )
 
 
+def _check_scaling(header: Any) -> None:
+    """Reject an intensity scaling that readers interpret differently, or that is not finite."""
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if np.isinf(slope) or np.isinf(inter):
+        raise ImageHeaderError(f"infinite intensity scaling (scl_slope {slope}, scl_inter {inter})")
+    if (slope == 0 or np.isnan(slope)) and np.isfinite(inter) and inter != 0:
+        raise ImageHeaderError(f"scl_slope {slope} with scl_inter {inter}: nibabel applies no scaling, ITK adds "
+                               f"the intercept; set scl_slope to 1")
+
+
+def _check_forms(header: Any, shape: Sequence[int]) -> None:
+    """Reject a header with neither qform nor sform, or with both placing the volume differently."""
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if not qcode and not scode:
+        raise ImageHeaderError("qform_code and sform_code are both 0: the image has no position in space")
+    if qcode and scode:
+        corners = np.array([[x, y, z, 1.0] for x in (0, shape[0] - 1) for y in (0, shape[1] - 1)
+                            for z in (0, shape[2] - 1)]).T
+        with np.errstate(invalid="ignore", over="ignore"):  # a non-finite form gives a NaN distance: refused
+            distance = float(np.max(np.linalg.norm((qform - sform)[:3] @ corners, axis=0)))
+        if not distance <= QFORM_SFORM_TOLERANCE_MM:
+            raise ImageHeaderError(f"qform and sform disagree: a corner of the volume lies {distance:.2f} mm apart "
+                                   f"(readers differ in which they use)")
+
+
 def _check_data_size(path: str, expected: int) -> None:
     """Raise ImageHeaderError if the file holds fewer bytes than its header promises (a truncated file).
 
-    For .nii.gz the gzip trailer's size field answers in O(1); only when it disagrees (truncation, or a
-    multi-member gzip) is the stream decompressed to count its bytes.
+    For .nii.gz a file smaller than the data over DEFLATE's largest ratio is rejected at once, and the gzip
+    trailer's size field answers in O(1); only when it disagrees (truncation, a multi-member gzip, data of 4 GiB
+    or more) is the stream decompressed to count its bytes.
     """
     if not path.endswith(".gz"):
         actual = os.path.getsize(path)
     else:
+        compressed = os.path.getsize(path)
+        if compressed < 18 or expected > compressed * MAX_DEFLATE_RATIO:
+            raise ImageHeaderError(f"a {compressed}-byte compressed file cannot hold the {expected} bytes its header "
+                                   f"promises")
         with open(path, "rb") as handle:
             handle.seek(-4, os.SEEK_END)
-            if int.from_bytes(handle.read(4), "little") == expected % 2**32:
+            if expected < 2**32 and int.from_bytes(handle.read(4), "little") == expected:
                 return
         actual = 0
         try:

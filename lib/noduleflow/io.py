@@ -1,11 +1,20 @@
-"""File input/output shared by every stage: atomic writes, deterministic parquet, `.npy` arrays, safe pickles."""
+"""File input/output shared by every stage: atomic writes, deterministic parquet, `.npy` arrays, safe pickles
+and JSON.
+
+Input files from outside (tracking pickles, NLST JSON) are read with a size limit, and what they hold with a
+nesting-depth limit: a file of a few hundred bytes can describe a structure that is exponentially large when
+printed or walked naively (shared references), so structures are walked once per distinct object and described
+in error messages with `reprlib` (bounded length).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
+import reprlib
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -78,6 +87,92 @@ def write_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
         pickle.dump(obj, handle, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+MAX_INPUT_BYTES = 2 * 1024**3  # an NLST metadata JSON is about 1 GB; a tracking file a few MB
+MAX_NESTING_DEPTH = 16  # legitimate inputs nest about 8 deep (NLST JSON: patients > patient > exams > ... > list)
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
+
+
+class InputLimitError(ValueError):
+    """An input file, or the structure it holds, exceeds a size or nesting-depth limit."""
+
+
+def short_repr(value: Any) -> str:
+    """A repr of at most a few hundred characters, whatever the size or sharing of `value`."""
+    return _SHORT.repr(value)
+
+
+def check_input_size(path: str | os.PathLike[str], max_bytes: int = MAX_INPUT_BYTES) -> None:
+    """Raise InputLimitError if the file at `path` is larger than `max_bytes`."""
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise InputLimitError(f"{path}: {size} bytes, more than the limit of {max_bytes}")
+
+
+def check_nesting(value: Any, max_depth: int = MAX_NESTING_DEPTH, source: str | os.PathLike[str] = "") -> None:
+    """Raise InputLimitError (naming `source`) if containers in `value` nest deeper than `max_depth` or refer to
+    themselves.
+
+    Each distinct container is visited once (iteratively), so shared references cannot make this exponential.
+    """
+    try:
+        _walk(value, max_depth)
+    except InputLimitError as error:
+        raise InputLimitError(f"{source}: {error}" if source else str(error)) from None
+
+
+def _walk(value: Any, max_depth: int) -> None:
+    depth_of: dict[int, int] = {}  # id -> depth below it, once finished
+    active: set[int] = set()  # containers on the current path (a second visit is a cycle)
+    keep_alive = []  # ids stay unique while the walk runs
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        item, finished = stack.pop()
+        children = _children(item)
+        if children is None:
+            continue
+        key = id(item)
+        if finished:
+            active.discard(key)
+            depth_of[key] = 1 + max((depth_of.get(id(c), 0) for c in children), default=0)
+            if depth_of[key] > max_depth:
+                raise InputLimitError(f"containers nested more than {max_depth} deep")
+            continue
+        if key in depth_of:
+            continue
+        if key in active:
+            raise InputLimitError("a container holds itself (a cyclic structure)")
+        active.add(key)
+        keep_alive.append(item)
+        stack.append((item, True))
+        if len(active) > max_depth:
+            raise InputLimitError(f"containers nested more than {max_depth} deep")
+        stack.extend((child, False) for child in children)
+
+
+def _children(item: Any) -> list[Any] | None:
+    if isinstance(item, dict):
+        return [*item.keys(), *item.values()]
+    if isinstance(item, list | tuple | set | frozenset):
+        return list(item)
+    return None
+
+
+def load_json(path: str | os.PathLike[str], max_bytes: int = MAX_INPUT_BYTES,
+              max_depth: int = MAX_NESTING_DEPTH) -> Any:
+    """Parse a JSON file within size and nesting limits; ValueError (or InputLimitError) names the file."""
+    check_input_size(path, max_bytes)
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except RecursionError as error:
+        raise InputLimitError(f"{path}: JSON nested too deeply to parse") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    check_nesting(data, max_depth, path)
+    return data
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """Unpickler that refuses every global: only dicts, lists, tuples, sets, strings, numbers, bools, None."""
 
@@ -87,7 +182,14 @@ class _PlainDataUnpickler(pickle.Unpickler):
         )
 
 
-def load_plain_pickle(path: str | os.PathLike[str]) -> Any:
-    """Load a pickle that may only hold plain data, so a hostile file cannot run code."""
+def load_plain_pickle(path: str | os.PathLike[str], max_bytes: int = MAX_INPUT_BYTES,
+                      max_depth: int = MAX_NESTING_DEPTH) -> Any:
+    """Load a pickle that may only hold plain data, so a hostile file cannot run code; size and depth limited."""
+    check_input_size(path, max_bytes)
     with open(path, "rb") as handle:
-        return _PlainDataUnpickler(io.BufferedReader(handle)).load()
+        try:
+            data = _PlainDataUnpickler(io.BufferedReader(handle)).load()
+        except RecursionError as error:
+            raise InputLimitError(f"{path}: pickle nested too deeply to load") from error
+    check_nesting(data, max_depth, path)
+    return data

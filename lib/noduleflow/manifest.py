@@ -17,6 +17,8 @@ import pandas as pd
 
 from noduleflow.ids import is_safe_id
 from noduleflow.imaging import Geometry, ImageHeaderError, read_geometry
+from noduleflow.io import check_input_size
+from noduleflow.limits import MAX_ABS_DAYS, MAX_PIXEL_MM, MAX_SLICE_MM, MAX_TIMEPOINT, integer, number
 from noduleflow.problems import ProblemLog
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ REQUIRED_COLUMNS = [
 ]
 OPTIONAL_COLUMNS = ["pixel_spacing", "split"]
 SPLITS = ("train", "val", "test")
+SPACING_TOLERANCE = 0.1  # relative disagreement between a manifest spacing and the image header that is reported
 
 
 class ManifestError(ValueError):
@@ -42,26 +45,62 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a CSV or parquet manifest with id columns as strings; fail at once on a missing column."""
     path = Path(path)
     string_columns = {"pid": str, "exam_id": str, "series_uid": str, "image_path": str, "split": str}
-    if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    elif path.suffix in {".csv", ".tsv"}:
-        frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype=string_columns)
-    else:
+    if path.suffix not in {".parquet", ".csv", ".tsv"}:
         raise ManifestError(f"{path}: manifest must be .csv, .tsv or .parquet")
+    try:
+        check_input_size(path)
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype=string_columns)
+    except pd.errors.EmptyDataError as error:
+        raise ManifestError(f"{path}: the manifest file is empty (no header, no rows)") from error
+    except Exception as error:  # pandas and pyarrow raise many types for damaged files
+        raise ManifestError(f"{path}: cannot read manifest ({type(error).__name__}: {error})") from error
     missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
     if missing:
         raise ManifestError(
             f"{path}: manifest is missing required column(s) {', '.join(missing)}; "
             f"required: {', '.join(REQUIRED_COLUMNS)}"
         )
+    if frame.empty:
+        raise ManifestError(f"{path}: the manifest has a header but no rows")
     for column in ("pid", "exam_id", "series_uid"):
         if pd.api.types.is_integer_dtype(frame[column]):
             frame[column] = frame[column].astype(str)
     return frame
 
 
+def _row_problem(row) -> str | None:
+    """Why a manifest row cannot be used (ids already checked), or None; numbers must be finite and plausible."""
+    for column in ("image_path", "series_uid"):
+        value = getattr(row, column)
+        if not isinstance(value, str) or not value.strip():
+            return f"{column} is empty"
+        if any(ord(c) < 32 for c in value):
+            return f"{column} {value!r} contains control characters"
+    checks = [
+        ("screen_timepoint", lambda v: integer(v, "screen_timepoint", 0, MAX_TIMEPOINT)),
+        ("days_since_baseline", lambda v: number(v, "days_since_baseline", -MAX_ABS_DAYS, MAX_ABS_DAYS)),
+        ("slice_thickness", lambda v: number(v, "slice_thickness (mm)", 0.0, MAX_SLICE_MM, low_open=True)),
+    ]
+    if "pixel_spacing" in row._fields and not pd.isna(row.pixel_spacing):
+        checks.append(("pixel_spacing", lambda v: number(v, "pixel_spacing (mm)", 0.0, MAX_PIXEL_MM, low_open=True)))
+    for column, check in checks:
+        try:
+            check(getattr(row, column))
+        except ValueError as error:
+            return str(error)
+    return None
+
+
+def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
+    return pd.to_numeric(frame[column], errors="coerce").astype("float64")
+
+
 def _validate_rows(frame: pd.DataFrame, problems: ProblemLog) -> pd.DataFrame:
-    """Drop rows with unsafe ids, missing or non-numeric values, and conflicting duplicate exam ids."""
+    """Drop rows with unsafe ids, missing or implausible values, conflicting duplicate exam ids, and patients whose
+    dates contradict their timepoint order."""
     keep = []
     for row in frame.itertuples(index=False):
         ids = {"pid": row.pid, "exam_id": row.exam_id}
@@ -73,27 +112,14 @@ def _validate_rows(frame: pd.DataFrame, problems: ProblemLog) -> pd.DataFrame:
             )
             keep.append(False)
             continue
-        reason = None
-        timepoint = pd.to_numeric(row.screen_timepoint, errors="coerce")
-        days = pd.to_numeric(row.days_since_baseline, errors="coerce")
-        thickness = pd.to_numeric(row.slice_thickness, errors="coerce")
-        if not isinstance(row.image_path, str) or not row.image_path:
-            reason = "image_path is empty"
-        elif not isinstance(row.series_uid, str) or not row.series_uid:
-            reason = "series_uid is empty"
-        elif pd.isna(timepoint) or timepoint < 0 or timepoint != int(timepoint):
-            reason = f"screen_timepoint {row.screen_timepoint!r} is not a non-negative integer"
-        elif pd.isna(days):
-            reason = f"days_since_baseline {row.days_since_baseline!r} is not a number"
-        elif pd.isna(thickness) or thickness <= 0:
-            reason = f"slice_thickness {row.slice_thickness!r} is not a positive number"
+        reason = _row_problem(row)
         if reason:
             problems.add(reason, pid=row.pid, exam_id=row.exam_id)
         keep.append(reason is None)
     frame = frame.loc[keep].copy()
-    frame["screen_timepoint"] = frame["screen_timepoint"].astype("int64")
-    frame["days_since_baseline"] = pd.to_numeric(frame["days_since_baseline"]).astype("float64")
-    frame["slice_thickness"] = pd.to_numeric(frame["slice_thickness"]).astype("float64")
+    frame["screen_timepoint"] = _numeric(frame, "screen_timepoint").astype("int64")
+    for column in ("days_since_baseline", "slice_thickness"):
+        frame[column] = _numeric(frame, column)
 
     # Duplicated exam ids: identical rows collapse to one; conflicting rows are all rejected.
     columns = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in frame.columns]
@@ -113,7 +139,39 @@ def _validate_rows(frame: pd.DataFrame, problems: ProblemLog) -> pd.DataFrame:
                 f"exam listed {len(group)} times with conflicting values; all rows rejected",
                 pid=group["pid"].iloc[0], exam_id=exam_id,
             )
-    return frame[keep_mask]
+    return _check_timelines(frame[keep_mask], problems)
+
+
+def _check_timelines(frame: pd.DataFrame, problems: ProblemLog) -> pd.DataFrame:
+    """Reject patients whose dates contradict their timepoints: a later timepoint on the same or an earlier day,
+    or two series of one timepoint on different days."""
+    by_timepoint = frame.groupby(["pid", "screen_timepoint"], sort=True)["days_since_baseline"]
+    spread = by_timepoint.agg(lambda d: d.max() - d.min())
+    first = by_timepoint.min().groupby(level="pid").diff()
+    bad_pids = {*spread[spread > 0].index.get_level_values("pid"), *first[first <= 0].index.get_level_values("pid")}
+    for pid in sorted(bad_pids):
+        rows = frame[frame["pid"] == pid].sort_values(["screen_timepoint", "days_since_baseline"], kind="stable")
+        dates = ", ".join(f"timepoint {t}: day {d:g}"
+                          for t, d in zip(rows["screen_timepoint"], rows["days_since_baseline"], strict=True))
+        problems.add(f"dates contradict the timepoint order ({dates}); the patient's {len(rows)} series rejected",
+                     pid=pid)
+    return frame[~frame["pid"].isin(bad_pids)]
+
+
+def _check_shared_images(frame: pd.DataFrame, problems: ProblemLog) -> pd.DataFrame:
+    """Reject every row whose image (same file, or same series UID) is also given under another exam."""
+    real = frame["image_path"].map(os.path.realpath)
+    shared = pd.Series(False, index=frame.index)
+    for key, label in ((real, "image file"), (frame["series_uid"], "series UID")):
+        exams = frame.groupby(key)["exam_id"].transform("nunique")
+        new = (exams > 1) & ~shared  # each rejected row reported once
+        for value, group in frame[new].groupby(key[new], sort=True):
+            owners = ", ".join(f"{p}/{e}" for p, e in zip(group["pid"], group["exam_id"], strict=True))
+            for row in group.itertuples(index=False):
+                problems.add(f"the same {label} {value} is given under {len(group)} exams ({owners}); all rejected",
+                             pid=row.pid, exam_id=row.exam_id)
+        shared |= exams > 1
+    return frame[~shared]
 
 
 def resolve_image_path(image_path: str, manifest_dir: Path) -> str:
@@ -139,6 +197,7 @@ def build_exam_series(manifest_path: str | os.PathLike[str], threads: int = 1) -
     frame = _validate_rows(read_manifest(manifest_path), problems)
     manifest_dir = Path(manifest_path).parent
     frame["image_path"] = [resolve_image_path(p, manifest_dir) for p in frame["image_path"]]
+    frame = _check_shared_images(frame, problems)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         headers = list(pool.map(_header, frame["image_path"]))
     usable = []
@@ -161,15 +220,43 @@ def build_exam_series(manifest_path: str | os.PathLike[str], threads: int = 1) -
         frame["split"] = provided.astype("string")
     else:
         frame["split"] = pd.Series(pd.NA, index=frame.index, dtype="string")
-    if "pixel_spacing" not in frame.columns:
-        frame["pixel_spacing"] = [s[0] for s in frame["spacing"]]
-    frame["pixel_spacing"] = pd.to_numeric(frame["pixel_spacing"], errors="coerce").astype("float64")
+    _check_against_headers(frame, problems)
     columns = REQUIRED_COLUMNS + ["pixel_spacing", "split", "num_slices", "shape", "spacing", "origin", "direction"]
     frame = frame[columns].sort_values(["pid", "screen_timepoint", "exam_id"], kind="stable").reset_index(drop=True)
     for column in ("pid", "exam_id", "series_uid", "image_path"):
         frame[column] = frame[column].astype("string")
     log.info("manifest: %d usable series, %d problems", len(frame), len(problems.problems))
     return frame, problems
+
+
+def _check_against_headers(frame: pd.DataFrame, problems: ProblemLog) -> None:
+    """Make the manifest's spacings agree with the image headers (in place); the header wins and is reported.
+
+    A slice thickness below the header's slice spacing by more than SPACING_TOLERANCE is contradicted by the image
+    (the series is coarser than the manifest says, and series selection would prefer it wrongly): it is raised to
+    the spacing. A thickness above 3x the spacing is kept with a warning (thick slices reconstructed with
+    overlap). A manifest pixel spacing that differs from the header's by more than SPACING_TOLERANCE is replaced.
+    """
+    header_slice = np.array([s[2] for s in frame["spacing"]], dtype="float64")
+    header_pixel = np.array([s[0] for s in frame["spacing"]], dtype="float64")
+    if "pixel_spacing" not in frame.columns:
+        frame["pixel_spacing"] = np.nan
+    frame["pixel_spacing"] = _numeric(frame, "pixel_spacing")
+    for position, row in enumerate(frame.itertuples(index=False)):
+        ids = {"pid": row.pid, "exam_id": row.exam_id}
+        slice_mm, pixel_mm = header_slice[position], header_pixel[position]
+        if row.slice_thickness < slice_mm * (1 - SPACING_TOLERANCE):
+            problems.add(f"slice_thickness {row.slice_thickness:g} mm is less than the image's slice spacing "
+                         f"{slice_mm:.4g} mm; the spacing is used", severity="repaired", **ids)
+            frame.iloc[position, frame.columns.get_loc("slice_thickness")] = slice_mm
+        elif row.slice_thickness > 3 * slice_mm:
+            problems.add(f"slice_thickness {row.slice_thickness:g} mm is more than 3x the image's slice spacing "
+                         f"{slice_mm:.4g} mm", severity="warning", **ids)
+        if not pd.isna(row.pixel_spacing) and abs(row.pixel_spacing - pixel_mm) > SPACING_TOLERANCE * pixel_mm:
+            problems.add(f"pixel_spacing {row.pixel_spacing:g} mm contradicts the image header's {pixel_mm:.4g} mm; "
+                         f"the header's is used", severity="repaired", **ids)
+            frame.iloc[position, frame.columns.get_loc("pixel_spacing")] = np.nan
+    frame["pixel_spacing"] = frame["pixel_spacing"].fillna(pd.Series(header_pixel, index=frame.index))
 
 
 def exam_to_nifti(series: pd.DataFrame) -> dict[str, str]:

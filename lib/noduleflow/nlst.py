@@ -10,16 +10,18 @@ not used: splits are computed as for any manifest.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from noduleflow import limits
 from noduleflow.ids import nlst_exam_id
+from noduleflow.io import load_json, short_repr
 from noduleflow.manifest import REQUIRED_COLUMNS
 from noduleflow.problems import ProblemLog
 from noduleflow.tables import SeriesFilter, choose_series
@@ -50,7 +52,7 @@ def _first(value: Any) -> Any:
 def _number(value: Any) -> float | None:
     try:
         number = float(_first(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return number if number == number else None  # NaN -> None
 
@@ -69,20 +71,32 @@ def _series_folder(paths: list[str], json_dir: Path) -> str:
     return os.path.abspath(folders.pop())
 
 
+def _checked(value: Any, name: str, high: float) -> float | None:
+    """A positive spacing in mm, None when missing (or not positive: a filter's case); ValueError if implausible."""
+    number = _number(value)
+    return None if number is None or number <= 0 else limits.number(number, name, 0.0, high, low_open=True)
+
+
 def _series_row(pid: str, exam: Mapping[str, Any], uid: str, series: Mapping[str, Any],
                 metadata: Mapping[str, Any], json_dir: Path) -> dict[str, Any]:
-    """One candidate row, with the filter that removes it (or None); raises on malformed input."""
-    timepoint = int(exam["screen_timepoint"])
+    """One candidate row, with the filter that removes it (or None); raises on malformed or implausible input."""
+    timepoint = limits.integer(exam["screen_timepoint"], "screen_timepoint", 0, limits.MAX_TIMEPOINT)
+    if not isinstance(series, Mapping):
+        raise TypeError(f"series must be a dict, got {type(series).__name__}")
     paths = series["paths"]
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
         raise ValueError("paths must be a non-empty list of file paths")
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"paths list {len(paths) - len(set(paths))} file(s) twice")
     days = _number(metadata.get(f"scr_days{timepoint}"))
-    thickness = _number(series.get("slice_thickness"))
-    pixel_spacing = series.get("pixel_spacing")
+    if days is not None:
+        days = limits.number(days, f"scr_days{timepoint}", -limits.MAX_ABS_DAYS, limits.MAX_ABS_DAYS)
+    thickness = _checked(series.get("slice_thickness"), "slice_thickness (mm)", limits.MAX_SLICE_MM)
+    pixel_spacing = _checked(series.get("pixel_spacing"), "pixel_spacing (mm)", limits.MAX_PIXEL_MM)
     row = {
         "pid": pid, "exam_id": nlst_exam_id(pid, timepoint, uid), "screen_timepoint": timepoint,
         "days_since_baseline": days, "series_uid": uid, "slice_thickness": thickness,
-        "image_path": _series_folder(paths, json_dir), "pixel_spacing": _number(pixel_spacing),
+        "image_path": _series_folder(paths, json_dir), "pixel_spacing": pixel_spacing,
         "num_slices": len(paths), "localizer": _is_localizer(series.get("series_data") or {}),
     }
     if days is None or days < 0:
@@ -97,14 +111,21 @@ def _series_row(pid: str, exam: Mapping[str, Any], uid: str, series: Mapping[str
 def candidate_series(patients: list[Any], json_dir: Path, problems: ProblemLog) -> tuple[pd.DataFrame, int]:
     """Every well-formed series of the JSON as a row, and the number of malformed entries (each reported)."""
     rows, malformed = [], 0
+    pids = [str(p["pid"]) if isinstance(p, Mapping) and "pid" in p else None for p in patients]
+    counts = Counter(pids)
     for index, patient in enumerate(patients):
         try:
+            if not isinstance(patient, Mapping):
+                raise TypeError(f"patient row must be a dict, got {type(patient).__name__}")
             pid = str(patient["pid"])
+            if counts[pid] > 1:
+                raise ValueError(f"pid {short_repr(pid)} has {counts[pid]} patient rows (e.g. as a number and as "
+                                 f"text); all rejected")
             metadata = patient.get("pt_metadata") or {}
             exams = patient["accessions"]
             if not isinstance(exams, list):
                 raise TypeError("accessions must be a list")
-        except (KeyError, TypeError, AttributeError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             problems.add(f"malformed patient row: {type(error).__name__}: {error}", item=f"patient row {index}")
             malformed += 1
             continue
@@ -118,8 +139,9 @@ def candidate_series(patients: list[Any], json_dir: Path, problems: ProblemLog) 
             for uid, series in series_items:
                 try:
                     rows.append(_series_row(pid, exam, str(uid), series, metadata, json_dir))
-                except (KeyError, TypeError, ValueError, AttributeError) as error:
-                    problems.add(f"malformed series: {type(error).__name__}: {error}", pid=pid, item=str(uid))
+                except Exception as error:  # the item boundary: whatever a malformed series raises stays its own
+                    problems.add(f"malformed series: {type(error).__name__}: {str(error)[:300]}", pid=pid,
+                                 item=short_repr(str(uid)))
                     malformed += 1
     columns = [*REQUIRED_COLUMNS, "pixel_spacing", "num_slices", "localizer", "removed_by"]
     return pd.DataFrame(rows, columns=columns), malformed
@@ -130,11 +152,13 @@ def nlst_manifest(json_path: str | os.PathLike[str],
     """The exams manifest made from an NLST metadata JSON, the count of series each filter removed, the problems."""
     problems = ProblemLog("nlst")
     try:
-        patients = json.loads(Path(json_path).read_text())
+        patients = load_json(json_path)
     except (OSError, ValueError) as error:
-        raise NlstError(f"{json_path}: cannot read NLST metadata ({type(error).__name__}: {error})") from error
+        raise NlstError(f"cannot read NLST metadata {json_path} ({type(error).__name__}: {error})") from error
     if not isinstance(patients, list):
         raise NlstError(f"{json_path}: expected a list of patient rows, got {type(patients).__name__}")
+    if not patients:
+        raise NlstError(f"{json_path}: the list of patient rows is empty")
     series, malformed = candidate_series(patients, Path(json_path).parent, problems)
     removed = {FILTERS[0]: malformed}
     too_thick, too_few = series_filter.rejects(series)

@@ -10,12 +10,14 @@ from dataclasses import asdict
 import pandas as pd
 
 from noduleflow.code_tracking import code_digest
+from noduleflow.config_checks import check_config
 from noduleflow.ids import shard_name
 from noduleflow.plan import find_precomputed_transforms, shard_plan, space_geometry
 from noduleflow.report import image_tag, runs_table  # called by the report's landing page (workflow.rst)
 
 
 validate(config, "../schemas/config.schema.yaml")
+check_config(config)  # what the schema cannot express: fractions summing to 0, reversed ranges, empty paths
 
 SPLITS = ["train", "val", "test"]
 SYNTHETIC = "results/synthetic"
