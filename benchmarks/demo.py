@@ -3,9 +3,9 @@
 Copies the repository's tracked files (as they are in the working tree) into a fresh folder and runs
 `snakemake --profile profiles/local` there, as the README's first command does after the install. While it runs,
 the memory of the whole process tree (Snakemake and every job it starts) is sampled; afterwards the rules'
-`benchmark:` records (logs/benchmarks/) say where the CPU time went. The last line is the result:
+`benchmark:` records (logs/benchmarks/) say where the CPU time went. The last line is the result, in the form
 
-    demo: 4.6 min wall, 480 CPU-s, peak memory 1.10 GB (process tree RSS), 61 jobs; load 0.1 on 2 cores before
+    demo: <minutes> min wall, <CPU seconds> CPU-s, peak memory <GB> GB (process tree RSS), <jobs> jobs; load ...
 
     .venv/bin/python benchmarks/demo.py [--cores N] [--keep DIR] [--top 12]
 """
