@@ -100,6 +100,7 @@ def main() -> None:
         command += ["--cores", args.cores]
     load = os.getloadavg()[0]
     log = root / "demo.out"
+    finished = False  # a failed run's folder is kept for its logs
     try:
         started = time.perf_counter()
         with open(log, "w") as out:
@@ -112,8 +113,9 @@ def main() -> None:
             sys.exit(f"the demo failed (log: {log}):\n{log.read_text()[-4000:]}")
         records = rule_cpu(root)
         jobs = log.read_text().count("Finished jobid")
+        finished = True
     finally:
-        if args.keep is None and root.exists() and "records" in locals():
+        if args.keep is None and finished:
             shutil.rmtree(root)
     cpu = usage.ru_utime + usage.ru_stime
     print(records.sort_values("cpu_s", ascending=False).head(args.top).to_string(index=False, float_format="%.1f"))
