@@ -176,6 +176,20 @@ def job_stats(text: str) -> dict[str, int]:
     return {rule: int(count) for rule, count in (line.split() for line in lines) if rule != "total"}
 
 
+def split_exams(workdir: Path) -> int:
+    """Exams in the split tables: what both designs plan for."""
+    return sum(len(pd.read_parquet(workdir / "results" / "metadata" / split / "exams.parquet", columns=["exam_id"]))
+               for split in ("train", "val", "test"))
+
+
+def check_baseline(baseline: Measurement, exams: int) -> None:
+    """Fail when the one-job-per-exam baseline plans fewer jobs than there are exams: its ratio would mean nothing."""
+    jobs = sum(baseline.jobs.values())
+    if exams == 0 or jobs < exams:
+        raise RuntimeError(f"the per-exam baseline planned {jobs:,} jobs for {exams:,} exams in the split tables "
+                           f"({baseline.jobs}); the comparison would be meaningless")
+
+
 def report(measurements: list[Measurement], cohort: dict[str, int], shards: dict[str, int]) -> str:
     """A markdown summary of the cohort and the measurements."""
     lines = [f"cohort: {', '.join(f'{v:,} {k}' for k, v in cohort.items())}; shards: {shards}", "",
@@ -212,10 +226,14 @@ def main() -> None:
         measurements = [run_snakemake("start-up (--version)", workdir, "--version"),
                         run_snakemake("parse (--list-rules)", workdir, "-s", snakefile, "--list-rules"),
                         run_snakemake("plan, fresh (-n)", workdir, "-s", snakefile, "-n")]
-        write_exam_table(workdir, data / "manifest.csv")
+        # exam_table reads the manifest dicom_to_nifti writes (it only makes image paths absolute here); its
+        # outputs are written after that one, so that the metadata stage keeps them.
+        run_snakemake("input manifest", workdir, "-s", snakefile, "--cores", "2", "results/dicom/manifest.csv")
+        write_exam_table(workdir, workdir / "results" / "dicom" / "manifest.csv")
         run_snakemake("metadata stage", workdir, "-s", snakefile, "--cores", "2", "metadata")
         measurements += [run_snakemake("plan after metadata (-n)", workdir, "-s", snakefile, "-n"),
                          run_snakemake("per-exam baseline (-n)", workdir, "-s", "per_exam.smk", "-n")]
+        check_baseline(measurements[-1], split_exams(workdir))
     finally:
         if args.keep is None:
             shutil.rmtree(root)

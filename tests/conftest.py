@@ -136,6 +136,14 @@ SMALL_COHORT = {
 }
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs the demo run is slow: `pytest -m "not slow"` (the fast tier) must never start it."""
+    unmarked = [item.nodeid for item in items
+                if "demo_run" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests using demo_run must be marked slow: {', '.join(unmarked)}")
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """The workflow's default target run once on a small synthetic cohort; returns its working directory."""

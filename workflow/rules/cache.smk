@@ -16,7 +16,7 @@ rule cache_shard:
     log:
         "logs/cache/{split}/{shard}.log",
     benchmark:
-        "benchmarks/cache/{split}/{shard}.tsv"
+        "logs/benchmarks/cache/{split}/{shard}.tsv"
     conda:
         "../../envs/registration.yaml"
     script:
@@ -41,7 +41,7 @@ rule cache_index:
     log:
         "logs/cache/index_{split}.log",
     benchmark:
-        "benchmarks/cache/index_{split}.tsv"
+        "logs/benchmarks/cache/index_{split}.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -60,7 +60,7 @@ rule small_boxes:
     log:
         "logs/cache/small_boxes_{split}.log",
     benchmark:
-        "benchmarks/cache/small_boxes_{split}.tsv"
+        "logs/benchmarks/cache/small_boxes_{split}.tsv"
     conda:
         "../../envs/registration.yaml"
     script:

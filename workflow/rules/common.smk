@@ -13,6 +13,7 @@ from noduleflow.code_tracking import code_digest
 from noduleflow.config_checks import check_config
 from noduleflow.ids import shard_name
 from noduleflow.plan import find_precomputed_transforms, shard_plan, space_geometry
+from noduleflow.report import image_tag, runs_table  # called by the report's landing page (workflow.rst)
 
 
 validate(config, "../schemas/config.schema.yaml")

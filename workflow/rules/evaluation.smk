@@ -17,7 +17,7 @@ rule evaluate_run:
         evaluation=config["evaluation"],
         sampler=config["models"]["sampler"],
         seed=config["seed"],
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,
@@ -25,7 +25,7 @@ rule evaluate_run:
     log:
         "logs/evaluation/evaluate_run_{run}.log",
     benchmark:
-        "benchmarks/evaluation/evaluate_run_{run}.tsv"
+        "logs/benchmarks/evaluation/evaluate_run_{run}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -45,7 +45,7 @@ rule growth_rates:
     log:
         "logs/evaluation/growth_rates.log",
     benchmark:
-        "benchmarks/evaluation/growth_rates.tsv"
+        "logs/benchmarks/evaluation/growth_rates.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -69,7 +69,7 @@ rule summarise_run:
     log:
         "logs/evaluation/summarise_{run}.log",
     benchmark:
-        "benchmarks/evaluation/summarise_{run}.tsv"
+        "logs/benchmarks/evaluation/summarise_{run}.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -84,7 +84,7 @@ rule evaluation_table:
     log:
         "logs/evaluation/evaluation_table.log",
     benchmark:
-        "benchmarks/evaluation/evaluation_table.tsv"
+        "logs/benchmarks/evaluation/evaluation_table.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -105,7 +105,7 @@ rule segmenter_accuracy:
     log:
         "logs/evaluation/segmenter_accuracy.log",
     benchmark:
-        "benchmarks/evaluation/segmenter_accuracy.tsv"
+        "logs/benchmarks/evaluation/segmenter_accuracy.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -124,7 +124,7 @@ rule vae_examples:
     log:
         "logs/evaluation/vae_examples.log",
     benchmark:
-        "benchmarks/evaluation/vae_examples.tsv"
+        "logs/benchmarks/evaluation/vae_examples.tsv"
     conda:
         "../../envs/models.yaml"
     script:

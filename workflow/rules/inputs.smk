@@ -14,7 +14,7 @@ rule nlst_manifest:
     log:
         "logs/inputs/nlst_manifest.log",
     benchmark:
-        "benchmarks/inputs/nlst_manifest.tsv"
+        "logs/benchmarks/inputs/nlst_manifest.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -32,7 +32,7 @@ rule dicom_to_nifti:
     log:
         "logs/inputs/dicom_to_nifti.log",
     benchmark:
-        "benchmarks/inputs/dicom_to_nifti.tsv"
+        "logs/benchmarks/inputs/dicom_to_nifti.tsv"
     conda:
         "../../envs/data.yaml"
     script:

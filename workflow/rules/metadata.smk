@@ -12,7 +12,7 @@ rule exam_table:
     log:
         "logs/metadata/exam_table.log",
     benchmark:
-        "benchmarks/metadata/exam_table.tsv"
+        "logs/benchmarks/metadata/exam_table.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -27,7 +27,7 @@ rule registration_map:
     log:
         "logs/metadata/registration_map.log",
     benchmark:
-        "benchmarks/metadata/registration_map.tsv"
+        "logs/benchmarks/metadata/registration_map.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -44,7 +44,7 @@ rule nodule_tracking:
     log:
         "logs/metadata/nodule_tracking.log",
     benchmark:
-        "benchmarks/metadata/nodule_tracking.tsv"
+        "logs/benchmarks/metadata/nodule_tracking.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -68,7 +68,7 @@ checkpoint split_tables:
     log:
         "logs/metadata/split_tables_{split}.log",
     benchmark:
-        "benchmarks/metadata/split_tables_{split}.tsv"
+        "logs/benchmarks/metadata/split_tables_{split}.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -86,7 +86,7 @@ rule input_problems:
     log:
         "logs/metadata/input_problems.log",
     benchmark:
-        "benchmarks/metadata/input_problems.tsv"
+        "logs/benchmarks/metadata/input_problems.tsv"
     conda:
         "../../envs/data.yaml"
     script:

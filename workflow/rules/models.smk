@@ -16,7 +16,8 @@ rule train_vae:
         vae=config["models"]["vae"],
         work_dir="results/models/.work/vae",
         seed=config["seed"],
-    threads: 2
+    threads: config["models"]["threads"]
+    priority: 10  # heads the longest chain (latents, 3D pretraining, the latent run, its evaluation): start it first
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,
@@ -24,7 +25,7 @@ rule train_vae:
     log:
         "logs/models/train_vae.log",
     benchmark:
-        "benchmarks/models/train_vae.tsv"
+        "logs/benchmarks/models/train_vae.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -37,13 +38,13 @@ rule encode_latents:
         index="results/cache/raw/{split}/index.parquet",
     output:
         directory("results/cache/latent/{split}"),
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
     log:
         "logs/models/encode_latents_{split}.log",
     benchmark:
-        "benchmarks/models/encode_latents_{split}.tsv"
+        "logs/benchmarks/models/encode_latents_{split}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -66,7 +67,7 @@ rule fm_pretrain:
                                               config["models"]["vae"]),
         work_dir="results/models/.work/pretrain_{dims}",
         seed=config["seed"],
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,
@@ -74,7 +75,7 @@ rule fm_pretrain:
     log:
         "logs/models/fm_pretrain_{dims}.log",
     benchmark:
-        "benchmarks/models/fm_pretrain_{dims}.tsv"
+        "logs/benchmarks/models/fm_pretrain_{dims}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -99,7 +100,7 @@ rule fm_paired:
                                               config["models"]["vae"]),
         work_dir="results/models/.work/runs/{run}",
         seed=config["seed"],
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,
@@ -107,7 +108,7 @@ rule fm_paired:
     log:
         "logs/models/fm_paired_{run}.log",
     benchmark:
-        "benchmarks/models/fm_paired_{run}.tsv"
+        "logs/benchmarks/models/fm_paired_{run}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -127,7 +128,7 @@ rule small_boxes_encoded:
     log:
         "logs/models/small_boxes_encoded_{split}.log",
     benchmark:
-        "benchmarks/models/small_boxes_encoded_{split}.tsv"
+        "logs/benchmarks/models/small_boxes_encoded_{split}.tsv"
     conda:
         "../../envs/models.yaml"
     script:

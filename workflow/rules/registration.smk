@@ -18,7 +18,7 @@ rule register_shard:
     log:
         "logs/registration/{split}/{shard}.log",
     benchmark:
-        "benchmarks/registration/{split}/{shard}.tsv"
+        "logs/benchmarks/registration/{split}/{shard}.tsv"
     conda:
         "../../envs/registration.yaml"
     script:
@@ -38,7 +38,7 @@ rule registration_qc:
     log:
         "logs/registration/qc_{split}.log",
     benchmark:
-        "benchmarks/registration/qc_{split}.tsv"
+        "logs/benchmarks/registration/qc_{split}.tsv"
     conda:
         "../../envs/registration.yaml"
     script:
@@ -56,7 +56,7 @@ rule nodule_boxes:
     log:
         "logs/registration/nodule_boxes_{split}.log",
     benchmark:
-        "benchmarks/registration/nodule_boxes_{split}.tsv"
+        "logs/benchmarks/registration/nodule_boxes_{split}.tsv"
     conda:
         "../../envs/registration.yaml"
     script:
@@ -71,7 +71,7 @@ rule nodule_pairs:
     log:
         "logs/registration/nodule_pairs_{split}.log",
     benchmark:
-        "benchmarks/registration/nodule_pairs_{split}.tsv"
+        "logs/benchmarks/registration/nodule_pairs_{split}.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -94,7 +94,7 @@ rule registered_niftis:
     log:
         "logs/registration/registered_niftis.log",
     benchmark:
-        "benchmarks/registration/registered_niftis.tsv"
+        "logs/benchmarks/registration/registered_niftis.tsv"
     conda:
         "../../envs/registration.yaml"
     script:

@@ -15,7 +15,7 @@ rule synthetic_cohort:
     log:
         "logs/synthetic_cohort.log",
     benchmark:
-        "benchmarks/synthetic_cohort.tsv"
+        "logs/benchmarks/synthetic_cohort.tsv"
     conda:
         "../../envs/data.yaml"
     script:

@@ -15,7 +15,7 @@ rule volume_shard:
     log:
         "logs/volumes/{split}/{shard}.log",
     benchmark:
-        "benchmarks/volumes/{split}/{shard}.tsv"
+        "logs/benchmarks/volumes/{split}/{shard}.tsv"
     conda:
         "../../envs/registration.yaml"
     script:
@@ -35,7 +35,7 @@ rule volume_index:
     log:
         "logs/volumes/index_{split}.log",
     benchmark:
-        "benchmarks/volumes/index_{split}.tsv"
+        "logs/benchmarks/volumes/index_{split}.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -54,7 +54,7 @@ rule train_vae_volumes:
         vae=config["models"]["vae_volumes"],
         work_dir="results/models/.work/vae_volumes",
         seed=config["seed"],
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,
@@ -62,7 +62,7 @@ rule train_vae_volumes:
     log:
         "logs/models/train_vae_volumes.log",
     benchmark:
-        "benchmarks/models/train_vae_volumes.tsv"
+        "logs/benchmarks/models/train_vae_volumes.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -78,13 +78,13 @@ rule encode_volumes:
         directory("results/cache/volumes_encoded/{split}"),
     params:
         batch_size=1,
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
     log:
         "logs/models/encode_volumes_{split}.log",
     benchmark:
-        "benchmarks/models/encode_volumes_{split}.tsv"
+        "logs/benchmarks/models/encode_volumes_{split}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
