@@ -283,10 +283,7 @@ def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: Coh
     tracks: list[NoduleTrack] = []
     for group in range(1, count + 1):
         kind = str(rng.choice(KINDS, p=_KIND_P))
-        fate = str(rng.choice(FATES, p=(_FATE_P_SCREENING if config.fates == "screening" else _FATE_P)[kind]))
-        low, high = _DOUBLING_DAYS[kind]
-        slow = config.fates == "screening" and fate == "growing" and rng.random() < _SLOW_P[kind]
-        doubling = float(rng.uniform(*(_SLOW_DOUBLING_DAYS if slow else (low, high))))
+        fate, doubling, slow = _draw_fate(rng, config, kind)
         first_volume = float(np.exp(rng.uniform(*np.log(config.initial_volume_mm3))))
         if fate == "growing":
             doubling *= (first_volume / 200.0) ** 0.15  # larger nodules grow a little more slowly
@@ -327,6 +324,25 @@ def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: Coh
                 break
             track.first_volume /= 3.0
     return tracks
+
+
+def _draw_fate(rng: np.random.Generator, config: CohortConfig, kind: str) -> tuple[str, float, bool]:
+    """A nodule's fate, its |doubling time| in days before the size scaling, and whether it grows slowly."""
+    fate = str(rng.choice(FATES, p=(_FATE_P_SCREENING if config.fates == "screening" else _FATE_P)[kind]))
+    slow = config.fates == "screening" and fate == "growing" and rng.random() < _SLOW_P[kind]
+    return fate, float(rng.uniform(*(_SLOW_DOUBLING_DAYS if slow else _DOUBLING_DAYS[kind]))), slow
+
+
+def _draw_days(rng: np.random.Generator, config: CohortConfig) -> dict[int, float]:
+    """Days since baseline of the three screening rounds: yearly, or (fates "screening") every interval between
+    two rounds 330-1095 days (about 1-3 years)."""
+    days = {0: 0.0}
+    for tp in (1, 2):
+        days[tp] = days[tp - 1] + 365.0 + float(np.round(rng.normal(0, 25)))
+    if config.fates == "screening":
+        days[1] = float(np.round(rng.uniform(330.0, 730.0)))
+        days[2] = float(np.round(rng.uniform(days[1] + 330.0, 1095.0)))
+    return days
 
 
 def _screening_look(rng: np.random.Generator, track: NoduleTrack, fast: bool) -> None:
@@ -553,12 +569,7 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
     rng = np.random.default_rng([config.seed, index])
     pid = str(config.first_pid + index)
     pattern = _TIMEPOINT_PATTERNS[int(rng.choice(len(_TIMEPOINT_PATTERNS), p=_TIMEPOINT_P))]
-    all_days = {0: 0.0}
-    for tp in (1, 2):
-        all_days[tp] = all_days[tp - 1] + 365.0 + float(np.round(rng.normal(0, 25)))
-    if config.fates == "screening":  # every interval between two exams 330-1095 days (about 1-3 years)
-        all_days[1] = float(np.round(rng.uniform(330.0, 730.0)))
-        all_days[2] = float(np.round(rng.uniform(all_days[1] + 330.0, 1095.0)))
+    all_days = _draw_days(rng, config)
     days = {tp: all_days[tp] for tp in pattern}
     anatomy = sample_anatomy(rng, config.fov_mm)
     tracks = _sample_nodules(rng, anatomy, config, days)
