@@ -599,7 +599,7 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
             seen = []
             for track in tracks:
                 if days[tp] >= track.first_day:
-                    # a nodule is small next to the deformation's wavelength: it moves with its centre, keeping its shape
+                    # a nodule is small next to the deformation's wavelength: it moves with its centre, unchanged
                     local = np.eye(4)
                     local[:3, 3] = deformation.from_anatomy(track.center[None])[0] - track.center
                     seen.append((track, pose.matrix() @ local))
