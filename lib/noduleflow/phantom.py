@@ -455,6 +455,13 @@ def lung_depth_mm(anatomy: ChestAnatomy, points_xyz: np.ndarray) -> np.ndarray:
     return depth
 
 
+def boundary_distances_mm(anatomy: ChestAnatomy, points_xyz: np.ndarray) -> np.ndarray:
+    """(N, 2) distances in mm from (N, 3) lung points to the lung's border (pleura, mediastinum, diaphragm) and to
+    the surface of the nearest large (radius > 2 mm) vessel or airway; the first is negative outside the lungs."""
+    points = np.asarray(points_xyz, dtype=float).reshape(-1, 3)
+    return np.column_stack([-_lung_sd_points(anatomy, points, 0.0).min(axis=1), _tube_clearance(anatomy, points)])
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 

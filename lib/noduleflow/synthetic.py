@@ -31,12 +31,13 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 import torch
+from scipy import fft
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from noduleflow.ids import nlst_exam_id
 from noduleflow.imaging import Geometry, homogeneous, write_nifti
 from noduleflow.io import atomic_path, write_csv, write_parquet
-from noduleflow.phantom import ChestAnatomy, lung_depth_mm, render_anatomy, sample_anatomy
+from noduleflow.phantom import ChestAnatomy, boundary_distances_mm, lung_depth_mm, render_anatomy, sample_anatomy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,17 @@ _DOUBLING_DAYS = {"solid": (120.0, 400.0), "part_solid": (250.0, 600.0), "ground
                   "calcified": (1.0, 1.0)}  # unused: calcified nodules are stable
 _TISSUE_HU = {"solid": 35.0, "part_solid": -520.0, "ground_glass": -620.0, "calcified": 35.0}
 _CORE_HU = {"part_solid": 35.0, "calcified": 600.0}  # solid core of part-solid nodules, calcified core
+# Fate preset "screening": most nodules stable or slowly growing, a minority growing fast, some resolving. These
+# proportions are this model's choice (see README, "The synthetic cohort"); a growing nodule is slow (doubling
+# time 600-1500 days, NELSON's "no growth concern" range) with probability _SLOW_P[kind], else fast.
+_FATE_P_SCREENING = {"solid": (0.35, 0.55, 0.1), "part_solid": (0.45, 0.4, 0.15), "ground_glass": (0.25, 0.45, 0.3),
+                     "calcified": (0.0, 1.0, 0.0)}
+_SLOW_P = {"solid": 0.7, "part_solid": 0.5, "ground_glass": 0.8, "calcified": 1.0}
+_SLOW_DOUBLING_DAYS = (600.0, 1500.0)
+# Image preset "screening": in-plane point spread (Gaussian sigma, mm) and noise power peak (cycles/mm) of a sharp
+# lung kernel, a model assumption; the noise level scales as 1 / sqrt(mAs x slice thickness).
+_KERNEL_PSF_MM = 0.3
+_KERNEL_NPS_PEAK = 0.5
 _TIMEPOINT_PATTERNS = ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,))
 _TIMEPOINT_P = (0.6, 0.14, 0.1, 0.06, 0.1)
 _MIN_VOLUME, _MAX_VOLUME = 8.0, 6000.0
@@ -76,6 +88,17 @@ class CohortConfig:
     initial_volume_mm3: tuple[float, float] = (15.0, 1500.0)
     late_nodule_fraction: float = 0.15
     noise_hu: tuple[float, float] = (12.0, 25.0)
+    preset: str = "demo"  # "screening": nodules imaged with the anatomy, low-dose sharp-kernel noise, real margins
+    fates: str = "learnable"  # "screening": mostly stable or slow nodules and 1-3 year intervals
+    attached_fraction: float = 0.3  # preset "screening": nodules touching the pleura or a large vessel
+    tube_current_mAs: tuple[float, float] = (40.0, 80.0)  # preset "screening": per exam (NLST's low-dose range)
+    noise_hu_at_100mAs: tuple[float, float] = (60.0, 90.0)  # ... noise std of a 1 mm slice at 100 mAs
+
+    def __post_init__(self) -> None:
+        if self.preset not in ("demo", "screening"):
+            raise ValueError(f"synthetic.preset must be demo or screening, not {self.preset!r}")
+        if self.fates not in ("learnable", "screening"):
+            raise ValueError(f"synthetic.fates must be learnable or screening, not {self.fates!r}")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> CohortConfig:
@@ -163,6 +186,10 @@ class NoduleTrack:
     core_fraction: float
     hu: float
     screen_detected: bool
+    spike_directions: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (S, 3) spiculae, unit vectors
+    spike_amplitudes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (S,) their length / radius
+    core_offset: np.ndarray = field(default_factory=lambda: np.zeros(3))  # solid core centre, in units of the scale
+    attached_to: str = ""  # "pleura" or "vessel" when placed touching it
     unit_volume: float = field(init=False)
     max_lobulation: float = field(init=False)
 
@@ -191,11 +218,22 @@ class NoduleTrack:
         direction = local / np.maximum(rho, 1e-9)[:, None]
         return rho / (scale * _lobulation(direction, self))
 
+    def core(self, points: np.ndarray, scale: float, level: np.ndarray) -> np.ndarray:
+        """Whether (N, 3) points (whose `level` is given) lie in the solid core, centred at core_offset."""
+        if not self.core_offset.any():
+            return level <= self.core_fraction
+        offset = self.orientation @ (self.core_offset * self.axes) * scale
+        return (level <= 1.0) & (np.linalg.norm((points - self.center - offset) @ self.orientation / self.axes, axis=1)
+                                 <= self.core_fraction * scale)
+
 
 def _lobulation(direction: np.ndarray, track: NoduleTrack) -> np.ndarray:
     """Radial factor L(d) >= 1: smooth bumps around the lobe directions."""
     cosines = direction @ track.lobe_directions.T
-    return 1.0 + np.exp((cosines - 1.0) / 0.15) @ track.lobe_amplitudes
+    factor = 1.0 + np.exp((cosines - 1.0) / 0.15) @ track.lobe_amplitudes
+    if len(track.spike_amplitudes):  # narrow spiculae, about 5 degrees wide
+        factor += np.exp((direction @ track.spike_directions.T - 1.0) / 0.004) @ track.spike_amplitudes
+    return factor
 
 
 @functools.cache
@@ -233,18 +271,19 @@ def _life_radius(track: NoduleTrack, days: dict[int, float]) -> float:
 
 def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: CohortConfig,
                     days: dict[int, float]) -> list[NoduleTrack]:
-    """Place 1-4 nodules in lung parenchyma, far enough from the lung border, vessels and each other."""
+    """Place 1-4 nodules in lung parenchyma, far enough from the lung border, vessels and each other (preset
+    "screening": a fraction `attached_fraction` touches the lung border or a large vessel instead)."""
     timepoints = sorted(days)
     count = int(rng.integers(config.nodules_per_patient[0], config.nodules_per_patient[1] + 1))
     half = np.asarray(config.fov_mm) / 2.0 - np.array([35.0, 35.0, 30.0 + config.max_start_offset_mm / 2.0])
     candidates = rng.uniform(-half, half, size=(20000, 3))
     depth = lung_depth_mm(anatomy, candidates)
+    screening = config.preset == "screening"
+    border = boundary_distances_mm(anatomy, candidates) if screening else None
     tracks: list[NoduleTrack] = []
     for group in range(1, count + 1):
         kind = str(rng.choice(KINDS, p=_KIND_P))
-        fate = str(rng.choice(FATES, p=_FATE_P[kind]))
-        low, high = _DOUBLING_DAYS[kind]
-        doubling = float(rng.uniform(low, high))
+        fate, doubling, slow = _draw_fate(rng, config, kind)
         first_volume = float(np.exp(rng.uniform(*np.log(config.initial_volume_mm3))))
         if fate == "growing":
             doubling *= (first_volume / 200.0) ** 0.15  # larger nodules grow a little more slowly
@@ -265,17 +304,63 @@ def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: Coh
             hu=_TISSUE_HU[kind] + float(rng.normal(0, 15)),
             screen_detected=bool(rng.random() < 0.85),
         )
+        attach = screening and rng.random() < config.attached_fraction
+        if screening:
+            _screening_look(rng, track, fast=fate == "growing" and not slow)
         for _ in range(4):  # no room for it: try smaller
             radius = _life_radius(track, days)
             free = depth > radius + 2.0
+            if attach:  # the centre inside the lung, the nodule's smallest extent reaching the border or a vessel
+                reach = track.scale(track.first_day) * float(track.axes.min())
+                free = (border[:, 0] > 0) & (border.min(axis=1) > 0.4 * reach) & (border.min(axis=1) < 0.8 * reach)
             for other in tracks:
                 free &= np.linalg.norm(candidates - other.center, axis=1) > radius + _life_radius(other, days) + 8.0
             if free.any():
-                track.center = candidates[int(np.flatnonzero(free)[0])]
+                chosen = int(np.flatnonzero(free)[0])
+                track.center = candidates[chosen]
+                if attach:
+                    track.attached_to = "pleura" if border[chosen, 0] <= border[chosen, 1] else "vessel"
                 tracks.append(track)
                 break
             track.first_volume /= 3.0
     return tracks
+
+
+def _draw_fate(rng: np.random.Generator, config: CohortConfig, kind: str) -> tuple[str, float, bool]:
+    """A nodule's fate, its |doubling time| in days before the size scaling, and whether it grows slowly."""
+    fate = str(rng.choice(FATES, p=(_FATE_P_SCREENING if config.fates == "screening" else _FATE_P)[kind]))
+    slow = config.fates == "screening" and fate == "growing" and rng.random() < _SLOW_P[kind]
+    return fate, float(rng.uniform(*(_SLOW_DOUBLING_DAYS if slow else _DOUBLING_DAYS[kind]))), slow
+
+
+def _draw_days(rng: np.random.Generator, config: CohortConfig) -> dict[int, float]:
+    """Days since baseline of the three screening rounds: yearly, or (fates "screening") every interval between
+    two rounds 330-1095 days (about 1-3 years)."""
+    days = {0: 0.0}
+    for tp in (1, 2):
+        days[tp] = days[tp - 1] + 365.0 + float(np.round(rng.normal(0, 25)))
+    if config.fates == "screening":
+        days[1] = float(np.round(rng.uniform(330.0, 730.0)))
+        days[2] = float(np.round(rng.uniform(days[1] + 330.0, 1095.0)))
+    return days
+
+
+def _screening_look(rng: np.random.Generator, track: NoduleTrack, fast: bool) -> None:
+    """Preset "screening": margins and solid cores that hint at the fate without giving it away.
+
+    Fast-growing solid and part-solid nodules are more often spiculated and lobulated, with larger solid cores;
+    part-solid cores sit off-centre.
+    """
+    if track.kind in ("solid", "part_solid") and rng.random() < (0.6 if fast else 0.15):
+        count = int(rng.integers(6, 15))
+        track.spike_directions = _unit_rows(rng.normal(size=(count, 3)))
+        track.spike_amplitudes = rng.uniform(0.4, 0.9, count)
+    if fast and track.kind != "calcified":
+        track.lobe_amplitudes = track.lobe_amplitudes * rng.uniform(1.3, 1.8)
+    if track.kind == "part_solid":
+        track.core_fraction = float(rng.uniform(0.5, 0.65) if fast else rng.uniform(0.3, 0.5))
+        track.core_offset = _unit_rows(rng.normal(size=(1, 3)))[0] * rng.uniform(0.15, 0.9 - track.core_fraction)
+    track.__post_init__()  # the margins changed the volume of the unit shape
 
 
 def _render_nodule(volume: np.ndarray, labels: np.ndarray, track: NoduleTrack, day: float,
@@ -297,7 +382,8 @@ def _render_nodule(volume: np.ndarray, labels: np.ndarray, track: NoduleTrack, d
     level = track.level(points, scale).reshape(-1, len(offsets))
     outer = (level <= 1.0).mean(axis=1)  # fraction of each voxel inside the nodule
     core_hu = _CORE_HU.get(track.kind, 0.0)
-    core = (level <= track.core_fraction).mean(axis=1) if track.kind in _CORE_HU else np.zeros_like(outer)
+    in_core = track.core(points, scale, level.ravel()).reshape(level.shape) if track.kind in _CORE_HU else None
+    core = in_core.mean(axis=1) if in_core is not None else np.zeros_like(outer)
     xs, ys, zs = grid.reshape(-1, 3).T
     background = volume[zs, ys, xs]
     tissue = np.maximum(background, track.hu)  # vessels stay visible through ground glass
@@ -352,28 +438,80 @@ def _deformation_field(reference: sitk.Image, deformation: Deformation) -> sitk.
     return sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
 
 
+def _slice_profile_sigma_mm(reference: sitk.Image, thickness: float) -> float:
+    """Gaussian sigma (mm) along z that turns the reference's slice profile into one of `thickness`."""
+    ref_dz = reference.GetSpacing()[2]
+    return math.sqrt(thickness**2 - ref_dz**2) / 2.355 if thickness > ref_dz else 0.0
+
+
 def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
                  rng: np.random.Generator, noise_hu: float, deformation: Deformation | None = None) -> np.ndarray:
     """Anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness, noisy."""
     blurred = reference
-    ref_dz = reference.GetSpacing()[2]
-    if thickness > ref_dz:
-        sigma = math.sqrt(thickness**2 - ref_dz**2) / 2.355 / ref_dz
-        array = gaussian_filter1d(sitk.GetArrayViewFromImage(reference), sigma, axis=0, mode="nearest")
+    sigma_mm = _slice_profile_sigma_mm(reference, thickness)
+    if sigma_mm > 0:
+        array = gaussian_filter1d(sitk.GetArrayViewFromImage(reference), sigma_mm / reference.GetSpacing()[2], axis=0,
+                                  mode="nearest")
         blurred = sitk.GetImageFromArray(array)
         blurred.CopyInformation(reference)
+    array = _resample_anatomy(blurred, geometry, pose, deformation)
+    noise = gaussian_filter(rng.normal(size=array.shape).astype(np.float32), sigma=(0.0, 0.7, 0.7))
+    noise *= noise_hu / max(float(noise.std()), 1e-6)
+    return array + noise
+
+
+def _resample_anatomy(reference: sitk.Image, geometry: Geometry, pose: Pose,
+                      deformation: Deformation | None) -> np.ndarray:
+    """The (noise-free) reference seen through `pose` and `deformation` on an exam grid."""
     anatomy_from_exam = np.linalg.inv(pose.matrix())
     transform: sitk.Transform = sitk.AffineTransform(3)
     transform.SetMatrix(anatomy_from_exam[:3, :3].ravel().tolist())
     transform.SetTranslation(anatomy_from_exam[:3, 3].tolist())
     if deformation is not None and len(deformation.waves):
         transform = sitk.CompositeTransform([_deformation_field(reference, deformation), transform])
-    resampled = sitk.Resample(blurred, geometry.reference_image(), transform, sitk.sitkLinear, -1000.0,
+    resampled = sitk.Resample(reference, geometry.reference_image(), transform, sitk.sitkLinear, -1000.0,
                               sitk.sitkFloat32)
-    array = sitk.GetArrayFromImage(resampled)
-    noise = gaussian_filter(rng.normal(size=array.shape).astype(np.float32), sigma=(0.0, 0.7, 0.7))
-    noise *= noise_hu / max(float(noise.std()), 1e-6)
-    return array + noise
+    return sitk.GetArrayFromImage(resampled)
+
+
+def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, deformation: Deformation,
+                    nodules: list[tuple[NoduleTrack, np.ndarray]], day: float, rng: np.random.Generator,
+                    noise_hu: float) -> tuple[np.ndarray, np.ndarray, list[tuple[int, list[int], list[int]]]]:
+    """Preset "screening": one exam imaged as a whole, nodules included.
+
+    Anatomy and nodules (each with its anatomy -> exam matrix) are drawn on a grid k times finer along z, then
+    everything gets the same slice profile, in-plane point spread and kernel-shaped noise of std `noise_hu`.
+    Returns the image, the label map on the exam grid and each nodule's voxel count, box and centre.
+    """
+    thickness = geometry.spacing[2]
+    k = max(1, math.ceil(thickness / reference.GetSpacing()[2] - 1e-6))
+    fine = Geometry((*geometry.shape[:2], (geometry.shape[2] - 1) * k + 1), (*geometry.spacing[:2], thickness / k),
+                    geometry.origin, geometry.direction)
+    array = _resample_anatomy(reference, fine, pose, deformation)
+    scratch = np.zeros(array.shape, np.uint8)
+    labels, canvas = np.zeros(geometry.shape[::-1], np.uint8), np.zeros(geometry.shape[::-1], np.float32)
+    found = []
+    for track, exam_from_anatomy in nodules:
+        _render_nodule(array, scratch, track, day, fine, exam_from_anatomy)
+        found.append(_render_nodule(canvas, labels, track, day, geometry, exam_from_anatomy))
+    sigma_mm = _slice_profile_sigma_mm(reference, thickness)
+    if sigma_mm > 0:
+        array = gaussian_filter1d(array, sigma_mm / fine.spacing[2], axis=0, mode="nearest")
+    array = gaussian_filter(array[::k], sigma=(0.0, _KERNEL_PSF_MM / geometry.spacing[1],
+                                               _KERNEL_PSF_MM / geometry.spacing[0]))
+    return array + kernel_noise(rng, array.shape, geometry.spacing[0], noise_hu), labels, found
+
+
+def kernel_noise(rng: np.random.Generator, shape: tuple[int, ...], pixel_mm: float, std: float) -> np.ndarray:
+    """float32 noise of a sharp reconstruction kernel: independent slices, in-plane power spectrum
+    f exp(-(f / f0)^2) peaking at _KERNEL_NPS_PEAK cycles/mm (the ramp filter times the kernel's roll-off)."""
+    white = rng.normal(size=shape).astype(np.float32)
+    fy = np.fft.fftfreq(shape[-2], pixel_mm)[:, None]
+    fx = np.fft.rfftfreq(shape[-1], pixel_mm)[None, :]
+    radial = np.sqrt(fx * fx + fy * fy)
+    gain = np.sqrt(radial * np.exp(-((radial / (_KERNEL_NPS_PEAK * math.sqrt(2.0))) ** 2))).astype(np.float32)
+    noise = fft.irfft2(fft.rfft2(white, axes=(-2, -1)) * gain, s=shape[-2:], axes=(-2, -1))
+    return noise * np.float32(std / max(float(noise.std()), 1e-6))
 
 
 def _exam_pose(config: CohortConfig, rng: np.random.Generator, index: int,
@@ -431,9 +569,7 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
     rng = np.random.default_rng([config.seed, index])
     pid = str(config.first_pid + index)
     pattern = _TIMEPOINT_PATTERNS[int(rng.choice(len(_TIMEPOINT_PATTERNS), p=_TIMEPOINT_P))]
-    all_days = {0: 0.0}
-    for tp in (1, 2):
-        all_days[tp] = all_days[tp - 1] + 365.0 + float(np.round(rng.normal(0, 25)))
+    all_days = _draw_days(rng, config)
     days = {tp: all_days[tp] for tp in pattern}
     anatomy = sample_anatomy(rng, config.fov_mm)
     tracks = _sample_nodules(rng, anatomy, config, days)
@@ -451,27 +587,40 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
             thicker = [t for t in (*config.slice_thicknesses_mm, 3.0, 5.0) if t > thicknesses[0]]
             thicknesses.append(float(rng.choice(thicker)))
         noise_hu = float(rng.uniform(*config.noise_hu))
+        screening = config.preset == "screening"
+        if screening:  # quantum noise: std ~ 1 / sqrt(mAs x slice thickness)
+            dose_rng = np.random.default_rng([config.seed, index, 2, position])
+            noise_ref = float(dose_rng.uniform(*config.noise_hu_at_100mAs))
+            mas = float(dose_rng.uniform(*config.tube_current_mAs))
         for series_index, thickness in enumerate(thicknesses):
             series_uid = f"1.2.826.0.1.3680043.10.543.{pid}.{tp}.{series_index}.{int(rng.integers(10**11, 10**12))}"
             exam_id = nlst_exam_id(pid, tp, series_uid)
             geometry = _exam_geometry(config, pixel_spacing, thickness, start_offset)
-            volume = _render_exam(reference, geometry, pose, thickness, rng, noise_hu, deformation)
-            labels = np.zeros(volume.shape, dtype=np.uint8)
-            voxel_volume = float(np.prod(geometry.spacing))
+            seen = []
             for track in tracks:
-                if days[tp] < track.first_day:
-                    continue
-                # a nodule is small next to the deformation's wavelength: it moves with its centre, keeping its shape
-                local = np.eye(4)
-                local[:3, 3] = deformation.from_anatomy(track.center[None])[0] - track.center
-                count, box, centre = _render_nodule(volume, labels, track, days[tp], geometry, pose.matrix() @ local)
-                centre_exam = (pose.matrix() @ local @ np.append(track.center, 1.0))[:3]
+                if days[tp] >= track.first_day:
+                    # a nodule is small next to the deformation's wavelength: it moves with its centre, unchanged
+                    local = np.eye(4)
+                    local[:3, 3] = deformation.from_anatomy(track.center[None])[0] - track.center
+                    seen.append((track, pose.matrix() @ local))
+            if screening:
+                volume, labels, drawn = _screening_exam(reference, geometry, pose, deformation, seen, days[tp], rng,
+                                                        noise_ref * math.sqrt(100.0 / mas / thickness))
+            else:
+                volume = _render_exam(reference, geometry, pose, thickness, rng, noise_hu, deformation)
+                labels = np.zeros(volume.shape, dtype=np.uint8)
+                drawn = [_render_nodule(volume, labels, track, days[tp], geometry, matrix) for track, matrix in seen]
+            voxel_volume = float(np.prod(geometry.spacing))
+            for (track, matrix), (count, box, centre) in zip(seen, drawn, strict=True):
+                centre_exam = (matrix @ np.append(track.center, 1.0))[:3]
                 truth_nodules.append({
                     "pid": pid, "nodule_group": track.group, "kind": track.kind, "fate": track.fate,
                     "doubling_days": track.doubling_days, "exam_id": exam_id, "screen_timepoint": tp,
                     "primary_series": series_index == 0, "days_since_baseline": days[tp],
                     "true_volume_mm3": track.volume(days[tp]), "mask_volume_mm3": count * voxel_volume,
                     "center_anatomy": track.center.tolist(), "center_exam": centre_exam.tolist(),
+                    **({"attached_to": track.attached_to, "spiculated": bool(len(track.spike_amplitudes))}
+                       if screening else {}),
                 })
                 if series_index == 0:
                     nodule_id += 1

@@ -1,0 +1,133 @@
+"""The realistic synthetic presets (synthetic.preset / synthetic.fates "screening") against their own truth."""
+
+import hashlib
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from scipy.ndimage import binary_erosion
+
+from noduleflow.phantom import boundary_distances_mm, lung_depth_mm, sample_anatomy
+from noduleflow.synthetic import (
+    CohortConfig,
+    Deformation,
+    NoduleTrack,
+    Pose,
+    _anatomy_image,
+    _draw_days,
+    _draw_fate,
+    _exam_geometry,
+    _sample_nodules,
+    _screening_exam,
+    _screening_look,
+    generate_cohort,
+    generate_patient,
+)
+
+SCREENING = CohortConfig(n_patients=1, seed=3, fov_mm=(200.0, 170.0, 120.0), pixel_spacing_mm=(0.7, 0.8),
+                         slice_thicknesses_mm=(1.25,), preset="screening", fates="screening")
+
+
+def _track(center: np.ndarray, kind: str = "solid", volume: float = 1500.0) -> NoduleTrack:
+    return NoduleTrack(group=1, kind=kind, fate="stable", center=center, orientation=np.eye(3), axes=np.ones(3),
+                       lobe_directions=np.array([[0.0, 0.0, 1.0]]), lobe_amplitudes=np.array([0.1]), first_day=0.0,
+                       first_volume=volume, doubling_days=math.inf, core_fraction=0.5, hu=35.0, screen_detected=True)
+
+
+@pytest.fixture(scope="module")
+def anatomy():
+    return sample_anatomy(np.random.default_rng(3), SCREENING.fov_mm)
+
+
+def test_noise_inside_a_nodule_matches_the_same_tissue_outside(anatomy):
+    reference = _anatomy_image(anatomy, SCREENING)
+    candidates = np.random.default_rng(0).uniform(-60.0, 60.0, (4000, 3))
+    center = candidates[np.argmax(lung_depth_mm(anatomy, candidates))]
+    geometry = _exam_geometry(SCREENING, 0.75, 1.25)
+    pose, still = Pose(np.eye(3), np.zeros(3), np.ones(3)), Deformation(np.zeros((0, 7)))
+    image, labels, [(count, _, _)] = _screening_exam(reference, geometry, pose, still, [(_track(center), np.eye(4))],
+                                                     0.0, np.random.default_rng(1), 80.0)
+    assert count * float(np.prod(geometry.spacing)) == pytest.approx(1500.0, rel=0.1)
+    inside = binary_erosion(labels == 1, np.ones((3, 5, 5), bool))
+    assert inside.sum() > 100
+    # soft tissue of the same density outside: the middle of the heart (uniform 52 HU in the noise-free anatomy)
+    k, j, i = np.round((np.asarray(anatomy.heart[:3]) - geometry.origin) / geometry.spacing)[::-1].astype(int)
+    heart = image[k - 3:k + 4, j - 8:j + 9, i - 8:i + 9]
+    assert abs(heart.mean() - 52.0) < 10.0
+    ratio = image[inside].std() / heart.std()
+    assert 0.8 <= ratio <= 1.2
+    assert heart.std() == pytest.approx(80.0, rel=0.2)
+
+
+def test_a_configured_fraction_of_nodules_touches_the_pleura_or_a_vessel(anatomy):
+    measured = {}
+    for fraction in (0.0, 0.4):
+        config = CohortConfig(**{**SCREENING.__dict__, "attached_fraction": fraction, "nodules_per_patient": (4, 4)})
+        touching, flagged = [], []
+        for seed in range(6):
+            for track in _sample_nodules(np.random.default_rng(seed), anatomy, config, {0: 0.0, 1: 400.0}):
+                gap = boundary_distances_mm(anatomy, track.center[None])[0]
+                assert gap[0] > 0  # the centre lies in a lung
+                touching.append(gap.min() < track.scale(track.first_day) * track.axes.min())
+                flagged.append(bool(track.attached_to))
+        assert touching == flagged
+        measured[fraction] = np.mean(touching)
+    assert measured[0.0] == 0.0
+    assert 0.25 <= measured[0.4] <= 0.6
+
+
+def test_screening_fates_are_mostly_stable_or_slow_and_intervals_span_1_to_3_years():
+    rng = np.random.default_rng(0)
+    for kind in ("solid", "part_solid", "ground_glass"):
+        draws = [_draw_fate(rng, SCREENING, kind) for _ in range(3000)]
+        fast = np.mean([fate == "growing" and not slow for fate, _, slow in draws])
+        calm = np.mean([fate == "stable" or slow for fate, _, slow in draws])
+        assert calm > 0.5 and 0.02 < fast < 0.3
+        assert np.mean([fate == "shrinking" for fate, _, _ in draws]) > 0.05
+        assert all(600.0 <= doubling <= 1500.0 for _, doubling, slow in draws if slow)
+    intervals = []
+    for _ in range(500):
+        days = _draw_days(rng, SCREENING)
+        intervals += [days[1] - days[0], days[2] - days[1], days[2] - days[0]]
+    assert 330.0 <= min(intervals) and max(intervals) <= 1095.0
+    assert np.percentile(intervals, 90) - np.percentile(intervals, 10) > 300.0
+
+
+def test_the_look_hints_at_the_fate_without_giving_it_away():
+    rng = np.random.default_rng(0)
+    spiculated = {}
+    for fast in (True, False):
+        looks = []
+        for _ in range(300):
+            track = _track(np.zeros(3), kind="part_solid")
+            _screening_look(rng, track, fast)
+            looks.append(len(track.spike_amplitudes) > 0)
+            offset = np.linalg.norm(track.core_offset)
+            assert offset > 0 and offset + track.core_fraction <= 0.9  # off-centre, inside the nodule
+        spiculated[fast] = np.mean(looks)
+    assert 0.0 < spiculated[False] < spiculated[True] < 1.0
+
+
+@pytest.mark.slow
+def test_the_screening_generator_is_deterministic_for_a_seed(tmp_path):
+    first = generate_patient(SCREENING, 0, tmp_path / "a")
+    again = generate_patient(SCREENING, 0, tmp_path / "b")
+    assert pd.DataFrame(first["truth_nodules"]).equals(pd.DataFrame(again["truth_nodules"]))
+    assert first["manifest"] == again["manifest"]
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.nii.gz"))
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+@pytest.mark.slow
+def test_the_default_presets_keep_the_demo_cohort_unchanged(tmp_path):
+    # digest of this cohort made by the generator before the presets existed (commit 3166a06)
+    config = CohortConfig(n_patients=1, seed=11, fov_mm=(180.0, 150.0, 120.0), pixel_spacing_mm=(0.9, 1.0),
+                          slice_thicknesses_mm=(2.0,))
+    generate_cohort(config, tmp_path)
+    digest = hashlib.sha256()
+    for path in sorted(tmp_path.rglob("*.nii.gz")):
+        digest.update(sitk.GetArrayFromImage(sitk.ReadImage(str(path))).tobytes())
+    digest.update(pd.read_parquet(tmp_path / "truth" / "nodules.parquet").to_csv().encode())
+    assert digest.hexdigest() == "a7a21e0dca27e676e774bb9be27f786711450ad6cffcc19ca37d61cbfe409628"
