@@ -16,7 +16,8 @@ prior's box). Dice compares the forecast's and the real segmentation, SSIM and P
 whole patch and on the nodule region (the union of the two boxes grown by a margin; an image comparison with
 the reference, not a measurement of the forecast). The copy-the-prior baseline is the prior image measured by
 `forecast_size` like any forecast; the growth baselines scale that size (`metrics.with_baselines`).
-Runs whose sampling is random (every formulation but the bridge) are sampled several times per pair.
+Runs whose sampling is random (every formulation but the bridge) are sampled `samples` times per pair; a pair's
+row keeps the median size, the 10 / 90 % quantiles and the CRPS of its samples, and their mean image scores.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice
 
 from noduleflow.datasets import NodulePairs
-from noduleflow.evaluation.metrics import COPY_PRIOR
+from noduleflow.evaluation.metrics import COPY_PRIOR, IMAGE_METRICS, forecast_distribution
 from scipy import ndimage
 
 from noduleflow.evaluation.segmenter import grown_box
@@ -51,7 +52,7 @@ DATA_RANGE = 2.0  # patches are in [-1, 1]
 class ForecastSettings:
     """How forecasts are drawn and measured (config key `evaluation`)."""
 
-    samples: int = 3  # forecasts per pair for runs whose sampling is random
+    samples: int = 8  # forecasts per pair for runs whose sampling is random
     sampler: str = "heun"
     steps: int = 20
     region_margin: tuple[int, int, int] = (4, 4, 1)  # x, y, z voxels around the union box for region SSIM/PSNR
@@ -192,12 +193,18 @@ class _Measure:
     def size(self, mask: np.ndarray) -> float:
         return float(mask.sum()) * self.unit
 
-    def scores(self, image: np.ndarray) -> dict[str, float]:
-        mask = forecast_mask(image, self.prior_box, self.delta_days, self.patch, self.segmenter, self.settings)
-        ssim, psnr = image_scores(image, self.real)
-        ssim_region, psnr_region = image_scores(image[self.region], self.real[self.region])
-        return {"predicted_size": self.size(mask), "dice": dice(mask, self.real_mask), "ssim": ssim, "psnr": psnr,
-                "ssim_nodule": ssim_region, "psnr_nodule": psnr_region}
+    def scores(self, images: Sequence[np.ndarray]) -> dict[str, float]:
+        """One forecast's samples: their size distribution (`metrics.forecast_distribution`) and mean image scores."""
+        sizes, per_sample = [], []
+        for image in images:
+            mask = forecast_mask(image, self.prior_box, self.delta_days, self.patch, self.segmenter, self.settings)
+            ssim, psnr = image_scores(image, self.real)
+            ssim_region, psnr_region = image_scores(image[self.region], self.real[self.region])
+            sizes.append(self.size(mask))
+            per_sample.append([dice(mask, self.real_mask), ssim, psnr, ssim_region, psnr_region])
+        means = np.mean(np.asarray(per_sample, dtype=float), axis=0)
+        return {**forecast_distribution(np.asarray(sizes), self.size(self.real_mask)),
+                **dict(zip(IMAGE_METRICS, means.tolist(), strict=True))}
 
 
 def _volumes(images: torch.Tensor, slices: bool) -> np.ndarray:
@@ -234,7 +241,7 @@ def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_dat
                  decode: Callable[[torch.Tensor], torch.Tensor] | None, patch: PatchSettings, segmenter: Segmenter,
                  settings: ForecastSettings, run_name: str,
                  true_volumes: pd.DataFrame | None = None) -> Forecasts:
-    """Forecast every test pair with a run and measure it and the copy-prior baseline.
+    """Forecast every pair with a run and measure it and the copy-prior baseline: one row per pair and method.
 
     `raw` gives the prior and real follow-up images (patches or slices); `model_data` the same pairs in the
     run's space (the raw pairs again, or latents, with `decode` back to patches). `true_volumes` (synthetic
@@ -266,11 +273,10 @@ def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_dat
                    "exam_a": raw.pairs.at[item, "exam_a"], "exam_b": raw.pairs.at[item, "exam_b"],
                    "delta_days": measure.delta_days, "prior_size": measure.prior_size,
                    "real_size": measure.size(measure.real_mask)}
-            copy = measure.scores(prior)
+            copy = measure.scores([prior])
             ids["prior_forecast_size"] = copy["predicted_size"]
-            rows.append({**ids, "method": COPY_PRIOR, "sample": 0, **copy})
-            for s in range(samples):
-                rows.append({**ids, "method": run_name, "sample": s, **measure.scores(generated[s][offset])})
+            rows.append({**ids, "method": COPY_PRIOR, **copy})
+            rows.append({**ids, "method": run_name, **measure.scores([g[offset] for g in generated])})
             if len(examples) < settings.examples:
                 examples.append({"prior": prior, "real": real, "generated": generated[0][offset],
                                  "box": union_box(measure.prior_box, measure.real_box),
