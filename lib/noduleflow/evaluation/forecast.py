@@ -1,4 +1,4 @@
-"""Per-pair evaluation of a paired forecasting run on the test split (seed step 20: eval_3D_fm, eval_2D_fm).
+"""Per-pair evaluation of a paired forecasting run on a split (seed step 20: eval_3D_fm, eval_2D_fm).
 
 For every prior/follow-up pair the run generates the follow-up from the prior and the interval (latent runs
 decode through the VAE). A forecast is measured only with what is known at the prior exam (`forecast_size`):
