@@ -123,7 +123,7 @@ rule segmenter_accuracy:
 rule vae_examples:
     input:
         model=rules.train_vae.output.model,
-        raw="results/cache/raw/test/index.parquet",
+        raw="results/cache/raw/val/index.parquet",
     output:
         report("results/evaluation/vae_reconstructions.png", category="Training", caption="../report/vae.rst"),
     params:

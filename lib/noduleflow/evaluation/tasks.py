@@ -119,7 +119,7 @@ def segmenter_report(small_boxes: list[str], truth: str, min_volume: float, tabl
 
 
 def vae_examples(vae: str, raw_folder: str, patch: dict[str, Any], count: int, path: str) -> None:
-    """The first `count` test patches and their VAE reconstructions."""
+    """The first `count` patches of a split (the rule gives val) and their VAE reconstructions."""
     patches = NodulePatches(raw_folder)
     images = torch.stack([patches[i]["image"] for i in range(min(count, len(patches)))])
     with torch.no_grad():
