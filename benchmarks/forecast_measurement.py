@@ -33,6 +33,7 @@ from noduleflow.patches import PatchSettings, to_hu, to_unit_range
 
 SPHERE_PATCH = PatchSettings(spacing_mm=(0.7, 0.7, 2.5), size=(48, 48, 12))
 CASES = [  # prior radius mm, forecast radius mm, shift (x, y, z voxels), HU
+    ("grew 4 -> 5.5 mm, solid", 4.0, 5.5, (0, 0, 0), 40.0),
     ("grew 4 -> 8 mm, solid", 4.0, 8.0, (0, 0, 0), 40.0),
     ("grew 4 -> 8 mm, ground glass", 4.0, 8.0, (0, 0, 0), -620.0),
     ("shrank 6 -> 3 mm, solid", 6.0, 3.0, (0, 0, 0), 40.0),

@@ -214,6 +214,7 @@ def _tight_box(patch_hu: np.ndarray) -> list[int]:
 
 
 @pytest.mark.parametrize(("prior_mm", "forecast_mm", "shift", "hu"), [
+    (4.0, 5.5, (0, 0, 0), 40.0),  # grew past the prior's box: the box follows the nodule out
     (4.0, 8.0, (0, 0, 0), 40.0),  # grew far beyond the prior's box (the union-box measurement gave 0 mm^3)
     (4.0, 8.0, (0, 0, 0), -620.0),  # the same, ground glass
     (6.0, 3.0, (0, 0, 0), 40.0),  # shrank to a quarter of the prior's box

@@ -6,10 +6,15 @@ decode through the VAE). A forecast is measured only with what is known at the p
 1. the search region is the prior's box grown, per side, by what the fastest growth allowed over the interval
    adds to the nodule's half-extent (volume doubling every `fastest_doubling_days`, so the radius grows by
    2^(days / (3 * fastest_doubling_days))) plus `shift_mm` for the registration's residual, cut to the patch;
-2. the forecast nodule is found there: the voxels brighter than the region's median (its parenchyma) by
-   `detect_contrast_hu`, and of their connected components the one with the most voxels inside the prior's box,
-   or, where none overlaps it, the one nearest its centre (none: the forecast nodule is gone, size 0);
-3. the segmenter measures it in that component's bounding box, as it measures an annotated nodule in its box.
+   nothing outside it counts;
+2. the segmenter measures the forecast in the prior's box, as it measures an annotated nodule in its box;
+3. where it finds nothing there (the nodule is gone, faint in a box now too loose for it, or larger than the
+   box all round), the box becomes that of the bright component in the region (voxels `detect_contrast_hu`
+   above the region's median, opened in-plane by `opening_voxels` to cut vessels off) with the most voxels in
+   the prior's box, or, where none overlaps it, the one nearest its centre (none: size 0);
+4. where the nodule is cut off at the segmenter's region (it reaches `reach_voxels` past the box with an outer
+   layer of at least `cut_fraction` of its largest cross-section, unlike a vessel leaving it), that side of
+   the box moves out to it and the nodule is measured again, until it fits.
 
 The real follow-up is the reference: the segmenter measures it in its own annotated box (the prior, in the
 prior's box). Dice compares the forecast's and the real segmentation, SSIM and PSNR compare the images on the
@@ -62,6 +67,11 @@ class ForecastSettings:
     fastest_doubling_days: float = 60.0  # fastest volume doubling the search region allows for
     shift_mm: float = 5.0  # and the nodule's shift (registration residual) it allows for
     detect_contrast_hu: float = 100.0  # a forecast nodule is brighter than the region's parenchyma by this
+    opening_voxels: tuple[int, int, int] = (3, 3, 1)  # x, y, z: in-plane opening that cuts vessels off the nodule
+    reach_voxels: tuple[int, int, int] = (2, 2, 1)  # x, y, z: a nodule reaching this far past its box (the
+    # segmenter's margin) may go on beyond it: that side of the box moves out to it
+    cut_fraction: float = 0.25  # ... with an outer layer this large against its largest cross-section
+    max_box_updates: int = 20  # times the box may grow after a nodule reaching past it
 
 
 @dataclass
@@ -137,18 +147,16 @@ def _bounding_box(mask: np.ndarray) -> list[int]:
     return [int(y[0]), int(y[-1]), int(x[0]), int(x[-1]), int(z[0]), int(z[-1])]
 
 
-def forecast_mask(image: np.ndarray, prior_box: Sequence[int], delta_days: float, patch: PatchSettings,
-                  segmenter: Segmenter, settings: ForecastSettings) -> np.ndarray:
-    """The forecast nodule's mask (Z, Y, X), found with what is known at the prior (see the module docstring)."""
-    hu = to_hu(image, patch.hu_window)
-    region = growth_region(prior_box, delta_days, patch.spacing_mm, hu.shape, settings)
-    inside = np.zeros(hu.shape, dtype=bool)
-    inside[region] = True
-    labels, count = ndimage.label(inside & (hu > float(np.median(hu[region])) + settings.detect_contrast_hu))
+def _detected_box(hu: np.ndarray, prior_box: Sequence[int], inside: np.ndarray, patch: PatchSettings,
+                  settings: ForecastSettings) -> list[int] | None:
+    """The box of the bright component in `inside` that overlaps the prior's box most, or lies nearest its centre:
+    voxels `detect_contrast_hu` above the region's median, opened in-plane to cut vessels off (None: nothing)."""
+    above = inside & (hu > float(np.median(hu[inside])) + settings.detect_contrast_hu)
+    opened = ndimage.binary_opening(above, structure=np.ones(tuple(reversed(settings.opening_voxels)), dtype=bool))
+    labels, count = ndimage.label(opened if opened.any() else above)
     if count == 0:
-        return np.zeros(hu.shape, dtype=bool)
-    box = grown_box(prior_box, (0, 0, 0), hu.shape)[1]
-    overlap = np.bincount(labels[box].ravel(), minlength=count + 1)[1:]
+        return None
+    overlap = np.bincount(labels[grown_box(prior_box, (0, 0, 0), hu.shape)[1]].ravel(), minlength=count + 1)[1:]
     if overlap.max() > 0:
         label = int(np.argmax(overlap)) + 1
     else:
@@ -157,7 +165,49 @@ def forecast_mask(image: np.ndarray, prior_box: Sequence[int], delta_days: float
         scale = np.array([patch.spacing_mm[2], patch.spacing_mm[1], patch.spacing_mm[0]])
         points = np.argwhere(labels > 0)
         label = int(labels[tuple(points[np.argmin((((points - centre) * scale) ** 2).sum(axis=1))])])
-    return segmenter(hu, _bounding_box(labels == label)) & inside
+    return _bounding_box(labels == label)
+
+
+def forecast_mask(image: np.ndarray, prior_box: Sequence[int], delta_days: float, patch: PatchSettings,
+                  segmenter: Segmenter, settings: ForecastSettings) -> np.ndarray:
+    """The forecast nodule's mask (Z, Y, X), found with what is known at the prior (see the module docstring)."""
+    hu = to_hu(image, patch.hu_window)
+    inside = np.zeros(hu.shape, dtype=bool)
+    inside[growth_region(prior_box, delta_days, patch.spacing_mm, hu.shape, settings)] = True
+    box = list(prior_box)
+    mask = segmenter(hu, box) & inside
+    if not mask.any():  # gone, faint in a box now too loose, or larger than the box all round: look for it
+        box = _detected_box(hu, prior_box, inside, patch, settings)
+        if box is None:
+            return mask
+        mask = segmenter(hu, box) & inside
+    for _ in range(settings.max_box_updates):  # the box follows a nodule cut off at the segmenter's region
+        grown = _box_past_cuts(mask, box, settings)
+        if grown == box:
+            break
+        box = grown
+        mask = segmenter(hu, box) & inside
+    return mask
+
+
+def _box_past_cuts(mask: np.ndarray, box: list[int], settings: ForecastSettings) -> list[int]:
+    """`box` with each side moved out to the mask where the mask reaches `reach_voxels` past it with an outer
+    layer of at least `cut_fraction` of its largest cross-section on that axis: a nodule cut off there, not a
+    vessel leaving it."""
+    if not mask.any():
+        return box
+    found = _bounding_box(mask)
+    reach = (settings.reach_voxels[1], settings.reach_voxels[0], settings.reach_voxels[2])  # y, x, z
+    grown = list(box)
+    for side in range(6):
+        axis = (1, 2, 0)[side // 2]  # array axis of y, x, z
+        beyond = box[side] - found[side] if side % 2 == 0 else found[side] - box[side]
+        if beyond < reach[side // 2]:
+            continue
+        sections = mask.sum(axis=tuple(a for a in range(3) if a != axis))
+        if sections[found[side]] >= settings.cut_fraction * sections.max():
+            grown[side] = found[side]
+    return grown
 
 
 def voxel_size(patch: PatchSettings, slices: bool) -> float:
