@@ -347,7 +347,7 @@ def test_the_evaluation_stage_writes_numbers_summaries_a_ranking_and_a_report(de
     for run in runs:
         pairs = pd.read_csv(folder / "val" / run / "pairs.csv")
         assert len(pairs) > 0 and pd.api.types.is_float_dtype(pairs["predicted_size"])
-        assert set(pairs["exam_b"]) <= set(val_pairs["exam_b"])
+        assert set(pairs["exam_b"].astype(str)) <= set(val_pairs["exam_b"].astype(str))
         assert pairs["dice"].between(0, 1).all() and pairs["ssim"].le(1).all()
         forecasts = pairs[pairs["method"] == run]
         assert forecasts["samples"].eq(8 if run == "latent3d_noise" else 1).all()
