@@ -511,7 +511,8 @@ CONFIG_CASES = [
     ("hu_window_reversed", {"patch__hu_window": [500.0, -2000.0]}, "patch.hu_window"),
     ("empty_string_path", {"data__manifest": ""}, "data.manifest is an empty string"),
     ("range_reversed", {"synthetic__nodules_per_patient": [4, 1]}, "synthetic.nodules_per_patient"),
-    ("pyramid_lengths_differ", {"registration__method__smoothing_sigmas_mm": [4.0, 0.0]}, "one value per pyramid"),
+    ("test_run_not_trained", {"evaluation__test_runs": ["no_such_run"]}, "evaluation.test_runs names runs"),
+    ("pyramid_lengths_differ", {"registration__method__smoothing_sigmas_mm": [4.0, 2.0, 0.0]}, "one value per pyramid"),
 ]
 
 

@@ -55,7 +55,7 @@ def test_the_report_after_the_readme_install_opens_on_the_runs_table(demo_run, t
     html = report.read_text(errors="replace")
     landing = json.loads(re.search(r"var workflow_desc = (\".*?\");\n", html, re.S).group(1))
     assert "Runs and baselines" in landing and "What a good result looks like" in landing
-    ranked = pd.read_csv(demo_run / "results" / "evaluation" / "runs.csv")
+    ranked = pd.read_csv(demo_run / "results" / "evaluation" / "val" / "runs.csv")
     table = landing[landing.index("<table"):landing.index("</table>")]
     assert all(method in table for method in ranked["method"])  # every row of runs.csv
     assert landing.count("data:image/png;base64,") == 2 * len(ranked["run"].unique())  # montage, change scatter

@@ -1,8 +1,8 @@
 """Checks of the configuration's meaning that its JSON schema cannot express (run right after the schema).
 
 The schema checks types and single-value ranges; this module checks values against each other: split fractions
-that sum to zero, a reversed HU window or [min, max] range, pyramid settings of different lengths, and empty
-strings (an empty path would silently mean the working directory).
+that sum to zero, a reversed HU window or [min, max] range, pyramid settings of different lengths, test runs
+that are not trained, and empty strings (an empty path would silently mean the working directory).
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
             and len(method["shrink_factors"]) != len(method["smoothing_sigmas_mm"]):
         problems.append(f"registration.method.shrink_factors {method['shrink_factors']} and smoothing_sigmas_mm "
                         f"{method['smoothing_sigmas_mm']} must have one value per pyramid level")
+    runs = _get(config, "models", "runs") or {}
+    if unknown := sorted(set(_get(config, "evaluation", "test_runs") or []) - set(runs)):
+        problems.append(f"evaluation.test_runs names runs that models.runs lacks: {unknown}")
     for where, value in _strings(config, ""):
         if not value.strip():
             problems.append(f"{where} is an empty string (use null for 'not given')")

@@ -13,8 +13,8 @@ import pandas as pd
 
 # runs.csv columns shown on the landing page (the rest are in each run's summary.csv), with their headings
 LANDING_COLUMNS = {"rank": "rank", "dims": "dims", "run": "run", "method": "method", "mae": "MAE",
-                   "r2": "R^2", "direction_accuracy": "direction accuracy",
-                   "dice": "mean Dice"}
+                   "r2": "R^2", "direction_accuracy": "direction accuracy", "crps": "CRPS",
+                   "coverage_80": "80 % coverage", "dice": "mean Dice"}
 
 
 def runs_table(path: str | os.PathLike[str]) -> str:

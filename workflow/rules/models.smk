@@ -15,7 +15,7 @@ rule train_vae:
     params:
         vae=config["models"]["vae"],
         work_dir="results/models/.work/vae",
-        seed=config["seed"],
+        seed=config["models"]["seed"],
     threads: config["models"]["threads"]
     priority: 10  # heads the longest chain (latents, 3D pretraining, the latent run, its evaluation): start it first
     resources:
@@ -66,7 +66,7 @@ rule fm_pretrain:
         data=lambda wildcards: space_geometry(config["models"]["pretrain"][wildcards.dims]["space"],
                                               config["models"]["vae"]),
         work_dir="results/models/.work/pretrain_{dims}",
-        seed=config["seed"],
+        seed=config["models"]["seed"],
     threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
@@ -99,7 +99,7 @@ rule fm_paired:
         data=lambda wildcards: space_geometry(config["models"]["runs"][wildcards.run]["space"],
                                               config["models"]["vae"]),
         work_dir="results/models/.work/runs/{run}",
-        seed=config["seed"],
+        seed=config["models"]["seed"],
     threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
