@@ -10,7 +10,8 @@ import torch
 from conftest import snakemake
 from noduleflow.datasets import NodulePairs
 from noduleflow.evaluation import metrics
-from noduleflow.evaluation.forecast import ForecastSettings, dice, evaluate_run, image_scores, union_box
+from noduleflow.evaluation.forecast import (ForecastSettings, dice, evaluate_run, forecast_size, growth_region,
+                                            image_scores, union_box)
 from noduleflow.evaluation.segmenter import HalfMaximumSegmenter, LearnedSegmenter, build_segmenter
 from noduleflow.models.flow import VelocityNet
 from noduleflow.patches import PatchSettings, to_unit_range
@@ -41,11 +42,12 @@ def test_r_squared_and_growth_rates_by_hand():
 def _hand_table() -> pd.DataFrame:
     """Three pairs: a run's forecasts and copy-prior rows, with sizes chosen to make every number easy."""
     base = pd.DataFrame({"pair": [0, 1, 2], "prior_size": [100.0, 200.0, 50.0], "real_size": [150.0, 200.0, 20.0],
-                         "delta_days": [365.25, 365.25, 730.5], "true_size": [140.0, 210.0, 25.0]})
+                         "delta_days": [365.25, 365.25, 730.5], "true_size": [140.0, 210.0, 25.0],
+                         "prior_forecast_size": [110.0, 200.0, 50.0]})
     images = {"dice": [0.5, 1.0, 0.0], "ssim": [0.9, 1.0, 0.5], "psnr": [30.0, 40.0, 20.0],
               "ssim_nodule": [0.8, 1.0, 0.4], "psnr_nodule": [25.0, 35.0, 15.0]}
     model = base.assign(method="run", predicted_size=[160.0, 180.0, 30.0], **images)
-    copy = base.assign(method=metrics.COPY_PRIOR, predicted_size=base["prior_size"], **images)
+    copy = base.assign(method=metrics.COPY_PRIOR, predicted_size=base["prior_forecast_size"], **images)
     return pd.concat([model, copy], ignore_index=True)
 
 
@@ -62,9 +64,9 @@ def test_baselines_and_summaries_reproduce_a_hand_built_table():
     assert model["rmse"] == pytest.approx(np.sqrt((100 + 400 + 100) / 3))
     assert model["direction_accuracy"] == 1.0
     assert model["mae_true"] == pytest.approx((20 + 30 + 5) / 3)
-    assert copy["mae"] == pytest.approx((50 + 0 + 30) / 3)
+    assert copy["mae"] == pytest.approx((40 + 0 + 30) / 3)
     assert copy["direction_accuracy"] == pytest.approx(1 / 3)  # only the stable pair
-    forecast = np.array([100 * 1.2, 200 * 1.2, 50 * 1.44])
+    forecast = np.array([110 * 1.2, 200 * 1.2, 50 * 1.44])  # the prior as forecasts measure it, scaled
     assert growth["mae"] == pytest.approx(np.mean(np.abs(forecast - [150.0, 200.0, 20.0])))
     assert "dice" not in growth and model["dice"] == pytest.approx(0.5) and model["median_dice"] == 0.5
     rows = summary.dropna(subset=["ci_low"])
@@ -78,10 +80,10 @@ def test_the_kind_growth_reference_scales_each_prior_by_its_kinds_rate():
     pairs = metrics.with_baselines(table, annual_rate=1.2, kind_rates={"solid": 2.0, "calcified": 1.0})
     kind = pairs[pairs["method"] == metrics.KIND_GROWTH].sort_values("pair")
     # ground glass has no rate of its own: the overall 1.2 per year, over two years
-    assert kind["predicted_size"].tolist() == pytest.approx([200.0, 200.0, 50 * 1.44])
+    assert kind["predicted_size"].tolist() == pytest.approx([220.0, 200.0, 50 * 1.44])
     assert kind["dice"].isna().all()
     summary = _values(metrics.summarise(pairs, "run", metrics.SummarySettings(bootstrap=0)), metrics.KIND_GROWTH)
-    assert summary["mae"] == pytest.approx((50 + 0 + 52) / 3)
+    assert summary["mae"] == pytest.approx((70 + 0 + 52) / 3)
     assert summary["direction_accuracy"] == pytest.approx(2 / 3)  # growth and stable right; 1.44x is no shrink
     assert metrics.KIND_GROWTH not in set(metrics.with_baselines(_hand_table(), 1.2, {"solid": 2.0})["method"])
 
@@ -90,7 +92,7 @@ def test_direction_of_the_hand_table():
     table = _hand_table()
     run = table[table["method"] == "run"]
     assert metrics.growth_class(run["prior_size"], run["real_size"], 0.25).tolist() == [1, 0, -1]
-    assert metrics.growth_class(run["prior_size"], run["predicted_size"], 0.25).tolist() == [1, 0, -1]
+    assert metrics.growth_class(run["prior_forecast_size"], run["predicted_size"], 0.25).tolist() == [1, 0, -1]
 
 
 def test_ranking_orders_forecasts_within_each_dimension_and_lists_shared_baselines_once():
@@ -119,13 +121,54 @@ def test_dice_and_image_scores_on_edge_cases():
     assert union_box([1, 4, 2, 6, 0, 1], [2, 8, 0, 3, 1, 2]) == [1, 8, 0, 6, 0, 2]
 
 
-def _sphere_patch(radius_mm: float, size=(32, 32, 8), spacing=(0.7, 0.7, 2.5), hu=40.0) -> np.ndarray:
-    """A (Z, Y, X) HU patch of parenchyma with a sphere in the middle (3x supersampled partial volume)."""
-    fine = [np.arange(n * 3) / 3.0 - (n - 1) / 2.0 - 1 / 3.0 for n in reversed(size)]
+def _sphere_patch(radius_mm: float, size=(32, 32, 8), spacing=(0.7, 0.7, 2.5), hu=40.0, shift=(0, 0, 0),
+                  noise_hu=0.0) -> np.ndarray:
+    """A (Z, Y, X) HU patch of parenchyma with a sphere in the middle, or `shift` (x, y, z voxels) from it (3x
+    supersampled partial volume), plus seeded Gaussian noise of `noise_hu`."""
+    fine = [np.arange(n * 3) / 3.0 - (n - 1) / 2.0 - 1 / 3.0 - s for n, s in zip(reversed(size), reversed(shift))]
     z, y, x = np.meshgrid(*fine, indexing="ij")
     inside = ((x * spacing[0]) ** 2 + (y * spacing[1]) ** 2 + (z * spacing[2]) ** 2) <= radius_mm ** 2
     fraction = inside.reshape(size[2], 3, size[1], 3, size[0], 3).mean(axis=(1, 3, 5))
-    return -850.0 + fraction * (hu + 850.0)
+    return -850.0 + fraction * (hu + 850.0) + np.random.default_rng(0).normal(0.0, noise_hu, fraction.shape)
+
+
+def _tight_box(patch_hu: np.ndarray) -> list[int]:
+    """The annotated box (i0, i1, j0, j1, k0, k1) of the nodule in a noise-free sphere patch."""
+    z, y, x = np.nonzero(patch_hu > -400.0)
+    return [int(y.min()), int(y.max()), int(x.min()), int(x.max()), int(z.min()), int(z.max())]
+
+
+@pytest.mark.parametrize(("prior_mm", "forecast_mm", "shift", "hu"), [
+    (4.0, 8.0, (0, 0, 0), 40.0),  # grew far beyond the prior's box (the union-box measurement gave 0 mm^3)
+    (4.0, 8.0, (0, 0, 0), -620.0),  # the same, ground glass
+    (6.0, 3.0, (0, 0, 0), 40.0),  # shrank to a quarter of the prior's box
+    (6.0, 3.0, (0, 0, 0), -620.0),  # the same, ground glass (the prior's box alone loses it)
+    (4.0, 4.0, (8, 0, 0), 40.0),  # moved 5.6 mm, off the prior's box
+    (4.0, 4.0, (6, -6, 1), -620.0),  # moved 6 mm in-plane and a slice
+])
+def test_forecast_size_measures_larger_smaller_and_shifted_forecasts_within_15_percent(prior_mm, forecast_mm, shift,
+                                                                                      hu):
+    patch = PatchSettings(spacing_mm=(0.7, 0.7, 2.5), size=(48, 48, 12))
+    prior_box = _tight_box(_sphere_patch(prior_mm, size=patch.size))
+    forecast = to_unit_range(_sphere_patch(forecast_mm, size=patch.size, hu=hu, shift=shift, noise_hu=15.0),
+                             patch.hu_window)
+    size = forecast_size(forecast, prior_box, 365.0, patch, HalfMaximumSegmenter(), ForecastSettings())
+    assert size == pytest.approx(4 / 3 * np.pi * forecast_mm ** 3, rel=0.15)
+
+
+def test_forecast_size_only_looks_as_far_as_the_interval_allows():
+    patch = PatchSettings(spacing_mm=(0.7, 0.7, 2.5), size=(48, 48, 12))
+    prior_box = _tight_box(_sphere_patch(2.0, size=patch.size))
+    far = to_unit_range(_sphere_patch(3.0, size=patch.size, shift=(16, 0, 0)), patch.hu_window)  # 11 mm away
+    quick, slow = ForecastSettings(shift_mm=2.0, fastest_doubling_days=30.0), ForecastSettings(shift_mm=2.0)
+    assert forecast_size(far, prior_box, 30.0, patch, HalfMaximumSegmenter(), slow) == 0.0  # out of reach: gone
+    assert forecast_size(far, prior_box, 365.0, patch, HalfMaximumSegmenter(), quick) > 0.0
+    region = growth_region(prior_box, 0.0, patch.spacing_mm, (12, 48, 48), ForecastSettings(shift_mm=1.4))
+    assert [(s.start, s.stop) for s in region] == [(prior_box[4] - 1, prior_box[5] + 2),
+                                                   (prior_box[0] - 2, prior_box[1] + 3),
+                                                   (prior_box[2] - 2, prior_box[3] + 3)]
+    empty = to_unit_range(_sphere_patch(0.0, size=patch.size, noise_hu=15.0), patch.hu_window)
+    assert forecast_size(empty, prior_box, 365.0, patch, HalfMaximumSegmenter(), ForecastSettings()) == 0.0
 
 
 class _Threshold(torch.nn.Module):
@@ -188,7 +231,8 @@ def test_an_untrained_bridge_run_copies_the_prior_and_sizes_match_the_spheres(tm
     for method in ("untrained", metrics.COPY_PRIOR):
         rows = table[table["method"] == method].set_index("pair")
         assert rows.loc[0, "dice"] == 1.0 and rows.loc[0, "psnr"] == np.inf  # follow-up == prior: Dice 1
-        np.testing.assert_allclose(rows["predicted_size"], rows["prior_size"], rtol=1e-6)
+        np.testing.assert_allclose(rows["predicted_size"], rows["prior_forecast_size"], rtol=1e-6)
+        np.testing.assert_allclose(rows["predicted_size"], rows["prior_size"], rtol=0.05)  # both paths agree
         assert rows.loc[1, "dice"] < 0.8
     sizes = table.drop_duplicates("pair").set_index("pair")
     assert sizes.loc[0, "prior_size"] == pytest.approx(4 / 3 * np.pi * 3.0 ** 3, rel=0.15)

@@ -1,10 +1,21 @@
 """Per-pair evaluation of a paired forecasting run on the test split (seed step 20: eval_3D_fm, eval_2D_fm).
 
 For every prior/follow-up pair the run generates the follow-up from the prior and the interval (latent runs
-decode through the VAE), and every image is measured the same way: the segmenter runs on the union of the two
-nodule boxes (so prior, real and generated sizes come from one region), Dice compares the generated and the
-real segmentation, SSIM and PSNR compare the images on the whole patch and on the nodule region (the union box
-grown by a margin). The copy-the-prior baseline gets the same measurements with the prior as its forecast.
+decode through the VAE). A forecast is measured only with what is known at the prior exam (`forecast_size`):
+
+1. the search region is the prior's box grown, per side, by what the fastest growth allowed over the interval
+   adds to the nodule's half-extent (volume doubling every `fastest_doubling_days`, so the radius grows by
+   2^(days / (3 * fastest_doubling_days))) plus `shift_mm` for the registration's residual, cut to the patch;
+2. the forecast nodule is found there: the voxels brighter than the region's median (its parenchyma) by
+   `detect_contrast_hu`, and of their connected components the one with the most voxels inside the prior's box,
+   or, where none overlaps it, the one nearest its centre (none: the forecast nodule is gone, size 0);
+3. the segmenter measures it in that component's bounding box, as it measures an annotated nodule in its box.
+
+The real follow-up is the reference: the segmenter measures it in its own annotated box (the prior, in the
+prior's box). Dice compares the forecast's and the real segmentation, SSIM and PSNR compare the images on the
+whole patch and on the nodule region (the union of the two boxes grown by a margin; an image comparison with
+the reference, not a measurement of the forecast). The copy-the-prior baseline is the prior image measured by
+`forecast_size` like any forecast; the growth baselines scale that size (`metrics.with_baselines`).
 Runs whose sampling is random (every formulation but the bridge) are sampled several times per pair.
 """
 
@@ -23,6 +34,8 @@ from monai.metrics import PSNRMetric, SSIMMetric, compute_dice
 
 from noduleflow.datasets import NodulePairs
 from noduleflow.evaluation.metrics import COPY_PRIOR
+from scipy import ndimage
+
 from noduleflow.evaluation.segmenter import grown_box
 from noduleflow.models.flow import VelocityNet, paired_start, sample
 from noduleflow.patches import PatchSettings, to_hu
@@ -45,6 +58,9 @@ class ForecastSettings:
     batch_size: int = 8
     examples: int = 6  # pairs kept (first sample) for the montage
     seed: int = 0
+    fastest_doubling_days: float = 60.0  # fastest volume doubling the search region allows for
+    shift_mm: float = 5.0  # and the nodule's shift (registration residual) it allows for
+    detect_contrast_hu: float = 100.0  # a forecast nodule is brighter than the region's parenchyma by this
 
 
 @dataclass
@@ -105,24 +121,81 @@ def forecast_batch(net: VelocityNet, run: dict[str, Any], priors: torch.Tensor, 
     return sample(net, x0, settings.steps, settings.sampler, condition, delta)
 
 
+def growth_region(prior_box: Sequence[int], delta_days: float, spacing_mm: Sequence[float], shape: Sequence[int],
+                  settings: ForecastSettings) -> tuple[slice, ...]:
+    """Slices (z, y, x) of the prior's box grown by the fastest growth the interval allows plus the shift allowance."""
+    factor = 2.0 ** (max(float(delta_days), 0.0) / (3.0 * settings.fastest_doubling_days)) - 1.0
+    margin = []
+    for axis, spacing in ((2, spacing_mm[0]), (0, spacing_mm[1]), (4, spacing_mm[2])):  # x, y, z
+        half_mm = (prior_box[axis + 1] - prior_box[axis] + 1) * spacing / 2.0
+        margin.append(int(np.ceil((half_mm * factor + settings.shift_mm) / spacing)))
+    return grown_box(prior_box, margin, shape)[0]
+
+
+def _bounding_box(mask: np.ndarray) -> list[int]:
+    """The box (i0, i1, j0, j1, k0, k1) = (y, x, z) of a non-empty (Z, Y, X) mask."""
+    z, y, x = (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    return [int(y[0]), int(y[-1]), int(x[0]), int(x[-1]), int(z[0]), int(z[-1])]
+
+
+def forecast_mask(image: np.ndarray, prior_box: Sequence[int], delta_days: float, patch: PatchSettings,
+                  segmenter: Segmenter, settings: ForecastSettings) -> np.ndarray:
+    """The forecast nodule's mask (Z, Y, X), found with what is known at the prior (see the module docstring)."""
+    hu = to_hu(image, patch.hu_window)
+    region = growth_region(prior_box, delta_days, patch.spacing_mm, hu.shape, settings)
+    inside = np.zeros(hu.shape, dtype=bool)
+    inside[region] = True
+    labels, count = ndimage.label(inside & (hu > float(np.median(hu[region])) + settings.detect_contrast_hu))
+    if count == 0:
+        return np.zeros(hu.shape, dtype=bool)
+    box = grown_box(prior_box, (0, 0, 0), hu.shape)[1]
+    overlap = np.bincount(labels[box].ravel(), minlength=count + 1)[1:]
+    if overlap.max() > 0:
+        label = int(np.argmax(overlap)) + 1
+    else:
+        centre = np.array([(prior_box[4] + prior_box[5]) / 2, (prior_box[0] + prior_box[1]) / 2,
+                           (prior_box[2] + prior_box[3]) / 2])
+        scale = np.array([patch.spacing_mm[2], patch.spacing_mm[1], patch.spacing_mm[0]])
+        points = np.argwhere(labels > 0)
+        label = int(labels[tuple(points[np.argmin((((points - centre) * scale) ** 2).sum(axis=1))])])
+    return segmenter(hu, _bounding_box(labels == label)) & inside
+
+
+def voxel_size(patch: PatchSettings, slices: bool) -> float:
+    """mm^3 of a voxel (3D) or mm^2 of a pixel (2D slices)."""
+    return float(np.prod(patch.spacing_mm[: 2 if slices else 3]))
+
+
+def forecast_size(image: np.ndarray, prior_box: Sequence[int], delta_days: float, patch: PatchSettings,
+                  segmenter: Segmenter, settings: ForecastSettings) -> float:
+    """The size of the nodule in a forecast image in [-1, 1] (Z, Y, X; Z = 1: a 2D slice, size in mm^2), measured
+    only with the prior's box (i0, i1, j0, j1, k0, k1) and the interval: mm^3 (3D) or mm^2 (2D)."""
+    mask = forecast_mask(image, prior_box, delta_days, patch, segmenter, settings)
+    return float(mask.sum()) * voxel_size(patch, image.shape[0] == 1)
+
+
 class _Measure:
-    """Segments and scores images of one pair against its real follow-up."""
+    """Measures the images of one pair: the references in their own boxes, forecasts by `forecast_mask`."""
 
-    def __init__(self, real: np.ndarray, box: list[int], patch: PatchSettings, segmenter: Segmenter,
-                 margin: Sequence[int]) -> None:
-        self.patch, self.segmenter, self.box = patch, segmenter, box
-        self.unit = float(np.prod(patch.spacing_mm[: 3 if real.shape[0] > 1 else 2]))
-        self.region = grown_box(box, margin, real.shape)[0]
-        self.real, self.real_mask = real, self.mask(real)
+    def __init__(self, pair: dict[str, Any], prior: np.ndarray, real: np.ndarray, slices: bool, patch: PatchSettings,
+                 segmenter: Segmenter, settings: ForecastSettings) -> None:
+        self.patch, self.segmenter, self.settings = patch, segmenter, settings
+        self.prior_box, self.real_box = (_box(pair[k], slices) for k in ("bbox_a", "bbox_b"))
+        self.delta_days = float(pair["delta_days"])
+        self.unit = voxel_size(patch, slices)
+        self.region = grown_box(union_box(self.prior_box, self.real_box), settings.region_margin, real.shape)[0]
+        self.real = real
+        self.prior_size = self.size(self.reference(prior, self.prior_box))
+        self.real_mask = self.reference(real, self.real_box)
 
-    def mask(self, image: np.ndarray) -> np.ndarray:
-        return self.segmenter(to_hu(image, self.patch.hu_window), self.box)
+    def reference(self, image: np.ndarray, box: list[int]) -> np.ndarray:
+        return self.segmenter(to_hu(image, self.patch.hu_window), box)
 
     def size(self, mask: np.ndarray) -> float:
         return float(mask.sum()) * self.unit
 
     def scores(self, image: np.ndarray) -> dict[str, float]:
-        mask = self.mask(image)
+        mask = forecast_mask(image, self.prior_box, self.delta_days, self.patch, self.segmenter, self.settings)
         ssim, psnr = image_scores(image, self.real)
         ssim_region, psnr_region = image_scores(image[self.region], self.real[self.region])
         return {"predicted_size": self.size(mask), "dice": dice(mask, self.real_mask), "ssim": ssim, "psnr": psnr,
@@ -135,25 +208,27 @@ def _volumes(images: torch.Tensor, slices: bool) -> np.ndarray:
     return array[:, None] if slices else array
 
 
-def _pair_images(raw: NodulePairs, item: int, slices: bool) -> tuple[dict[str, Any], np.ndarray, np.ndarray,
-                                                                      list[int]]:
-    """A pair's item, its prior and real follow-up as (Z, Y, X) arrays, and the union of its boxes."""
+def _box(box: torch.Tensor, slices: bool) -> list[int]:
+    """A pair's box as a list; 2D slices keep only the in-plane part (z = 0)."""
+    values = box.tolist()
+    return values[:4] + [0, 0] if slices else values
+
+
+def _pair_images(raw: NodulePairs, item: int, slices: bool) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """A pair's item and its prior and real follow-up as (Z, Y, X) arrays."""
     pair = raw[item]
     prior, real = (_volumes(pair[k][None], slices)[0] for k in ("prior", "follow_up"))
-    box = union_box(pair["bbox_a"].tolist(), pair["bbox_b"].tolist())
-    if slices:
-        box[4:] = [0, 0]
-    return pair, prior, real, box
+    return pair, prior, real
 
 
 def pair_sizes(raw: NodulePairs, patch: PatchSettings, segmenter: Segmenter, slices: bool) -> pd.DataFrame:
-    """Prior and follow-up sizes of every pair, measured as the evaluation measures them (for growth rates)."""
+    """Prior and follow-up sizes of every pair, each measured in its own box (the reference, for growth rates)."""
     rows = []
     for item in range(len(raw)):
-        pair, prior, real, box = _pair_images(raw, item, slices)
-        measure = _Measure(real, box, patch, segmenter, (0, 0, 0))
-        rows.append({"prior_size": measure.size(measure.mask(prior)), "real_size": measure.size(measure.real_mask),
-                     "delta_days": float(pair["delta_days"])})
+        pair, prior, real = _pair_images(raw, item, slices)
+        measure = _Measure(pair, prior, real, slices, patch, segmenter, ForecastSettings())
+        rows.append({"prior_size": measure.prior_size, "real_size": measure.size(measure.real_mask),
+                     "delta_days": measure.delta_days})
     return pd.DataFrame(rows, columns=["prior_size", "real_size", "delta_days"])
 
 
@@ -186,18 +261,21 @@ def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_dat
             out = forecast_batch(net, run, priors, delta, seeds, settings)
             generated.append(_volumes(decode(out) if decode is not None else out, slices))
         for offset, item in enumerate(items):
-            pair, prior, real, box = _pair_images(raw, item, slices)
-            measure = _Measure(real, box, patch, segmenter, settings.region_margin)
+            pair, prior, real = _pair_images(raw, item, slices)
+            measure = _Measure(pair, prior, real, slices, patch, segmenter, settings)
             ids = {"pair": item, "pid": pair["pid"], "nodule_group": pair["nodule_group"],
                    "nodule_key_a": pair["nodule_key_a"], "nodule_key_b": pair["nodule_key_b"],
                    "exam_a": raw.pairs.at[item, "exam_a"], "exam_b": raw.pairs.at[item, "exam_b"],
-                   "delta_days": float(pair["delta_days"]), "prior_size": measure.size(measure.mask(prior)),
+                   "delta_days": measure.delta_days, "prior_size": measure.prior_size,
                    "real_size": measure.size(measure.real_mask)}
-            rows.append({**ids, "method": COPY_PRIOR, "sample": 0, **measure.scores(prior)})
+            copy = measure.scores(prior)
+            ids["prior_forecast_size"] = copy["predicted_size"]
+            rows.append({**ids, "method": COPY_PRIOR, "sample": 0, **copy})
             for s in range(samples):
                 rows.append({**ids, "method": run_name, "sample": s, **measure.scores(generated[s][offset])})
             if len(examples) < settings.examples:
-                examples.append({"prior": prior, "real": real, "generated": generated[0][offset], "box": box,
+                examples.append({"prior": prior, "real": real, "generated": generated[0][offset],
+                                 "box": union_box(measure.prior_box, measure.real_box),
                                  "title": f"{pair['pid']} nodule {pair['nodule_group']}, "
                                           f"{pair['delta_days'].item():.0f} days"})
         log.info("%s: %d/%d pairs", run_name, items[-1] + 1, len(raw))

@@ -14,7 +14,10 @@ Definitions (every one of them is defined at zero size):
 - relative error: |predicted - real| / ((predicted + real) / 2), 0 when both are 0 (bounded by 2);
 - growth class of a change from `before` to `after`: +1 if after > (1 + band) * before, -1 if
   after < (1 - band) * before, else 0 (band 0.25: the NELSON volume-change criterion);
-- growth-direction accuracy: the fraction of pairs whose predicted class equals the real class.
+- growth-direction accuracy: the fraction of pairs whose predicted class equals the real class. The real class is
+  the change from the prior to the follow-up, each measured in its own box (`prior_size`, `real_size`); the
+  predicted class is the change from the prior measured as forecasts are (`prior_forecast_size`, the copy-prior
+  forecast's size) to the forecast, so a forecast is compared with the prior through one measurement path.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def _size_metrics() -> dict[str, Metric]:
 
     def direction(c: Columns, settings: SummarySettings) -> float:
         real = growth_class(c["prior_size"], c["real_size"], settings.stable_band)
-        return float(np.mean(growth_class(c["prior_size"], c["predicted_size"], settings.stable_band) == real))
+        predicted = growth_class(c["prior_forecast_size"], c["predicted_size"], settings.stable_band)
+        return float(np.mean(predicted == real))
 
     return {
         "mae": lambda c, s: float(errors(c).mean()),
@@ -115,7 +119,7 @@ def _image_metrics() -> dict[str, Metric]:
 
 
 SIZE_METRICS, TRUTH_METRICS, IMAGE_METRIC_FUNCTIONS = _size_metrics(), _truth_metrics(), _image_metrics()
-NUMERIC_COLUMNS = ("prior_size", "real_size", "predicted_size", "true_size", *IMAGE_METRICS)
+NUMERIC_COLUMNS = ("prior_size", "prior_forecast_size", "real_size", "predicted_size", "true_size", *IMAGE_METRICS)
 
 
 def bootstrap(frame: pd.DataFrame, metric: Metric, settings: SummarySettings) -> tuple[float, float, float]:
@@ -138,7 +142,8 @@ def bootstrap(frame: pd.DataFrame, metric: Metric, settings: SummarySettings) ->
 def with_baselines(pairs: pd.DataFrame, annual_rate: float,
                    kind_rates: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Per-pair rows of a run plus the growth baselines' rows, built from its copy-prior rows (no image, so no
-    image metrics).
+    image metrics). A growth baseline scales the copy-prior forecast's size, the prior measured by the forecasts'
+    own path (`forecast.forecast_size`), so it is measured as a model's forecast of an unchanged prior would be.
 
     `pairs` has the model's rows (method = the run) and one `copy_prior` row per pair. Where it also has the
     nodules' `kind` (synthetic cohort) and `kind_rates` (kind -> annual rate) are given, kind-growth rows are added
@@ -151,7 +156,7 @@ def with_baselines(pairs: pd.DataFrame, annual_rate: float,
         rates[KIND_GROWTH] = copy["kind"].map(lambda kind: kind_rates.get(kind, annual_rate)).to_numpy(dtype=float)
     baselines = []
     for method, rate in rates.items():
-        baseline = copy.assign(method=method, predicted_size=median_growth_forecast(copy["prior_size"],
+        baseline = copy.assign(method=method, predicted_size=median_growth_forecast(copy["predicted_size"],
                                                                                     copy["delta_days"], rate))
         baseline.loc[:, image_columns] = np.nan
         baselines.append(baseline)

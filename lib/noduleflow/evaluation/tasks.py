@@ -29,7 +29,9 @@ def forecast_settings(evaluation: dict[str, Any], sampler: dict[str, Any], seed:
     return ForecastSettings(samples=int(evaluation["samples"]), sampler=sampler["method"],
                             steps=int(sampler["steps"]), region_margin=tuple(evaluation["region_margin"]),
                             batch_size=int(evaluation["batch_size"]), examples=int(evaluation["examples"]),
-                            seed=seed)
+                            seed=seed, fastest_doubling_days=float(evaluation["fastest_doubling_days"]),
+                            shift_mm=float(evaluation["shift_mm"]),
+                            detect_contrast_hu=float(evaluation["detect_contrast_hu"]))
 
 
 def forecast(run_name: str, space: str, model: str, raw_folder: str, model_folder: str, pairs_path: str,
