@@ -34,8 +34,8 @@ import torch
 from noduleflow import distributed, figures
 from noduleflow.boxes import map_box, registered_grid
 from noduleflow.dicom import DicomSeriesError, convert_series, is_scout, read_headers
-from noduleflow.evaluation.forecast import ForecastSettings, Segmenter, _volumes, forecast_batch, load_run
-from noduleflow.evaluation.segmenter import grown_box
+from noduleflow.evaluation.forecast import (ForecastSettings, Segmenter, _volumes, forecast_batch, forecast_size,
+                                            load_run, voxel_size)
 from noduleflow.ids import is_safe_id
 from noduleflow.imaging import Geometry, ImageHeaderError, read_image, write_nifti
 from noduleflow.io import write_csv
@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 MAX_INTERVAL_DAYS = 3652.5  # ten years
 QUANTILES = (0.1, 0.5, 0.9)
-CSV_COLUMNS = ["name", "image", "days", "samples", "dims", "unit", "prior_size", "size_q10", "size_q50", "size_q90",
-               "centre_x_mm", "centre_y_mm", "centre_z_mm", "median", "samples_file", "prior", "card", "error"]
+CSV_COLUMNS = ["name", "image", "days", "samples", "dims", "unit", "prior_size", "prior_forecast_size", "size_q10",
+               "size_q50", "size_q90", "centre_x_mm", "centre_y_mm", "centre_z_mm", "median", "samples_file", "prior", "card", "error"]
 
 
 class ForecastInputError(ValueError):
@@ -228,25 +228,13 @@ def sample_forecasts(run: PortableRun, prior: Prior, days: float, item: int, sam
     return np.concatenate(out)
 
 
-def forecast_size(image: np.ndarray, box: Sequence[int], patch: PatchSettings, segmenter: Segmenter,
-                  margin: Sequence[int]) -> float:
-    """The nodule size (mm^3, or mm^2 on a slice) in a patch in [-1, 1], measured as the evaluation measures:
-    the segmenter on the prior's box grown by the evaluation's margin (what is known at the prior exam)."""
-    region = grown_box(box, margin, image.shape)[0]
-    grown = [region[1].start, region[1].stop - 1, region[2].start, region[2].stop - 1, region[0].start,
-             region[0].stop - 1]
-    mask = segmenter(to_hu(image, patch.hu_window), grown)
-    return float(mask.sum()) * float(np.prod(patch.spacing_mm[: 3 if image.shape[0] > 1 else 2]))
-
-
 @dataclass
 class ForecastJob:
-    """How to forecast: samples per nodule and interval, the sampler, the segmenter and its margin."""
+    """How to forecast: samples per nodule and interval, the sampler and measurement settings, the segmenter."""
 
     samples: int
     settings: ForecastSettings
     segmenter: Segmenter
-    margin: tuple[int, int, int] = (4, 4, 1)
 
 
 def _hu(image: np.ndarray, run: PortableRun) -> np.ndarray:
@@ -261,14 +249,16 @@ def forecast_nodule(run: PortableRun, image: sitk.Image, request: NoduleRequest,
     box, centre = voxel_box(request, geometry)
     prior = cut_prior(image, box, centre, run)
     unit = "mm^2" if run.dims == 2 else "mm^3"
-    prior_size = forecast_size(prior.image, prior.box, run.patch, job.segmenter, job.margin)
+    voxel = voxel_size(run.patch, run.dims == 2)
+    prior_size = float(job.segmenter(_hu(prior.image, run), prior.box).sum()) * voxel  # the prior in its own box
     world = geometry.matrix() @ [centre[1], centre[0], centre[2], 1.0]
     folder = out_dir / request.name
     write_nifti(_hu(prior.image, run), prior.grid, folder / "prior.nii.gz")
     rows = []
     for days in request.days:
         samples = sample_forecasts(run, prior, days, item, job.samples, job.settings)
-        sizes = np.array([forecast_size(s, prior.box, run.patch, job.segmenter, job.margin) for s in samples])
+        sizes = np.array([forecast_size(s, prior.box, days, run.patch, job.segmenter, job.settings) for s in samples])
+        prior_forecast_size = forecast_size(prior.image, prior.box, days, run.patch, job.segmenter, job.settings)
         median = np.median(samples, axis=0)
         tag = f"{days:g}d"
         paths = {"median": folder / f"{tag}_median.nii.gz", "samples_file": folder / f"{tag}_samples.nii.gz",
@@ -281,7 +271,8 @@ def forecast_nodule(run: PortableRun, image: sitk.Image, request: NoduleRequest,
                               f"{np.quantile(sizes, 0.5):.0f} {unit} (prior {prior_size:.0f})", paths["card"])
         q10, q50, q90 = np.quantile(sizes, QUANTILES)
         rows.append({"name": request.name, "image": str(request.image), "days": float(days), "samples": len(samples),
-                     "dims": run.dims, "unit": unit, "prior_size": prior_size, "size_q10": q10, "size_q50": q50,
+                     "dims": run.dims, "unit": unit, "prior_size": prior_size,
+                     "prior_forecast_size": prior_forecast_size, "size_q10": q10, "size_q50": q50,
                      "size_q90": q90, "centre_x_mm": world[0], "centre_y_mm": world[1], "centre_z_mm": world[2],
                      "prior": str(folder / "prior.nii.gz"), **{k: str(v) for k, v in paths.items()}, "error": ""})
     return rows
