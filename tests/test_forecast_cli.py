@@ -107,7 +107,7 @@ def test_a_test_pair_forecast_from_its_prior_exam_equals_its_evaluation_forecast
     np.testing.assert_allclose(batched, samples, atol=1e-5)
     assert not np.array_equal(samples[0], samples[1])  # each sample its own noise
 
-    table = forecast_requests(run, [request], job(), tmp_path / "out")
+    table = forecast_requests(run, [request], job(), tmp_path / "out", tmp_path / "out.csv")
     written = nib.load(table.at[0, "samples_file"]).get_fdata().transpose(3, 2, 1, 0)  # (n, z, y, x) HU
     np.testing.assert_allclose(written, to_hu(batched, run.patch.hu_window), atol=1e-3)
     row = table.iloc[0]
@@ -123,7 +123,7 @@ def test_the_forecast_nifti_overlays_the_exam_and_sizes_match_the_sphere(tmp_pat
     world = EXAM.matrix() @ np.r_[CENTRE_XYZ, 1.0]
     request = NoduleRequest("n1", str(tmp_path / "exam.nii.gz"), (365.0, 730.0), centre=tuple(world[:3]),
                             world=True, diameter_mm=8.0)
-    table = forecast_requests(run, [request], job(), tmp_path / "out")
+    table = forecast_requests(run, [request], job(), tmp_path / "out", tmp_path / "out.csv")
     assert list(table["days"]) == [365.0, 730.0] and table["error"].eq("").all()
     median = nib.load(table.at[0, "median"])
     hu = median.get_fdata()  # (x, y, z)
@@ -147,7 +147,8 @@ def test_a_dicom_folder_gives_the_same_forecast_as_its_nifti(tmp_path):
     save_run(tmp_path / "model.pt", NOISY)
     run = load_portable_run(tmp_path / "model.pt")
     tables = [forecast_requests(run, [NoduleRequest("n1", str(tmp_path / source), (200.0,), box=BOX)], job(),
-                                tmp_path / f"out_{source}") for source in ("exam.nii.gz", "dicom")]
+                                tmp_path / f"out_{source}", tmp_path / f"{source}.csv")
+              for source in ("exam.nii.gz", "dicom")]
     for name in ("prior", "samples_file"):
         np.testing.assert_array_equal(*(nib.load(t.at[0, name]).get_fdata() for t in tables))
         np.testing.assert_array_equal(*(nib.load(t.at[0, name]).affine for t in tables))
@@ -194,7 +195,8 @@ def test_missing_altered_old_and_mismatched_model_files_are_refused(tmp_path):
     with pytest.raises(ModelFileError, match="not a readable model file"):
         read_model(tmp_path / "junk.pt")
     other = {**PATCH, "size": [32, 32, 8], "spacing_mm": [0.7, 0.7, 2.5]}
-    with pytest.raises(ModelFileError, match=r"spacing_mm \[0.9, 0.9, 2.5\] in the model, \[0.7, 0.7, 2.5\] expected; size"):
+    mismatch = r"spacing_mm \[0.9, 0.9, 2.5\] in the model, \[0.7, 0.7, 2.5\] expected; size \[16, 16, 8\]"
+    with pytest.raises(ModelFileError, match=mismatch):
         load_portable_run(tmp_path / "model.pt", expected_patch=other)
     assert load_portable_run(tmp_path / "model.pt", expected_patch=PATCH).patch.size == (16, 16, 8)
 

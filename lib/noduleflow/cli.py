@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from noduleflow.evaluation.forecast import ForecastSettings
 from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
@@ -63,7 +64,8 @@ def forecast(args: argparse.Namespace) -> int:
         series_uid=args.series_uid)]
     settings = ForecastSettings(sampler=run.sampler["method"], steps=args.steps or int(run.sampler["steps"]),
                                 seed=run.seed if args.seed is None else args.seed)
-    table = forecast_requests(run, requests, ForecastJob(args.samples, settings, HalfMaximumSegmenter()), args.out)
+    table = forecast_requests(run, requests, ForecastJob(args.samples, settings, HalfMaximumSegmenter()), args.out,
+                              Path(args.out) / "forecasts.csv")
     failed = table["error"].fillna("").ne("")
     log.info("%d forecast rows, %d nodule(s) failed; table: %s/forecasts.csv", int((~failed).sum()),
              int(failed.sum()), args.out)

@@ -34,6 +34,7 @@ import torch
 from noduleflow import distributed, figures
 from noduleflow.boxes import map_box, registered_grid
 from noduleflow.dicom import DicomSeriesError, convert_series, is_scout, read_headers
+from noduleflow.evaluation.segmenter import build_segmenter
 from noduleflow.evaluation.forecast import (ForecastSettings, Segmenter, _volumes, forecast_batch, forecast_size,
                                             load_run, voxel_size)
 from noduleflow.ids import is_safe_id
@@ -279,8 +280,9 @@ def forecast_nodule(run: PortableRun, image: sitk.Image, request: NoduleRequest,
 
 
 def forecast_requests(run: PortableRun, requests: Sequence[NoduleRequest | ForecastInputError], job: ForecastJob,
-                      out_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Forecast every request (nodule `n` draws evaluate_run's seeds of pair `n`); write `out_dir/forecasts.csv`.
+                      out_dir: str | os.PathLike[str], table_path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Forecast every request (nodule `n` draws evaluate_run's seeds of pair `n`) into `out_dir/<name>/`; write
+    the table (CSV_COLUMNS, one row per nodule and interval) to `table_path` and return it.
 
     Consecutive requests of one exam read it once. A bad request (or one read_requests could not parse) gets a
     row with its error, and the others go on; a progress line is logged after each nodule.
@@ -312,7 +314,7 @@ def forecast_requests(run: PortableRun, requests: Sequence[NoduleRequest | Forec
         log.info("forecast %d/%d nodules (%s), %.1f s, about %.0f s left", item + 1, len(requests), request.name,
                  elapsed, elapsed / (item + 1) * (len(requests) - item - 1))
     table = pd.DataFrame(rows, columns=CSV_COLUMNS)
-    write_csv(table, out_dir / "forecasts.csv")
+    write_csv(table, table_path)
     return table
 
 
@@ -354,3 +356,12 @@ def read_requests(path: str | os.PathLike[str]) -> list[NoduleRequest | Forecast
         except ForecastInputError as error:
             out.append(ForecastInputError(f"{where}: {error}"))
     return out
+
+
+def forecast_table(model: str, table: str, out_dir: str, table_path: str, patch: dict[str, Any],
+                   segmentation: dict[str, Any], settings: ForecastSettings, samples: int) -> None:
+    """The `forecast` target: every nodule of `table` forecast by the run in `model`, which must have been trained
+    on the `patch` config, measured with the `segmentation` config (rule forecast_patients)."""
+    run = load_portable_run(model, expected_patch=patch)
+    forecast_requests(run, read_requests(table), ForecastJob(samples, settings, build_segmenter(segmentation)),
+                      out_dir, table_path)
