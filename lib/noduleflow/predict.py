@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 MAX_INTERVAL_DAYS = 3652.5  # ten years
 QUANTILES = (0.1, 0.5, 0.9)
 CSV_COLUMNS = ["name", "image", "days", "samples", "dims", "unit", "prior_size", "prior_forecast_size", "size_q10",
-               "size_q50", "size_q90", "centre_x_mm", "centre_y_mm", "centre_z_mm", "median", "samples_file", "prior", "card", "error"]
+               "size_q50", "size_q90", "centre_x_mm", "centre_y_mm", "centre_z_mm", "median", "samples_file", "prior",
+               "card", "error"]
 
 
 class ForecastInputError(ValueError):
@@ -189,10 +190,15 @@ class Prior:
     grid: Geometry  # the patch grid in the exam's space (LPS)
 
 
+def image_geometry(image: sitk.Image) -> Geometry:
+    """The grid of a SimpleITK image."""
+    return Geometry(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                    tuple(image.GetDirection()))
+
+
 def cut_prior(image: sitk.Image, box: Sequence[int], centre: Sequence[float], run: PortableRun) -> Prior:
     """The prior patch as the cache cuts it: the exam's grid at the patch spacing stands in for registered space."""
-    geometry = Geometry(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
-                        tuple(image.GetDirection()))
+    geometry = image_geometry(image)
     grid = registered_grid(geometry, run.patch.spacing_mm)
     grid_box, _, _ = map_box(box, centre, geometry, np.eye(4), grid)
     start, cropped = patch_start(grid_box, run.patch.size)
@@ -245,8 +251,7 @@ def _hu(image: np.ndarray, run: PortableRun) -> np.ndarray:
 def forecast_nodule(run: PortableRun, image: sitk.Image, request: NoduleRequest, item: int, job: ForecastJob,
                     out_dir: Path) -> list[dict[str, Any]]:
     """Every interval of one nodule: NIfTI files, a card and a CSV row each (the rows are returned)."""
-    geometry = Geometry(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
-                        tuple(image.GetDirection()))
+    geometry = image_geometry(image)
     box, centre = voxel_box(request, geometry)
     prior = cut_prior(image, box, centre, run)
     unit = "mm^2" if run.dims == 2 else "mm^3"
