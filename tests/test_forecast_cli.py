@@ -233,3 +233,43 @@ def test_a_folder_with_several_series_needs_a_series_uid(tmp_path):
     with pytest.raises(ForecastInputError, match="2 image series"):
         read_exam(tmp_path / "dicom")
     assert read_exam(tmp_path / "dicom", "1.2.3.2").GetSize() == (56, 48, 4)
+
+
+def test_a_latent_run_carries_its_vae_and_a_slice_run_forecasts_one_slice(tmp_path):
+    from noduleflow.models.vae import build_vae
+
+    write_nifti(sphere_exam(3.0), EXAM, tmp_path / "exam.nii.gz")
+    vae_hparams = {"spatial_dims": 3, "channels": [4, 4], "latent_channels": 2, "num_res_blocks": 1,
+                   "norm_num_groups": 2}
+    torch.manual_seed(0)
+    save_model(tmp_path / "vae.pt", build_vae(vae_hparams), vae_hparams, meta={"patch": patch_geometry(PATCH)})
+    run = {**NOISY, "space": "latent"}
+    hparams = {**HPARAMS, "data_channels": 2, "prior_channels": 2}
+    meta = {"patch": patch_geometry(PATCH), "sampler": {"method": "euler", "steps": 2}, "seed": 3}
+    save_model(tmp_path / "latent.pt", VelocityNet(hparams), {**hparams, "run": run}, meta=meta,
+               vae=read_model(tmp_path / "vae.pt"))
+    portable = load_portable_run(tmp_path / "latent.pt")
+    assert portable.vae is not None and portable.seed == 3
+    table = forecast_requests(portable, [NoduleRequest("n1", str(tmp_path / "exam.nii.gz"), (90.0,), box=BOX)],
+                              job(), tmp_path / "latent", tmp_path / "latent.csv")
+    assert nib.load(table.at[0, "samples_file"]).shape == (16, 16, 8, 2) and table.at[0, "error"] == ""
+
+    other = {**PATCH, "size": [32, 32, 8]}
+    save_model(tmp_path / "vae32.pt", build_vae(vae_hparams), vae_hparams, meta={"patch": patch_geometry(other)})
+    save_model(tmp_path / "mixed.pt", VelocityNet(hparams), {**hparams, "run": run}, meta=meta,
+               vae=read_model(tmp_path / "vae32.pt"))
+    with pytest.raises(ModelFileError, match=r"VAE size \[32, 32, 8\], run \[16, 16, 8\]"):
+        load_portable_run(tmp_path / "mixed.pt")
+
+    slice_hparams = {**HPARAMS, "spatial_dims": 2, "prior_channels": 0}
+    save_model(tmp_path / "slices.pt", VelocityNet(slice_hparams),
+               {**slice_hparams, "run": {**BRIDGE, "space": "slices"}}, meta=meta)
+    table = forecast_requests(load_portable_run(tmp_path / "slices.pt"),
+                              [NoduleRequest("n1", str(tmp_path / "exam.nii.gz"), (90.0,), box=BOX)], job(),
+                              tmp_path / "slices", tmp_path / "slices.csv")
+    assert table.at[0, "unit"] == "mm^2" and table.at[0, "error"] == ""
+    median = nib.load(table.at[0, "median"])
+    assert median.shape == (16, 16, 1)
+    offset = abs(median.affine[2, 3] - (EXAM.origin[2] + CENTRE_XYZ[2] * EXAM.spacing[2]))  # slice to sphere centre
+    assert offset <= PATCH["spacing_mm"][2]  # the cache's slice: the patch slice through the box centre (within a voxel)
+    assert table.at[0, "prior_size"] == pytest.approx(np.pi * (3.0 ** 2 - offset ** 2), rel=0.15)
