@@ -172,6 +172,13 @@ def test_a_box_outside_the_image_is_refused(request_values, message):
         voxel_box(NoduleRequest("n1", "exam.nii.gz", (365.0,), **request_values), EXAM)
 
 
+@pytest.mark.parametrize("values", [{"box": (1, 2, 3, 4, 5)}, {"box": (1, 2, 3, 4, 5, float("nan"))},
+                                    {"centre": (1.0, 2.0)}, {}, {"box": BOX, "centre": (1.0, 2.0, 3.0)}])
+def test_a_malformed_box_or_centre_is_refused(values):
+    with pytest.raises(ForecastInputError, match="finite values|either a box or a centre"):
+        NoduleRequest("n1", "exam.nii.gz", (365.0,), **values)
+
+
 @pytest.mark.parametrize("days", [0.0, -30.0, 3653.0, 20000.0])
 def test_an_interval_outside_zero_to_ten_years_is_refused(days):
     with pytest.raises(ForecastInputError, match=f"interval of {days:g} days"):
@@ -271,5 +278,5 @@ def test_a_latent_run_carries_its_vae_and_a_slice_run_forecasts_one_slice(tmp_pa
     median = nib.load(table.at[0, "median"])
     assert median.shape == (16, 16, 1)
     offset = abs(median.affine[2, 3] - (EXAM.origin[2] + CENTRE_XYZ[2] * EXAM.spacing[2]))  # slice to sphere centre
-    assert offset <= PATCH["spacing_mm"][2]  # the cache's slice: the patch slice through the box centre (within a voxel)
+    assert offset <= PATCH["spacing_mm"][2]  # the cache's slice: the patch slice through the box centre
     assert table.at[0, "prior_size"] == pytest.approx(np.pi * (3.0 ** 2 - offset ** 2), rel=0.15)

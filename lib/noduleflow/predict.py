@@ -119,8 +119,9 @@ class NoduleRequest:
             raise ForecastInputError(f"nodule name {self.name!r} is not a safe file name")
         if (self.box is None) == (self.centre is None):
             raise ForecastInputError(f"{self.name}: give either a box or a centre")
-        if len(self.box if self.box is not None else self.centre) != (6 if self.box is not None else 3):
-            raise ForecastInputError(f"{self.name}: a box has 6 values, a centre 3")
+        values = self.box if self.box is not None else self.centre
+        if len(values) != (6 if self.box is not None else 3) or not np.all(np.isfinite(values)):
+            raise ForecastInputError(f"{self.name}: a box has 6 finite values, a centre 3, not {list(values)}")
         if not self.days:
             raise ForecastInputError(f"{self.name}: no interval given")
         for days in self.days:

@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 from noduleflow.datasets import NodulePairs, NodulePatches, VolumeCrops
 from noduleflow.models.flow import FORMULATIONS, VelocityNet, box_weights, flow_matching_loss, paired_start
 from noduleflow.models.vae import build_vae, vae_loss
-from noduleflow.training import (SavedModel, TrainSettings, derived_seed, read_model, save_model, seeded_model,
-                                 train)
+from noduleflow.training import (SavedModel, TrainSettings, derived_seed, load_model, read_model, save_model,
+                                 seeded_model, train)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _net_hparams(net: dict[str, Any], space: str, data_channels: int, prior_chan
 
 def _initialise(net: VelocityNet, pretrained: str | os.PathLike[str]) -> None:
     """Copy every pretrained weight whose name and shape match (new conditioning layers keep their init)."""
-    state = read_model(pretrained).state_dict
+    state, _ = load_model(pretrained)
     own = net.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     net.load_state_dict(matching, strict=False)
