@@ -12,7 +12,8 @@ at 0.7 x 0.7 x 1.25 mm, int16 NIfTI, gzip) with one nodule. Timed:
 
 their ratio (what everything around the sampling adds), wall and CPU (user + system) seconds of each (on a
 busy machine, a free one would take about the CPU seconds divided by up to the number of threads), and the peak
-resident memory of the command (Python, torch and the exam included). CUDA when present. Goal: <= 60 s and <= 2 GB on 2 CPU cores.
+resident memory of the command (Python, torch and the exam included). CUDA when present. Goal: <= 60 s and
+<= 2 GB on 2 CPU cores.
 
     .venv/bin/python benchmarks/forecast.py [--samples 8] [--slices 240] [--threads 2]
 """
