@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_dicom_series
+import yaml
+from conftest import REPO, make_workdir, snakemake, write_dicom_series
 
 from noduleflow.boxes import boxes_in_registered_space
 from noduleflow.cli import main
@@ -280,3 +281,26 @@ def test_a_latent_run_carries_its_vae_and_a_slice_run_forecasts_one_slice(tmp_pa
     offset = abs(median.affine[2, 3] - (EXAM.origin[2] + CENTRE_XYZ[2] * EXAM.spacing[2]))  # slice to sphere centre
     assert offset <= PATCH["spacing_mm"][2]  # the cache's slice: the patch slice through the box centre
     assert table.at[0, "prior_size"] == pytest.approx(np.pi * (3.0 ** 2 - offset ** 2), rel=0.15)
+
+
+@pytest.mark.slow
+def test_the_forecast_target_forecasts_the_config_table_and_refuses_a_model_of_another_patch(tmp_path):
+    """`snakemake forecast` with a run's model file in place (only the forecast rules may run)."""
+    patch = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["patch"]
+    workdir = make_workdir(tmp_path / "work", forecast={"run": "mine", "table": "nodules.csv", "samples": 2})
+    write_nifti(sphere_exam(3.0), EXAM, workdir / "exams" / "exam.nii.gz")
+    pd.DataFrame({"name": ["n1"], "image": ["exams/exam.nii.gz"], "days": ["180 365"],
+                  "box": [" ".join(map(str, BOX))]}).to_csv(workdir / "nodules.csv", index=False)
+    model = workdir / "results" / "models" / "runs" / "mine" / "model.pt"
+    save_run(model, NOISY, patch={**patch, "size": [32, 32, 8]})
+    only = ("--cores", "1", "--allowed-rules", "forecast_patients", "forecast")
+    failed = snakemake(workdir, "forecast", *only, check=False)
+    assert failed.returncode != 0
+    log = (workdir / "logs" / "forecast" / "forecast_patients_mine.log").read_text()
+    assert "trained for another patch: size [32, 32, 8] in the model, [64, 64, 16] expected" in log
+    save_run(model, NOISY, patch=patch)
+    snakemake(workdir, "forecast", *only)
+    table = pd.read_csv(workdir / "results" / "forecast" / "mine" / "forecasts.csv")
+    assert list(table["days"]) == [180.0, 365.0] and table["samples"].eq(2).all()
+    assert nib.load(table.at[0, "median"]).shape == (64, 64, 16)
+    assert (workdir / "results" / "forecast" / "mine" / "nodules" / "n1" / "365d_card.png").exists()
