@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_workdir, snakemake, write_dicom_series
 
+from conftest import REPO, make_workdir, snakemake, write_dicom_series
 from noduleflow.boxes import boxes_in_registered_space
 from noduleflow.cli import main
 from noduleflow.datasets import NodulePairs
@@ -22,8 +22,17 @@ from noduleflow.imaging import Geometry, geometry_columns, write_nifti
 from noduleflow.models.flow import VelocityNet
 from noduleflow.models.tasks import patch_geometry
 from noduleflow.patches import PatchSettings, cache_shard, to_hu
-from noduleflow.predict import (ForecastInputError, ForecastJob, NoduleRequest, forecast_requests,
-                                cut_prior, load_portable_run, read_exam, sample_forecasts, voxel_box)
+from noduleflow.predict import (
+    ForecastInputError,
+    ForecastJob,
+    NoduleRequest,
+    cut_prior,
+    forecast_requests,
+    load_portable_run,
+    read_exam,
+    sample_forecasts,
+    voxel_box,
+)
 from noduleflow.training import ModelFileError, read_model, save_model
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

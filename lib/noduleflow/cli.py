@@ -17,8 +17,14 @@ from pathlib import Path
 
 from noduleflow.evaluation.forecast import ForecastSettings
 from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
-from noduleflow.predict import (ForecastInputError, ForecastJob, NoduleRequest, forecast_requests,
-                                load_portable_run, read_requests)
+from noduleflow.predict import (
+    ForecastInputError,
+    ForecastJob,
+    NoduleRequest,
+    forecast_requests,
+    load_portable_run,
+    read_requests,
+)
 from noduleflow.training import ModelFileError
 
 log = logging.getLogger("noduleflow")

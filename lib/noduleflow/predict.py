@@ -34,9 +34,16 @@ import torch
 from noduleflow import distributed, figures
 from noduleflow.boxes import map_box, registered_grid
 from noduleflow.dicom import DicomSeriesError, convert_series, is_scout, read_headers
+from noduleflow.evaluation.forecast import (
+    ForecastSettings,
+    Segmenter,
+    _volumes,
+    forecast_batch,
+    forecast_size,
+    load_run,
+    voxel_size,
+)
 from noduleflow.evaluation.segmenter import build_segmenter
-from noduleflow.evaluation.forecast import (ForecastSettings, Segmenter, _volumes, forecast_batch, forecast_size,
-                                            load_run, voxel_size)
 from noduleflow.ids import is_safe_id
 from noduleflow.imaging import Geometry, ImageHeaderError, read_image, write_nifti
 from noduleflow.io import write_csv

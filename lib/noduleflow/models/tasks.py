@@ -20,8 +20,16 @@ from torch.utils.data import Dataset
 from noduleflow.datasets import NodulePairs, NodulePatches, VolumeCrops
 from noduleflow.models.flow import FORMULATIONS, VelocityNet, box_weights, flow_matching_loss, paired_start
 from noduleflow.models.vae import build_vae, vae_loss
-from noduleflow.training import (SavedModel, TrainSettings, derived_seed, load_model, read_model, save_model,
-                                 seeded_model, train)
+from noduleflow.training import (
+    SavedModel,
+    TrainSettings,
+    derived_seed,
+    load_model,
+    read_model,
+    save_model,
+    seeded_model,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
