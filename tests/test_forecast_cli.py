@@ -296,20 +296,21 @@ def test_a_latent_run_carries_its_vae_and_a_slice_run_forecasts_one_slice(tmp_pa
 def test_the_forecast_target_forecasts_the_config_table_and_refuses_a_model_of_another_patch(tmp_path):
     """`snakemake forecast` with a run's model file in place (only the forecast rules may run)."""
     patch = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["patch"]
-    workdir = make_workdir(tmp_path / "work", forecast={"run": "mine", "table": "nodules.csv", "samples": 2})
+    workdir = make_workdir(tmp_path / "work", forecast={"run": "raw3d_bridge", "table": "nodules.csv", "samples": 2},
+                           models={"sampler": {"method": "euler", "steps": 2}})
     write_nifti(sphere_exam(3.0), EXAM, workdir / "exams" / "exam.nii.gz")
     pd.DataFrame({"name": ["n1"], "image": ["exams/exam.nii.gz"], "days": ["180 365"],
                   "box": [" ".join(map(str, BOX))]}).to_csv(workdir / "nodules.csv", index=False)
-    model = workdir / "results" / "models" / "runs" / "mine" / "model.pt"
-    save_run(model, NOISY, patch={**patch, "size": [32, 32, 8]})
+    model = workdir / "results" / "models" / "runs" / "raw3d_bridge" / "model.pt"
+    save_run(model, BRIDGE, patch={**patch, "size": [32, 32, 8]})
     only = ("--cores", "1", "--allowed-rules", "forecast_patients", "forecast")
     failed = snakemake(workdir, "forecast", *only, check=False)
     assert failed.returncode != 0
-    log = (workdir / "logs" / "forecast" / "forecast_patients_mine.log").read_text()
+    log = (workdir / "logs" / "forecast" / "forecast_patients_raw3d_bridge.log").read_text()
     assert "trained for another patch: size [32, 32, 8] in the model, [64, 64, 16] expected" in log
-    save_run(model, NOISY, patch=patch)
+    save_run(model, BRIDGE, patch=patch)
     snakemake(workdir, "forecast", *only)
-    table = pd.read_csv(workdir / "results" / "forecast" / "mine" / "forecasts.csv")
-    assert list(table["days"]) == [180.0, 365.0] and table["samples"].eq(2).all()
-    assert nib.load(table.at[0, "median"]).shape == (64, 64, 16)
-    assert (workdir / "results" / "forecast" / "mine" / "nodules" / "n1" / "365d_card.png").exists()
+    table = pd.read_csv(workdir / "results" / "forecast" / "raw3d_bridge" / "forecasts.csv")
+    assert list(table["days"]) == [180.0, 365.0] and table["samples"].eq(1).all()  # a bridge samples once
+    assert nib.load(workdir / table.at[0, "median"]).shape == (64, 64, 16)  # paths relative to the workdir
+    assert (workdir / "results" / "forecast" / "raw3d_bridge" / "nodules" / "n1" / "365d_card.png").exists()
