@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
-from conftest import snakemake
+from conftest import make_workdir, planned_jobs, snakemake
 from noduleflow.datasets import NodulePairs
 from noduleflow.evaluation import metrics
 from noduleflow.evaluation.forecast import (ForecastSettings, dice, evaluate_run, forecast_size, growth_region,
@@ -46,8 +47,10 @@ def _hand_table() -> pd.DataFrame:
                          "prior_forecast_size": [110.0, 200.0, 50.0]})
     images = {"dice": [0.5, 1.0, 0.0], "ssim": [0.9, 1.0, 0.5], "psnr": [30.0, 40.0, 20.0],
               "ssim_nodule": [0.8, 1.0, 0.4], "psnr_nodule": [25.0, 35.0, 15.0]}
-    model = base.assign(method="run", predicted_size=[160.0, 180.0, 30.0], **images)
-    copy = base.assign(method=metrics.COPY_PRIOR, predicted_size=base["prior_forecast_size"], **images)
+    model = base.assign(method="run", predicted_size=[160.0, 180.0, 30.0], predicted_q10=[140.0, 170.0, 10.0],
+                        predicted_q90=[170.0, 210.0, 15.0], crps=[6.0, 12.0, 5.0], **images)
+    copy = base.assign(method=metrics.COPY_PRIOR, predicted_size=base["prior_forecast_size"], predicted_q10=np.nan,
+                       predicted_q90=np.nan, crps=[40.0, 0.0, 30.0], **images)
     return pd.concat([model, copy], ignore_index=True)
 
 
@@ -69,10 +72,82 @@ def test_baselines_and_summaries_reproduce_a_hand_built_table():
     forecast = np.array([110 * 1.2, 200 * 1.2, 50 * 1.44])  # the prior as forecasts measure it, scaled
     assert growth["mae"] == pytest.approx(np.mean(np.abs(forecast - [150.0, 200.0, 20.0])))
     assert "dice" not in growth and model["dice"] == pytest.approx(0.5) and model["median_dice"] == 0.5
+    assert model["crps"] == pytest.approx(23 / 3) and model["coverage_80"] == pytest.approx(2 / 3)  # 20 > 15
+    assert growth["crps"] == pytest.approx(growth["mae"]) and "coverage_80" not in growth  # a point forecast
+    assert model["mae_minus_median_growth"] == pytest.approx(model["mae"] - growth["mae"])
+    assert model["crps_minus_copy_prior"] == pytest.approx(23 / 3 - 70 / 3)
+    assert model["direction_accuracy_minus_copy_prior"] == pytest.approx(2 / 3)
     rows = summary.dropna(subset=["ci_low"])
     assert ((rows["ci_low"] <= rows["value"] + 1e-9) & (rows["value"] <= rows["ci_high"] + 1e-9)).all()
     again = metrics.summarise(pairs, "run", metrics.SummarySettings(bootstrap=200, seed=3))
     pd.testing.assert_frame_equal(summary, again)
+
+
+def _two_forecasts(run_errors: np.ndarray, baseline_errors: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Point forecasts of a run and a baseline on the same pairs (real size 1000, priors 1000: all stable)."""
+    base = pd.DataFrame({"pair": np.arange(len(run_errors)), "prior_size": 1000.0, "prior_forecast_size": 1000.0,
+                         "real_size": 1000.0})
+    run, baseline = (base.assign(predicted_size=1000.0 + e, crps=np.abs(e)) for e in (run_errors, baseline_errors))
+    return run, baseline.sample(frac=1.0, random_state=0)  # rows in another order: pairs are matched, not rows
+
+
+def test_the_paired_bootstrap_has_the_known_answer_on_a_hand_made_table():
+    settings = metrics.SummarySettings(bootstrap=300, seed=1)
+    size = metrics.SIZE_METRICS
+    errors = np.array([100.0, 10.0, -150.0, 80.0, 200.0, -20.0, 240.0, 60.0])  # all within the stable band
+    run, baseline = _two_forecasts(np.sign(errors) * (np.abs(errors) - 5.0), errors)  # every pair 5 closer
+    for name in ("mae", "crps"):  # the same difference in every resample of whole pairs
+        assert metrics.paired_difference(run, baseline, size[name], settings) == pytest.approx((-5.0, -5.0, -5.0))
+    assert metrics.paired_difference(run, baseline, size["direction_accuracy"], settings) == (0.0, 0.0, 0.0)
+    # the baseline calls every stable nodule grown or shrunk, the run is exact: +1 direction, -300 mm^3
+    run, baseline = _two_forecasts(np.zeros(8), np.where(errors > 0, 300.0, -300.0))
+    assert metrics.paired_difference(run, baseline, size["direction_accuracy"], settings) == (1.0, 1.0, 1.0)
+    assert metrics.paired_difference(run, baseline, size["mae"], settings) == pytest.approx((-300.0,) * 3)
+
+
+def test_a_small_paired_difference_is_resolved_where_the_two_intervals_overlap():
+    rng = np.random.default_rng(0)
+    errors = rng.uniform(0.0, 1000.0, 60)
+    run, baseline = _two_forecasts(errors * 0.95, errors)  # 5 % better on every pair
+    settings = metrics.SummarySettings(bootstrap=500, seed=2)
+    mae = metrics.SIZE_METRICS["mae"]
+    _, run_low, run_high = metrics.bootstrap(run, mae, settings)
+    _, base_low, base_high = metrics.bootstrap(baseline, mae, settings)
+    assert base_low < run_high  # the per-forecast intervals overlap: by eye, no difference
+    value, low, high = metrics.paired_difference(run, baseline, mae, settings)
+    assert value == pytest.approx(-0.05 * errors.mean()) and low < value < high < 0  # paired: the run is better
+    with pytest.raises(ValueError, match="different pairs"):
+        metrics.paired_difference(run, baseline.iloc[1:], mae, settings)
+
+
+def test_crps_and_coverage_of_a_sampler_with_known_quantiles():
+    rng = np.random.default_rng(4)
+    # a normal forecast N(mu, sigma) against y: CRPS = sigma (z (2 Phi(z) - 1) + 2 phi(z) - 1 / sqrt(pi))
+    mu, sigma, y = 100.0, 20.0, 130.0
+    z = (y - mu) / sigma
+    closed = sigma * (z * (2 * stats.norm.cdf(z) - 1) + 2 * stats.norm.pdf(z) - 1 / np.sqrt(np.pi))
+    assert metrics.sample_crps(rng.normal(mu, sigma, 4000), y) == pytest.approx(closed, rel=0.03)
+    assert metrics.sample_crps(np.array([130.0]), 100.0) == 30.0  # a point forecast: the absolute error
+    assert metrics.sample_crps(np.array([90.0, 110.0]), 100.0) == pytest.approx(10.0 - 10.0 / 2)
+    # calibrated: the real size is one more draw from the forecast distribution -> 80 % coverage with many samples,
+    # 7/9 with 8 (their range: a ninth draw falls outside it with probability 2/9)
+    coverage = metrics.INTERVAL_METRICS["coverage_80"]
+    for samples, expected in ((200, 0.8), (8, 7 / 9)):
+        rows = []
+        for pair in range(1000):
+            centre = rng.uniform(50.0, 500.0)
+            rows.append({"pair": pair, "real_size": rng.normal(centre, 30.0),
+                         **metrics.forecast_distribution(rng.normal(centre, 30.0, samples), 0.0)})
+        table = pd.DataFrame(rows)
+        assert coverage({c: table[c].to_numpy() for c in table}, None) == pytest.approx(expected, abs=0.04)
+    too_narrow = table.assign(predicted_q10=table["predicted_size"] - 5, predicted_q90=table["predicted_size"] + 5)
+    assert coverage({c: too_narrow[c].to_numpy() for c in too_narrow}, None) < 0.3
+    eight = metrics.forecast_distribution(np.arange(8.0), 3.0)
+    assert eight["predicted_size"] == 3.5 and eight["samples"] == 8
+    assert (eight["predicted_q10"], eight["predicted_q90"]) == (0.0, 7.0)
+    assert metrics.forecast_distribution(np.arange(20.0), 3.0)["predicted_q10"] == pytest.approx(1.1)
+    point = metrics.forecast_distribution(np.array([7.0]), 3.0)
+    assert np.isnan(point["predicted_q10"]) and point["crps"] == 4.0
 
 
 def test_the_kind_growth_reference_scales_each_prior_by_its_kinds_rate():
@@ -139,6 +214,7 @@ def _tight_box(patch_hu: np.ndarray) -> list[int]:
 
 
 @pytest.mark.parametrize(("prior_mm", "forecast_mm", "shift", "hu"), [
+    (4.0, 5.5, (0, 0, 0), 40.0),  # grew past the prior's box: the box follows the nodule out
     (4.0, 8.0, (0, 0, 0), 40.0),  # grew far beyond the prior's box (the union-box measurement gave 0 mm^3)
     (4.0, 8.0, (0, 0, 0), -620.0),  # the same, ground glass
     (6.0, 3.0, (0, 0, 0), 40.0),  # shrank to a quarter of the prior's box
@@ -251,40 +327,67 @@ def test_a_noisy_prior_run_draws_seeded_samples_around_the_prior(tmp_path):
                             HalfMaximumSegmenter(), ForecastSettings(samples=2, steps=2, examples=0), "noisy").table
 
     table = evaluate()
-    forecasts = table[table["method"] == "noisy"]
-    assert forecasts.groupby("pair")["sample"].nunique().eq(2).all()
-    same = forecasts[forecasts["pair"] == 0]
-    assert same["psnr"].to_numpy() == pytest.approx(20 * np.log10(2 / 0.05), abs=0.3)
-    assert same["psnr"].nunique() == 2  # each sample has its own noise
+    forecasts = table[table["method"] == "noisy"].set_index("pair")
+    assert forecasts["samples"].eq(2).all() and table.groupby("method")["pair"].nunique().eq(2).all()
+    assert forecasts.loc[0, "psnr"] == pytest.approx(20 * np.log10(2 / 0.05), abs=0.3)  # mean over the samples
+    assert (forecasts["predicted_q10"] < forecasts["predicted_q90"]).all()  # each sample has its own noise
+    assert (forecasts["predicted_q10"] <= forecasts["predicted_size"]).all()
+    assert (forecasts["predicted_size"] <= forecasts["predicted_q90"]).all()
+    assert (forecasts["crps"] <= (forecasts["predicted_size"] - forecasts["real_size"]).abs() + 1e-9).all()
     pd.testing.assert_frame_equal(evaluate(), table)  # and the noise is seeded
 
 
 @pytest.mark.slow
 def test_the_evaluation_stage_writes_numbers_summaries_a_ranking_and_a_report(demo_run):
     folder = demo_run / "results" / "evaluation"
-    runs = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["val"]  # the test split stays untouched
+    runs = sorted(p.name for p in (folder / "val").iterdir() if p.is_dir())
     assert runs == ["latent3d_noise", "raw3d_bridge", "slices2d_bridge"]
+    val_pairs = pd.read_parquet(demo_run / "results" / "metadata" / "val" / "paired_nodules.parquet")
     for run in runs:
-        pairs = pd.read_csv(folder / run / "pairs.csv")
+        pairs = pd.read_csv(folder / "val" / run / "pairs.csv")
         assert len(pairs) > 0 and pd.api.types.is_float_dtype(pairs["predicted_size"])
+        assert set(pairs["exam_b"]) <= set(val_pairs["exam_b"])
         assert pairs["dice"].between(0, 1).all() and pairs["ssim"].le(1).all()
-        samples = pairs[pairs["method"] == run].groupby("pair")["sample"].nunique()
-        assert samples.eq(3 if run == "latent3d_noise" else 1).all()
+        forecasts = pairs[pairs["method"] == run]
+        assert forecasts["samples"].eq(8 if run == "latent3d_noise" else 1).all()
+        assert forecasts["predicted_q10"].notna().all() == (run == "latent3d_noise")
+        assert (forecasts["crps"] <= (forecasts["predicted_size"] - forecasts["real_size"]).abs() + 1e-6).all()
         assert ("true_size" in pairs) == (run != "slices2d_bridge")
         assert set(pairs["kind"]) <= {"solid", "part_solid", "ground_glass", "calcified"}
-        summary = pd.read_csv(folder / run / "summary.csv")
+        summary = pd.read_csv(folder / "val" / run / "summary.csv")
         assert {run, "copy_prior", "median_growth", "kind_growth"} <= set(summary["method"])
-        copy = _values(summary, "copy_prior")
-        assert copy["mae"] == pytest.approx((pairs.query("method == 'copy_prior'")["prior_size"]
-                                             - pairs.query("method == 'copy_prior'")["real_size"]).abs().mean())
-    table = pd.read_csv(folder / "runs.csv")
+        copy, model = _values(summary, "copy_prior"), _values(summary, run)
+        copy_rows = pairs.query("method == 'copy_prior'")
+        assert copy["mae"] == pytest.approx((copy_rows["predicted_size"] - copy_rows["real_size"]).abs().mean())
+        assert copy["crps"] == pytest.approx(copy["mae"])
+        assert ("coverage_80" in model) == (run == "latent3d_noise")
+        for baseline in ("copy_prior", "median_growth", "kind_growth"):
+            for metric in ("mae", "direction_accuracy", "crps"):
+                difference = summary.query(f"method == @run and metric == '{metric}_minus_{baseline}'").iloc[0]
+                assert difference["value"] == pytest.approx(model[metric] - _values(summary, baseline)[metric])
+    table = pd.read_csv(folder / "val" / "runs.csv")
     assert set(table["dims"]) == {2, 3} and table.groupby("dims")["rank"].min().eq(1).all()
+    assert {"crps", "mae_minus_median_growth", "mae_minus_median_growth_low", "mae_minus_median_growth_high",
+            "direction_accuracy_minus_kind_growth", "crps_minus_copy_prior"} <= set(table.columns)
     rates = json.loads((folder / "train_growth_rates.json").read_text())
     assert rates["3"]["pairs"] > 0 and 0.5 < rates["3"]["annual_rate"] < 4
     assert set(rates["3"]["by_kind"]) <= {"solid", "part_solid", "ground_glass", "calcified"}
     snakemake(demo_run, "--report", "report.html")
     report = (demo_run / "report.html").read_text(errors="replace")
     assert "montage.png" in report and "runs.csv" in report
+
+
+def test_runs_are_compared_on_val_and_only_the_shipped_ones_reach_test(tmp_path):
+    workdir = make_workdir(tmp_path, evaluation={"test_runs": ["raw3d_bridge"]})
+    assert planned_jobs(snakemake(workdir, "-n", "evaluation"))["evaluate_run"] == 3
+    plan = snakemake(workdir, "-n", "test_evaluation")
+    assert planned_jobs(plan)["evaluate_run"] == 1 and "results/evaluation/test/raw3d_bridge/pairs.csv" in plan.stdout
+    (workdir / "config" / "config.yaml").write_text((workdir / "config" / "config.yaml").read_text().replace(
+        "- raw3d_bridge", "- no_such_run"))
+    result = snakemake(workdir, "-n", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "evaluation.test_runs" in output and "no_such_run" in output
 
 
 @pytest.mark.slow

@@ -87,10 +87,11 @@ def forecast_card(prior_hu: np.ndarray, median_hu: np.ndarray, spread_hu: np.nda
 
 
 def change_scatter(pairs, unit: str, title: str, path: str | os.PathLike[str]) -> None:
-    """Predicted against real size change (follow-up minus prior) per method; the diagonal is a perfect forecast."""
+    """Predicted against real size change per method: the forecast minus the prior measured the same way
+    (`prior_forecast_size`), the follow-up minus the prior in their own boxes; the diagonal is a perfect forecast."""
     figure, axis = plt.subplots(figsize=(5.5, 5))
     for method, frame in pairs.groupby("method", sort=False):
-        axis.scatter(frame["real_size"] - frame["prior_size"], frame["predicted_size"] - frame["prior_size"],
+        axis.scatter(frame["real_size"] - frame["prior_size"], frame["predicted_size"] - frame["prior_forecast_size"],
                      s=14, alpha=0.7, label=method)
     change = (pairs["real_size"] - pairs["prior_size"]).to_numpy()
     span = [float(np.nanmin(change, initial=0.0)), float(np.nanmax(change, initial=1.0))]

@@ -15,6 +15,8 @@ from noduleflow.plan import find_precomputed_transforms, shard_plan, space_geome
 
 
 validate(config, "../schemas/config.schema.yaml")
+if unknown_test_runs := set(config["evaluation"]["test_runs"]) - set(config["models"]["runs"]):
+    raise ValueError(f"config evaluation.test_runs names runs that models.runs lacks: {sorted(unknown_test_runs)}")
 
 SPLITS = ["train", "val", "test"]
 SYNTHETIC = "results/synthetic"
@@ -128,14 +130,24 @@ def model_targets():
     ]
 
 
+def evaluated_runs(split):
+    """The runs evaluated on a split: every run on val, only `evaluation.test_runs` (the shipped ones) on test."""
+    return list(config["models"]["runs"]) if split == "val" else list(config["evaluation"]["test_runs"])
+
+
+def run_evaluation_targets(split):
+    """The ranked table and every run's pictures of the evaluation on one split."""
+    return [f"results/evaluation/{split}/runs.csv"] + [
+        f"results/evaluation/{split}/{run}/{name}" for run in evaluated_runs(split)
+        for name in ("montage.png", "change_scatter.png", "error_by_interval.png")]
+
+
 def evaluation_targets():
-    """Every default output of the evaluation stage (seed step 20) and the report's pictures."""
+    """Every default output of the evaluation stage (seed step 20, on val) and the report's pictures."""
     targets = [
-        "results/evaluation/runs.csv",
+        *run_evaluation_targets("val"),
         "results/evaluation/vae_reconstructions.png",
         "results/registration/qc",
-        *[f"results/evaluation/{run}/{name}" for run in config["models"]["runs"]
-          for name in ("montage.png", "change_scatter.png", "error_by_interval.png")],
     ]
     if config["data"]["source"] == "synthetic":
         targets.append("results/evaluation/segmenter_accuracy.csv")
@@ -161,13 +173,14 @@ def run_space(wildcards):
 
 
 def evaluation_inputs(wildcards):
-    """What a run's forecasts read: its model, the raw test cache, its own cache, the VAE (latent runs), truth."""
-    space = run_space(wildcards)
+    """What a run's forecasts on a split read: its model, the split's raw cache and its own cache, the VAE (latent
+    runs), the truth (synthetic cohort)."""
+    space, split = run_space(wildcards), wildcards.split
     inputs = {
         "model": f"results/models/runs/{wildcards.run}/model.pt",
-        "raw": "results/cache/raw/test/index.parquet",
-        "data": space_folder(space, "test"),
-        "pairs": "results/metadata/test/paired_nodules.parquet",
+        "raw": f"results/cache/raw/{split}/index.parquet",
+        "data": space_folder(space, split),
+        "pairs": f"results/metadata/{split}/paired_nodules.parquet",
     }
     if space == "latent":
         inputs["vae"] = "results/models/vae/model.pt"

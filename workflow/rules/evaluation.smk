@@ -1,31 +1,34 @@
-# Evaluation (seed step 20): every paired run forecasts the test split; forecasts, the copy-the-prior and the
-# median-growth baselines are measured on the same pairs; summaries, a cross-run table and pictures go to
-# results/evaluation/ and into `snakemake --report report.html`.
+# Evaluation (seed step 20): every paired run forecasts the val split (where runs and settings are compared);
+# only `evaluation.test_runs`, the shipped ones, forecast the test split, and only through the `test_evaluation`
+# target. Forecasts, the copy-the-prior and the growth baselines are measured on the same pairs; summaries, a
+# cross-run table and pictures go to results/evaluation/{split}/ and into `snakemake --report report.html`.
 
 
 rule evaluate_run:
+    wildcard_constraints:
+        split="val|test",
     input:
         unpack(evaluation_inputs),
     output:
-        pairs="results/evaluation/{run}/pairs.csv",
-        montage=report("results/evaluation/{run}/montage.png", category="Forecasts", subcategory="{run}",
-                       caption="../report/montage.rst"),
+        pairs="results/evaluation/{split}/{run}/pairs.csv",
+        montage=report("results/evaluation/{split}/{run}/montage.png", category="Forecasts ({split})",
+                       subcategory="{run}", caption="../report/montage.rst"),
     params:
         space=run_space,
         patch=config["patch"],
         segmentation=config["segmentation"],
         evaluation=config["evaluation"],
         sampler=config["models"]["sampler"],
-        seed=config["seed"],
+        seed=config["models"]["seed"],
     threads: 2
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=8000,
         runtime=120,
     log:
-        "logs/evaluation/evaluate_run_{run}.log",
+        "logs/evaluation/evaluate_run_{split}_{run}.log",
     benchmark:
-        "benchmarks/evaluation/evaluate_run_{run}.tsv"
+        "benchmarks/evaluation/evaluate_run_{split}_{run}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
@@ -53,23 +56,25 @@ rule growth_rates:
 
 
 rule summarise_run:
+    wildcard_constraints:
+        split="val|test",
     input:
         pairs=rules.evaluate_run.output.pairs,
         rates=rules.growth_rates.output[0],
     output:
-        summary=report("results/evaluation/{run}/summary.csv", category="Forecasts", subcategory="{run}",
-                       caption="../report/summary.rst"),
-        scatter=report("results/evaluation/{run}/change_scatter.png", category="Forecasts", subcategory="{run}",
-                       caption="../report/change_scatter.rst"),
-        interval=report("results/evaluation/{run}/error_by_interval.png", category="Forecasts",
+        summary=report("results/evaluation/{split}/{run}/summary.csv", category="Forecasts ({split})",
+                       subcategory="{run}", caption="../report/summary.rst"),
+        scatter=report("results/evaluation/{split}/{run}/change_scatter.png", category="Forecasts ({split})",
+                       subcategory="{run}", caption="../report/change_scatter.rst"),
+        interval=report("results/evaluation/{split}/{run}/error_by_interval.png", category="Forecasts ({split})",
                         subcategory="{run}", caption="../report/error_by_interval.rst"),
     params:
         evaluation=config["evaluation"],
         seed=config["seed"],
     log:
-        "logs/evaluation/summarise_{run}.log",
+        "logs/evaluation/summarise_{split}_{run}.log",
     benchmark:
-        "benchmarks/evaluation/summarise_{run}.tsv"
+        "benchmarks/evaluation/summarise_{split}_{run}.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -77,14 +82,17 @@ rule summarise_run:
 
 
 rule evaluation_table:
+    wildcard_constraints:
+        split="val|test",
     input:
-        expand(rules.summarise_run.output.summary, run=list(config["models"]["runs"])),
+        lambda wildcards: expand(rules.summarise_run.output.summary, split=wildcards.split,
+                                 run=evaluated_runs(wildcards.split)),
     output:
-        report("results/evaluation/runs.csv", category="Forecasts", caption="../report/runs.rst"),
+        report("results/evaluation/{split}/runs.csv", category="Forecasts ({split})", caption="../report/runs.rst"),
     log:
-        "logs/evaluation/evaluation_table.log",
+        "logs/evaluation/evaluation_table_{split}.log",
     benchmark:
-        "benchmarks/evaluation/evaluation_table.tsv"
+        "benchmarks/evaluation/evaluation_table_{split}.tsv"
     conda:
         "../../envs/data.yaml"
     script:
@@ -115,7 +123,7 @@ rule segmenter_accuracy:
 rule vae_examples:
     input:
         model=rules.train_vae.output.model,
-        raw="results/cache/raw/test/index.parquet",
+        raw="results/cache/raw/val/index.parquet",
     output:
         report("results/evaluation/vae_reconstructions.png", category="Training", caption="../report/vae.rst"),
     params:
@@ -129,3 +137,9 @@ rule vae_examples:
         "../../envs/models.yaml"
     script:
         "../scripts/vae_examples.py"
+
+
+# The test split, once, for the shipped runs (`evaluation.test_runs`); not part of `all`.
+rule test_evaluation:
+    input:
+        run_evaluation_targets("test"),

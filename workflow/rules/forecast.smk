@@ -14,7 +14,7 @@ rule forecast_patients:
         segmentation=config["segmentation"],
         evaluation=config["evaluation"],
         sampler=config["models"]["sampler"],
-        seed=config["seed"],
+        seed=config["models"]["seed"],
         samples=config["forecast"]["samples"],
     threads: 2
     resources:

@@ -16,7 +16,7 @@ rule train_vae:
         vae=config["models"]["vae"],
         patch=config["patch"],
         work_dir="results/models/.work/vae",
-        seed=config["seed"],
+        seed=config["models"]["seed"],
     threads: 2
     resources:
         gpu=config["models"]["gpu"],
@@ -66,7 +66,7 @@ rule fm_pretrain:
         data=lambda wildcards: space_geometry(config["models"]["pretrain"][wildcards.dims]["space"],
                                               config["models"]["vae"]),
         work_dir="results/models/.work/pretrain_{dims}",
-        seed=config["seed"],
+        seed=config["models"]["seed"],
     threads: 2
     resources:
         gpu=config["models"]["gpu"],
@@ -102,7 +102,7 @@ rule fm_paired:
         patch=config["patch"],
         sampler=config["models"]["sampler"],
         work_dir="results/models/.work/runs/{run}",
-        seed=config["seed"],
+        seed=config["models"]["seed"],
     threads: 2
     resources:
         gpu=config["models"]["gpu"],

@@ -53,7 +53,7 @@ rule train_vae_volumes:
     params:
         vae=config["models"]["vae_volumes"],
         work_dir="results/models/.work/vae_volumes",
-        seed=config["seed"],
+        seed=config["models"]["seed"],
     threads: 2
     resources:
         gpu=config["models"]["gpu"],

@@ -1,4 +1,4 @@
-"""Per-pair evaluation of a paired forecasting run on the test split (seed step 20: eval_3D_fm, eval_2D_fm).
+"""Per-pair evaluation of a paired forecasting run on a split (seed step 20: eval_3D_fm, eval_2D_fm).
 
 For every prior/follow-up pair the run generates the follow-up from the prior and the interval (latent runs
 decode through the VAE). A forecast is measured only with what is known at the prior exam (`forecast_size`):
@@ -6,17 +6,23 @@ decode through the VAE). A forecast is measured only with what is known at the p
 1. the search region is the prior's box grown, per side, by what the fastest growth allowed over the interval
    adds to the nodule's half-extent (volume doubling every `fastest_doubling_days`, so the radius grows by
    2^(days / (3 * fastest_doubling_days))) plus `shift_mm` for the registration's residual, cut to the patch;
-2. the forecast nodule is found there: the voxels brighter than the region's median (its parenchyma) by
-   `detect_contrast_hu`, and of their connected components the one with the most voxels inside the prior's box,
-   or, where none overlaps it, the one nearest its centre (none: the forecast nodule is gone, size 0);
-3. the segmenter measures it in that component's bounding box, as it measures an annotated nodule in its box.
+   nothing outside it counts;
+2. the segmenter measures the forecast in the prior's box, as it measures an annotated nodule in its box;
+3. where it finds nothing there (the nodule is gone, faint in a box now too loose for it, or larger than the
+   box all round), the box becomes that of the bright component in the region (voxels `detect_contrast_hu`
+   above the region's median, opened in-plane by `opening_voxels` to cut vessels off) with the most voxels in
+   the prior's box, or, where none overlaps it, the one nearest its centre (none: size 0);
+4. where the nodule is cut off at the segmenter's region (it reaches `reach_voxels` past the box with an outer
+   layer of at least `cut_fraction` of its largest cross-section, unlike a vessel leaving it), that side of
+   the box moves out to it and the nodule is measured again, until it fits.
 
 The real follow-up is the reference: the segmenter measures it in its own annotated box (the prior, in the
 prior's box). Dice compares the forecast's and the real segmentation, SSIM and PSNR compare the images on the
 whole patch and on the nodule region (the union of the two boxes grown by a margin; an image comparison with
 the reference, not a measurement of the forecast). The copy-the-prior baseline is the prior image measured by
 `forecast_size` like any forecast; the growth baselines scale that size (`metrics.with_baselines`).
-Runs whose sampling is random (every formulation but the bridge) are sampled several times per pair.
+Runs whose sampling is random (every formulation but the bridge) are sampled `samples` times per pair; a pair's
+row keeps the median size, the 10 / 90 % quantiles and the CRPS of its samples, and their mean image scores.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice
 
 from noduleflow.datasets import NodulePairs
-from noduleflow.evaluation.metrics import COPY_PRIOR
+from noduleflow.evaluation.metrics import COPY_PRIOR, IMAGE_METRICS, forecast_distribution
 from scipy import ndimage
 
 from noduleflow.evaluation.segmenter import grown_box
@@ -51,7 +57,7 @@ DATA_RANGE = 2.0  # patches are in [-1, 1]
 class ForecastSettings:
     """How forecasts are drawn and measured (config key `evaluation`)."""
 
-    samples: int = 3  # forecasts per pair for runs whose sampling is random
+    samples: int = 8  # forecasts per pair for runs whose sampling is random
     sampler: str = "heun"
     steps: int = 20
     region_margin: tuple[int, int, int] = (4, 4, 1)  # x, y, z voxels around the union box for region SSIM/PSNR
@@ -61,6 +67,11 @@ class ForecastSettings:
     fastest_doubling_days: float = 60.0  # fastest volume doubling the search region allows for
     shift_mm: float = 5.0  # and the nodule's shift (registration residual) it allows for
     detect_contrast_hu: float = 100.0  # a forecast nodule is brighter than the region's parenchyma by this
+    opening_voxels: tuple[int, int, int] = (3, 3, 1)  # x, y, z: in-plane opening that cuts vessels off the nodule
+    reach_voxels: tuple[int, int, int] = (2, 2, 1)  # x, y, z: a nodule reaching this far past its box (the
+    # segmenter's margin) may go on beyond it: that side of the box moves out to it
+    cut_fraction: float = 0.25  # ... with an outer layer this large against its largest cross-section
+    max_box_updates: int = 20  # times the box may grow after a nodule reaching past it
 
 
 @dataclass
@@ -138,18 +149,16 @@ def _bounding_box(mask: np.ndarray) -> list[int]:
     return [int(y[0]), int(y[-1]), int(x[0]), int(x[-1]), int(z[0]), int(z[-1])]
 
 
-def forecast_mask(image: np.ndarray, prior_box: Sequence[int], delta_days: float, patch: PatchSettings,
-                  segmenter: Segmenter, settings: ForecastSettings) -> np.ndarray:
-    """The forecast nodule's mask (Z, Y, X), found with what is known at the prior (see the module docstring)."""
-    hu = to_hu(image, patch.hu_window)
-    region = growth_region(prior_box, delta_days, patch.spacing_mm, hu.shape, settings)
-    inside = np.zeros(hu.shape, dtype=bool)
-    inside[region] = True
-    labels, count = ndimage.label(inside & (hu > float(np.median(hu[region])) + settings.detect_contrast_hu))
+def _detected_box(hu: np.ndarray, prior_box: Sequence[int], inside: np.ndarray, patch: PatchSettings,
+                  settings: ForecastSettings) -> list[int] | None:
+    """The box of the bright component in `inside` that overlaps the prior's box most, or lies nearest its centre:
+    voxels `detect_contrast_hu` above the region's median, opened in-plane to cut vessels off (None: nothing)."""
+    above = inside & (hu > float(np.median(hu[inside])) + settings.detect_contrast_hu)
+    opened = ndimage.binary_opening(above, structure=np.ones(tuple(reversed(settings.opening_voxels)), dtype=bool))
+    labels, count = ndimage.label(opened if opened.any() else above)
     if count == 0:
-        return np.zeros(hu.shape, dtype=bool)
-    box = grown_box(prior_box, (0, 0, 0), hu.shape)[1]
-    overlap = np.bincount(labels[box].ravel(), minlength=count + 1)[1:]
+        return None
+    overlap = np.bincount(labels[grown_box(prior_box, (0, 0, 0), hu.shape)[1]].ravel(), minlength=count + 1)[1:]
     if overlap.max() > 0:
         label = int(np.argmax(overlap)) + 1
     else:
@@ -158,7 +167,49 @@ def forecast_mask(image: np.ndarray, prior_box: Sequence[int], delta_days: float
         scale = np.array([patch.spacing_mm[2], patch.spacing_mm[1], patch.spacing_mm[0]])
         points = np.argwhere(labels > 0)
         label = int(labels[tuple(points[np.argmin((((points - centre) * scale) ** 2).sum(axis=1))])])
-    return segmenter(hu, _bounding_box(labels == label)) & inside
+    return _bounding_box(labels == label)
+
+
+def forecast_mask(image: np.ndarray, prior_box: Sequence[int], delta_days: float, patch: PatchSettings,
+                  segmenter: Segmenter, settings: ForecastSettings) -> np.ndarray:
+    """The forecast nodule's mask (Z, Y, X), found with what is known at the prior (see the module docstring)."""
+    hu = to_hu(image, patch.hu_window)
+    inside = np.zeros(hu.shape, dtype=bool)
+    inside[growth_region(prior_box, delta_days, patch.spacing_mm, hu.shape, settings)] = True
+    box = list(prior_box)
+    mask = segmenter(hu, box) & inside
+    if not mask.any():  # gone, faint in a box now too loose, or larger than the box all round: look for it
+        box = _detected_box(hu, prior_box, inside, patch, settings)
+        if box is None:
+            return mask
+        mask = segmenter(hu, box) & inside
+    for _ in range(settings.max_box_updates):  # the box follows a nodule cut off at the segmenter's region
+        grown = _box_past_cuts(mask, box, settings)
+        if grown == box:
+            break
+        box = grown
+        mask = segmenter(hu, box) & inside
+    return mask
+
+
+def _box_past_cuts(mask: np.ndarray, box: list[int], settings: ForecastSettings) -> list[int]:
+    """`box` with each side moved out to the mask where the mask reaches `reach_voxels` past it with an outer
+    layer of at least `cut_fraction` of its largest cross-section on that axis: a nodule cut off there, not a
+    vessel leaving it."""
+    if not mask.any():
+        return box
+    found = _bounding_box(mask)
+    reach = (settings.reach_voxels[1], settings.reach_voxels[0], settings.reach_voxels[2])  # y, x, z
+    grown = list(box)
+    for side in range(6):
+        axis = (1, 2, 0)[side // 2]  # array axis of y, x, z
+        beyond = box[side] - found[side] if side % 2 == 0 else found[side] - box[side]
+        if beyond < reach[side // 2]:
+            continue
+        sections = mask.sum(axis=tuple(a for a in range(3) if a != axis))
+        if sections[found[side]] >= settings.cut_fraction * sections.max():
+            grown[side] = found[side]
+    return grown
 
 
 def voxel_size(patch: PatchSettings, slices: bool) -> float:
@@ -194,12 +245,18 @@ class _Measure:
     def size(self, mask: np.ndarray) -> float:
         return float(mask.sum()) * self.unit
 
-    def scores(self, image: np.ndarray) -> dict[str, float]:
-        mask = forecast_mask(image, self.prior_box, self.delta_days, self.patch, self.segmenter, self.settings)
-        ssim, psnr = image_scores(image, self.real)
-        ssim_region, psnr_region = image_scores(image[self.region], self.real[self.region])
-        return {"predicted_size": self.size(mask), "dice": dice(mask, self.real_mask), "ssim": ssim, "psnr": psnr,
-                "ssim_nodule": ssim_region, "psnr_nodule": psnr_region}
+    def scores(self, images: Sequence[np.ndarray]) -> dict[str, float]:
+        """One forecast's samples: their size distribution (`metrics.forecast_distribution`) and mean image scores."""
+        sizes, per_sample = [], []
+        for image in images:
+            mask = forecast_mask(image, self.prior_box, self.delta_days, self.patch, self.segmenter, self.settings)
+            ssim, psnr = image_scores(image, self.real)
+            ssim_region, psnr_region = image_scores(image[self.region], self.real[self.region])
+            sizes.append(self.size(mask))
+            per_sample.append([dice(mask, self.real_mask), ssim, psnr, ssim_region, psnr_region])
+        means = np.mean(np.asarray(per_sample, dtype=float), axis=0)
+        return {**forecast_distribution(np.asarray(sizes), self.size(self.real_mask)),
+                **dict(zip(IMAGE_METRICS, means.tolist(), strict=True))}
 
 
 def _volumes(images: torch.Tensor, slices: bool) -> np.ndarray:
@@ -236,7 +293,7 @@ def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_dat
                  decode: Callable[[torch.Tensor], torch.Tensor] | None, patch: PatchSettings, segmenter: Segmenter,
                  settings: ForecastSettings, run_name: str,
                  true_volumes: pd.DataFrame | None = None) -> Forecasts:
-    """Forecast every test pair with a run and measure it and the copy-prior baseline.
+    """Forecast every pair with a run and measure it and the copy-prior baseline: one row per pair and method.
 
     `raw` gives the prior and real follow-up images (patches or slices); `model_data` the same pairs in the
     run's space (the raw pairs again, or latents, with `decode` back to patches). `true_volumes` (synthetic
@@ -268,11 +325,10 @@ def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_dat
                    "exam_a": raw.pairs.at[item, "exam_a"], "exam_b": raw.pairs.at[item, "exam_b"],
                    "delta_days": measure.delta_days, "prior_size": measure.prior_size,
                    "real_size": measure.size(measure.real_mask)}
-            copy = measure.scores(prior)
+            copy = measure.scores([prior])
             ids["prior_forecast_size"] = copy["predicted_size"]
-            rows.append({**ids, "method": COPY_PRIOR, "sample": 0, **copy})
-            for s in range(samples):
-                rows.append({**ids, "method": run_name, "sample": s, **measure.scores(generated[s][offset])})
+            rows.append({**ids, "method": COPY_PRIOR, **copy})
+            rows.append({**ids, "method": run_name, **measure.scores([g[offset] for g in generated])})
             if len(examples) < settings.examples:
                 examples.append({"prior": prior, "real": real, "generated": generated[0][offset],
                                  "box": union_box(measure.prior_box, measure.real_box),

@@ -37,7 +37,7 @@ def forecast_settings(evaluation: dict[str, Any], sampler: dict[str, Any], seed:
 def forecast(run_name: str, space: str, model: str, raw_folder: str, model_folder: str, pairs_path: str,
              vae: str | None, truth: str | None, patch: dict[str, Any], segmentation: dict[str, Any],
              settings: ForecastSettings, table_path: str, montage_path: str) -> None:
-    """Forecast every test pair with one run; write the per-pair table and a montage of examples."""
+    """Forecast every pair of a split with one run; write the per-pair table and a montage of examples."""
     patch_settings = PatchSettings.from_mapping(patch)
     slices = space == "slices"
     raw = paired_dataset(raw_folder, pairs_path, "slices" if slices else "raw")
@@ -119,7 +119,7 @@ def segmenter_report(small_boxes: list[str], truth: str, min_volume: float, tabl
 
 
 def vae_examples(vae: str, raw_folder: str, patch: dict[str, Any], count: int, path: str) -> None:
-    """The first `count` test patches and their VAE reconstructions."""
+    """The first `count` patches of a split (the rule gives val) and their VAE reconstructions."""
     patches = NodulePatches(raw_folder)
     images = torch.stack([patches[i]["image"] for i in range(min(count, len(patches)))])
     with torch.no_grad():
