@@ -21,6 +21,7 @@ include: "workflow/rules/cache.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/volumes.smk"
+include: "workflow/rules/forecast.smk"
 
 
 rule all:

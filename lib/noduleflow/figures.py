@@ -68,6 +68,24 @@ def forecast_montage(examples: Sequence[dict], hu_window: tuple[float, float], t
     _save(figure, path)
 
 
+def forecast_card(prior_hu: np.ndarray, median_hu: np.ndarray, spread_hu: np.ndarray, box: Sequence[int],
+                  title: str, path: str | os.PathLike[str]) -> None:
+    """A forecast of one nodule: the prior, the median forecast and the spread of the samples (HU, 10-90 %
+    range), central axial slices of (Z, Y, X) patches, with the prior's box in red."""
+    figure, axes = plt.subplots(1, 3, figsize=(8.4, 3.3))
+    i0, i1, j0, j1 = box[:4]
+    panels = (("prior", prior_hu, "gray", LUNG_WINDOW), ("median forecast", median_hu, "gray", LUNG_WINDOW),
+              ("spread (HU, 10-90 %)", spread_hu, "magma", (0.0, max(float(spread_hu.max()), 1.0))))
+    for axis, (name, image, colours, (low, high)) in zip(axes, panels, strict=True):
+        shown = axis.imshow(_central(image, box), cmap=colours, vmin=low, vmax=high, interpolation="nearest")
+        axis.add_patch(Rectangle((j0 - 0.5, i0 - 0.5), j1 - j0 + 1, i1 - i0 + 1, fill=False, color="tab:red"))
+        axis.set_title(name, fontsize=9)
+        axis.set_axis_off()
+    figure.colorbar(shown, ax=axes[2], fraction=0.046)
+    figure.suptitle(title, fontsize=9)
+    _save(figure, path)
+
+
 def change_scatter(pairs, unit: str, title: str, path: str | os.PathLike[str]) -> None:
     """Predicted against real size change per method: the forecast minus the prior measured the same way
     (`prior_forecast_size`), the follow-up minus the prior in their own boxes; the diagonal is a perfect forecast."""

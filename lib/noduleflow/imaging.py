@@ -71,12 +71,13 @@ class ImageHeaderError(ValueError):
 
 
 def write_nifti(array_zyx: np.ndarray, geometry: Geometry, path: str | os.PathLike[str]) -> None:
-    """Write an array indexed [z, y, x] on `geometry` as NIfTI (atomically), keeping the array's dtype."""
-    if array_zyx.shape != tuple(reversed(geometry.shape)):
+    """Write an array indexed [z, y, x] (or [n, z, y, x]: a 4D series of volumes) on `geometry` as NIfTI
+    (atomically), keeping the array's dtype."""
+    if array_zyx.ndim not in (3, 4) or array_zyx.shape[-3:] != tuple(reversed(geometry.shape)):
         raise ValueError(f"array shape {array_zyx.shape} does not match geometry shape {geometry.shape} (x, y, z)")
     affine = np.eye(4)
     affine[:3, :] = _LPS_FROM_RAS @ geometry.matrix()[:3, :]
-    image = nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)), affine)
+    image = nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(*reversed(range(array_zyx.ndim)))), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")

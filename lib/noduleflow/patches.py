@@ -96,15 +96,19 @@ def good_exams(exams: pd.DataFrame, shard: int) -> pd.DataFrame:
     return exams[(exams["shard"] == shard) & exams["qc_pass"]]
 
 
+def patch_grid(grid: Geometry, start: np.ndarray, settings: PatchSettings) -> Geometry:
+    """The grid of the patch that starts at voxel `start` (x, y, z) of `grid` (the registered grid)."""
+    direction = np.reshape(grid.direction, (3, 3))
+    origin = np.asarray(grid.origin) + direction @ (np.asarray(start) * np.asarray(settings.spacing_mm))
+    return Geometry(tuple(settings.size), tuple(settings.spacing_mm), tuple(float(v) for v in origin), grid.direction)
+
+
 def cut_patch(image: sitk.Image, grid: Geometry, start: np.ndarray, fixed_to_moving: np.ndarray,
               settings: PatchSettings) -> np.ndarray:
     """One patch (Z, Y, X) in [-1, 1]: the patch grid alone resampled through the exam's transform."""
-    direction = np.reshape(grid.direction, (3, 3))
-    origin = np.asarray(grid.origin) + direction @ (np.asarray(start) * np.asarray(settings.spacing_mm))
-    patch_grid = Geometry(tuple(settings.size), tuple(settings.spacing_mm), tuple(float(v) for v in origin),
-                          grid.direction)
     low = settings.hu_window[0]
-    resampled = sitk.Resample(image, patch_grid.reference_image(), matrix_to_transform(fixed_to_moving),
+    resampled = sitk.Resample(image, patch_grid(grid, start, settings).reference_image(),
+                              matrix_to_transform(fixed_to_moving),
                               sitk.sitkLinear, low, sitk.sitkFloat32)
     return to_unit_range(sitk.GetArrayFromImage(resampled), settings.hu_window)
 

@@ -350,30 +350,100 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+MODEL_FORMAT = 2
+"""Version of the model file layout written by save_model; load_model refuses any other."""
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, unreadable, of another format version, altered, or made for other settings."""
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """What a model file holds: weights, the hyper-parameters to rebuild the model, what it was trained on
+    (`meta`: plain data, e.g. the patch geometry and HU window), and for latent runs the VAE it decodes with."""
+
+    state_dict: dict[str, torch.Tensor]
+    hparams: dict[str, Any]
+    meta: dict[str, Any]
+    vae: SavedModel | None = None
+
+    @property
+    def sha256(self) -> str:
+        return weights_digest(self.state_dict)
+
+
+def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _record(model: SavedModel) -> dict[str, Any]:
+    return {"hparams": model.hparams, "meta": model.meta, "state_dict": model.state_dict, "sha256": model.sha256}
+
+
 def save_model(path: str | os.PathLike[str], model: torch.nn.Module, hparams: dict[str, Any],
-               history: pd.DataFrame | None = None) -> None:
+               history: pd.DataFrame | None = None, meta: dict[str, Any] | None = None,
+               vae: SavedModel | None = None) -> None:
     """Save the weights (on CPU) with the hyper-parameters needed to rebuild the model, atomically.
 
-    With `history`, also write `<path without suffix>.metrics.csv` and `<path without suffix>.loss.png` beside it.
-    In a data-parallel process group only the main worker writes.
+    The file (format MODEL_FORMAT) also holds `meta` (plain data: what the model was trained on), a SHA-256 of
+    the weights, and `vae` (a latent run's VAE, so that the file alone is enough to forecast). With `history`,
+    also write `<path without suffix>.metrics.csv` and `<path without suffix>.loss.png` beside it. In a
+    data-parallel process group only the main worker writes.
     """
     if not distributed.is_main():
         return
-    json.dumps(hparams)  # fail now, not when loading, if the hyper-parameters are not plain data
+    json.dumps([hparams, meta])  # fail now, not when loading, if these are not plain data
     path = Path(path)
     if history is not None:
         stem = path.with_suffix("")
         write_csv(history, stem.with_name(f"{stem.name}.metrics.csv"))
         _plot_history(history, stem.with_name(f"{stem.name}.loss.png"))
-    state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    saved = SavedModel({key: value.detach().cpu() for key, value in model.state_dict().items()}, hparams, meta or {})
     with atomic_path(path) as tmp:
-        torch.save({"hparams": hparams, "state_dict": state_dict}, tmp)
+        torch.save({"format": MODEL_FORMAT, **_record(saved), "vae": None if vae is None else _record(vae)}, tmp)
+
+
+def _checked(record: Any, path: Path, what: str) -> SavedModel:
+    """A stored model record as a SavedModel, after checking its layout and its weights' checksum."""
+    if not isinstance(record, dict) or not {"hparams", "meta", "state_dict", "sha256"} <= set(record):
+        raise ModelFileError(f"{path}: the {what} record is incomplete")
+    model = SavedModel(record["state_dict"], record["hparams"], record["meta"])
+    if model.sha256 != record["sha256"]:
+        raise ModelFileError(f"{path}: the {what} weights were altered or damaged (SHA-256 {model.sha256[:12]}..., "
+                             f"the file records {str(record['sha256'])[:12]}...)")
+    return model
+
+
+def read_model(path: str | os.PathLike[str]) -> SavedModel:
+    """Everything save_model wrote, loaded on CPU without running any pickled code, checked against its
+    format version and checksums (ModelFileError otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        stored = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # torch raises many types for damaged or non-torch files
+        raise ModelFileError(f"{path}: not a readable model file ({type(error).__name__}: {error})") from error
+    found = stored.get("format", "1 (no version)") if isinstance(stored, dict) else type(stored).__name__
+    if found != MODEL_FORMAT:
+        raise ModelFileError(f"{path}: model file format {found}, this version of noduleflow reads format "
+                             f"{MODEL_FORMAT}; train the model again")
+    model = _checked(stored, path, "model")
+    vae = None if stored.get("vae") is None else _checked(stored["vae"], path, "VAE")
+    return dataclasses.replace(model, vae=vae)
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The (state_dict, hparams) written by save_model, loaded on CPU without running any pickled code."""
-    stored = torch.load(path, weights_only=True, map_location="cpu")
-    return stored["state_dict"], stored["hparams"]
+    """The (state_dict, hparams) written by save_model (read_model checks the file)."""
+    saved = read_model(path)
+    return saved.state_dict, saved.hparams
 
 
 def _plot_history(history: pd.DataFrame, path: Path) -> None:

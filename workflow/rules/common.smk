@@ -114,6 +114,13 @@ def registration_images(wildcards):
     return sorted({p for exam in registration_shard(wildcards) for p in (exam["image_path"], exam["fixed_image_path"])})
 
 
+def forecast_targets():
+    """The forecasts of the config's nodule table (`forecast`), if it names one."""
+    if not config["forecast"]["table"]:
+        return []
+    return [f"results/forecast/{config['forecast']['run']}/forecasts.csv"]
+
+
 def model_targets():
     """Every trained model of the default config."""
     return [

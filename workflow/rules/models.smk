@@ -14,6 +14,7 @@ rule train_vae:
         plot=report("results/models/vae/model.loss.png", category="Training", caption="../report/loss.rst"),
     params:
         vae=config["models"]["vae"],
+        patch=config["patch"],
         work_dir="results/models/.work/vae",
         seed=config["models"]["seed"],
     threads: config["models"]["threads"]
@@ -89,6 +90,7 @@ rule fm_paired:
         train_pairs="results/metadata/train/paired_nodules.parquet",
         val_pairs="results/metadata/val/paired_nodules.parquet",
         pretrained=pretrained_input,
+        vae=lambda wildcards: rules.train_vae.output.model if run_space(wildcards) == "latent" else [],
     output:
         model=protected("results/models/runs/{run}/model.pt"),
         metrics="results/models/runs/{run}/model.metrics.csv",
@@ -98,6 +100,8 @@ rule fm_paired:
         run=lambda wildcards: {**config["models"]["runs"][wildcards.run], "sigma": config["models"]["sigma"]},
         data=lambda wildcards: space_geometry(config["models"]["runs"][wildcards.run]["space"],
                                               config["models"]["vae"]),
+        patch=config["patch"],
+        sampler=config["models"]["sampler"],
         work_dir="results/models/.work/runs/{run}",
         seed=config["models"]["seed"],
     threads: config["models"]["threads"]

@@ -9,4 +9,5 @@ with log_to(snakemake.log[0]):
     distributed.run(train_paired, snakemake.resources.gpu, snakemake.params.run, data["channels"],
                     tuple(data["scale"]), cache_folder(snakemake.input.train), snakemake.input.train_pairs,
                     cache_folder(snakemake.input.val), snakemake.input.val_pairs, snakemake.input.pretrained or None,
-                    snakemake.output.model, snakemake.params.work_dir, snakemake.params.seed)
+                    snakemake.output.model, snakemake.params.work_dir, snakemake.params.seed, snakemake.params.patch,
+                    snakemake.params.sampler, snakemake.input.vae or None)

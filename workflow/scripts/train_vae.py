@@ -8,4 +8,4 @@ from noduleflow.models.tasks import cache_folder, train_vae
 with log_to(snakemake.log[0]):
     distributed.run(train_vae, snakemake.resources.gpu, snakemake.params.vae, cache_folder(snakemake.input.train),
                     cache_folder(snakemake.input.val), snakemake.output.model, snakemake.params.work_dir,
-                    snakemake.params.seed)
+                    snakemake.params.seed, snakemake.params.get("patch"))

@@ -45,7 +45,7 @@ from scipy import ndimage
 from noduleflow.evaluation.segmenter import grown_box
 from noduleflow.models.flow import VelocityNet, paired_start, sample
 from noduleflow.patches import PatchSettings, to_hu
-from noduleflow.training import derived_seed, load_model
+from noduleflow.training import SavedModel, derived_seed, read_model
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,14 @@ def dice(predicted: np.ndarray, real: np.ndarray) -> float:
     return float(compute_dice(a, b, include_background=True, ignore_empty=False).item())
 
 
-def load_run(path: str | os.PathLike[str], device: torch.device) -> tuple[VelocityNet, dict[str, Any]]:
-    """A trained paired run (EMA weights) in eval mode, and its run settings."""
-    state, hparams = load_model(path)
-    net = VelocityNet(hparams)
-    net.load_state_dict(state)
-    return net.to(device).eval(), hparams["run"]
+def load_run(path: str | os.PathLike[str] | SavedModel,
+             device: torch.device) -> tuple[VelocityNet, dict[str, Any]]:
+    """A trained paired run (EMA weights; from its file, or as read by read_model) in eval mode, and its run
+    settings."""
+    saved = path if isinstance(path, SavedModel) else read_model(path)
+    net = VelocityNet(saved.hparams)
+    net.load_state_dict(saved.state_dict)
+    return net.to(device).eval(), saved.hparams["run"]
 
 
 def _noise(priors: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:

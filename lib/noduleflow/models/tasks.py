@@ -20,7 +20,16 @@ from torch.utils.data import Dataset
 from noduleflow.datasets import NodulePairs, NodulePatches, VolumeCrops
 from noduleflow.models.flow import FORMULATIONS, VelocityNet, box_weights, flow_matching_loss, paired_start
 from noduleflow.models.vae import build_vae, vae_loss
-from noduleflow.training import TrainSettings, derived_seed, load_model, save_model, seeded_model, train
+from noduleflow.training import (
+    SavedModel,
+    TrainSettings,
+    derived_seed,
+    load_model,
+    read_model,
+    save_model,
+    seeded_model,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +62,9 @@ def vae_datasets(config: dict[str, Any], train_folder: str, val_folder: str,
 
 
 def train_vae(config: dict[str, Any], train_folder: str, val_folder: str, model_path: str, work_dir: str,
-              seed: int) -> None:
-    """Train the 3D VAE on the train split (see vae_datasets), validated on the val split."""
+              seed: int, patch: dict[str, Any] | None = None) -> None:
+    """Train the 3D VAE on the train split (see vae_datasets), validated on the val split; `patch` (the `patch`
+    config of a VAE on nodule patches) is recorded in the model file."""
     hparams = {"spatial_dims": 3, **{k: config[k] for k in ("channels", "latent_channels", "num_res_blocks",
                                                            "norm_num_groups")}}
     settings = TrainSettings.from_mapping({**config["training"], "seed": seed})
@@ -66,15 +76,22 @@ def train_vae(config: dict[str, Any], train_folder: str, val_folder: str, model_
                    work_dir, {"hparams": hparams, "kl_weight": kl_weight, "settings": config["training"], "seed": seed,
                               **crop},
                    val_dataset=val_set, val_every=settings.checkpoint_every)
-    save_model(model_path, result.model, hparams, result.history)
+    save_model(model_path, result.model, hparams, result.history,
+               meta={"patch": patch_geometry(patch)} if patch else None)
 
 
-def load_vae(path: str | os.PathLike[str]) -> nn.Module:
-    """A trained VAE in eval mode."""
-    state, hparams = load_model(path)
-    model = build_vae(hparams)
-    model.load_state_dict(state)
+def load_vae(path: str | os.PathLike[str] | SavedModel) -> nn.Module:
+    """A trained VAE (from its file, or as read by read_model) in eval mode."""
+    saved = path if isinstance(path, SavedModel) else read_model(path)
+    model = build_vae(saved.hparams)
+    model.load_state_dict(saved.state_dict)
     return model.eval()
+
+
+def patch_geometry(patch: dict[str, Any]) -> dict[str, list[float]]:
+    """What a model file records of the `patch` config: the patch spacing, size and HU window (plain lists)."""
+    return {key: [float(v) if key != "size" else int(v) for v in patch[key]]
+            for key in ("spacing_mm", "size", "hu_window")}
 
 
 def _net_hparams(net: dict[str, Any], space: str, data_channels: int, prior_channels: int,
@@ -170,8 +187,12 @@ def run_hparams(run: dict[str, Any], data_channels: int) -> dict[str, Any]:
 
 def train_paired(run: dict[str, Any], data_channels: int, box_scale: tuple[float, float, float], train_folder: str,
                  train_pairs: str, val_folder: str, val_pairs: str, pretrained: str | None, model_path: str,
-                 work_dir: str, seed: int) -> None:
-    """Paired conditional flow matching: prior patch and interval -> follow-up patch."""
+                 work_dir: str, seed: int, patch: dict[str, Any], sampler: dict[str, Any],
+                 vae: str | None = None) -> None:
+    """Paired conditional flow matching: prior patch and interval -> follow-up patch.
+
+    The model file is a portable run (noduleflow.predict): it records the patch geometry and HU window, the
+    sampler and the seed, and holds the VAE of a latent run."""
     hparams = run_hparams(run, data_channels)
     settings = TrainSettings.from_mapping({**run["training"], "seed": seed})
     net = seeded_model(lambda: VelocityNet(hparams), seed)
@@ -181,7 +202,10 @@ def train_paired(run: dict[str, Any], data_channels: int, box_scale: tuple[float
                    settings, work_dir, {"run": run, "hparams": hparams, "pretrained": bool(pretrained), "seed": seed},
                    val_dataset=_non_empty(paired_dataset(val_folder, val_pairs, run["space"])),
                    val_every=settings.checkpoint_every)
-    save_model(model_path, result.model, {**hparams, "run": run}, result.history)
+    meta = {"patch": patch_geometry(patch), "sampler": {"method": sampler["method"], "steps": int(sampler["steps"])},
+            "seed": seed}
+    save_model(model_path, result.model, {**hparams, "run": run}, result.history, meta,
+               read_model(vae) if run["space"] == "latent" else None)
 
 
 def cache_folder(path: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,35 @@
+# Forecasts for new patients (not part of `all`): `snakemake forecast` forecasts every nodule of the table named
+# by `forecast.table` with the trained run `forecast.run` (noduleflow.predict; the same as `noduleflow forecast`).
+
+
+rule forecast_patients:
+    input:
+        model="results/models/runs/{run}/model.pt",
+        table=config["forecast"]["table"] or [],
+    output:
+        table="results/forecast/{run}/forecasts.csv",
+        nodules=directory("results/forecast/{run}/nodules"),
+    params:
+        patch=config["patch"],
+        segmentation=config["segmentation"],
+        evaluation=config["evaluation"],
+        sampler=config["models"]["sampler"],
+        seed=config["models"]["seed"],
+        samples=config["forecast"]["samples"],
+    threads: 2
+    resources:
+        gpu=config["models"]["gpu"],
+        mem_mb=4000,
+    log:
+        "logs/forecast/forecast_patients_{run}.log",
+    benchmark:
+        "benchmarks/forecast/forecast_patients_{run}.tsv"
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/forecast_patients.py"
+
+
+rule forecast:
+    input:
+        forecast_targets(),
