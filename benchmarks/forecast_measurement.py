@@ -46,7 +46,7 @@ CASES = [  # prior radius mm, forecast radius mm, shift (x, y, z voxels), HU
 def sphere(radius: float, shift=(0, 0, 0), hu: float = 40.0, noise: float = 15.0) -> np.ndarray:
     """A (Z, Y, X) HU patch with a partial-volume sphere (3x supersampled) and seeded noise."""
     size, spacing = SPHERE_PATCH.size, SPHERE_PATCH.spacing_mm
-    fine = [np.arange(n * 3) / 3.0 - (n - 1) / 2.0 - 1 / 3.0 - s for n, s in zip(size[::-1], shift[::-1])]
+    fine = [np.arange(n * 3) / 3.0 - (n - 1) / 2.0 - 1 / 3.0 - s for n, s in zip(size[::-1], shift[::-1], strict=True)]
     z, y, x = np.meshgrid(*fine, indexing="ij")
     inside = (x * spacing[0]) ** 2 + (y * spacing[1]) ** 2 + (z * spacing[2]) ** 2 <= radius ** 2
     fraction = inside.reshape(size[2], 3, size[1], 3, size[0], 3).mean(axis=(1, 3, 5))

@@ -59,8 +59,8 @@ def sphere_pairs(count: int, size_xyz: list[int], spacing_mm: list[float], windo
     from noduleflow.patches import to_unit_range
 
     rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(size_xyz[::-1], spacing_mm[::-1])],
-                          indexing="ij")
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(size_xyz[::-1], spacing_mm[::-1], strict=True)]
+    z, y, x = np.meshgrid(*axes, indexing="ij")
     distance = np.sqrt(x ** 2 + y ** 2 + z ** 2)
     half = [n // 2 for n in size_xyz]
     items = []

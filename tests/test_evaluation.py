@@ -11,8 +11,15 @@ from scipy import stats
 from conftest import make_workdir, planned_jobs, snakemake
 from noduleflow.datasets import NodulePairs
 from noduleflow.evaluation import metrics
-from noduleflow.evaluation.forecast import (ForecastSettings, dice, evaluate_run, forecast_size, growth_region,
-                                            image_scores, union_box)
+from noduleflow.evaluation.forecast import (
+    ForecastSettings,
+    dice,
+    evaluate_run,
+    forecast_size,
+    growth_region,
+    image_scores,
+    union_box,
+)
 from noduleflow.evaluation.segmenter import HalfMaximumSegmenter, LearnedSegmenter, build_segmenter
 from noduleflow.models.flow import VelocityNet
 from noduleflow.patches import PatchSettings, to_unit_range
@@ -200,7 +207,8 @@ def _sphere_patch(radius_mm: float, size=(32, 32, 8), spacing=(0.7, 0.7, 2.5), h
                   noise_hu=0.0) -> np.ndarray:
     """A (Z, Y, X) HU patch of parenchyma with a sphere in the middle, or `shift` (x, y, z voxels) from it (3x
     supersampled partial volume), plus seeded Gaussian noise of `noise_hu`."""
-    fine = [np.arange(n * 3) / 3.0 - (n - 1) / 2.0 - 1 / 3.0 - s for n, s in zip(reversed(size), reversed(shift))]
+    fine = [np.arange(n * 3) / 3.0 - (n - 1) / 2.0 - 1 / 3.0 - s
+            for n, s in zip(reversed(size), reversed(shift), strict=True)]
     z, y, x = np.meshgrid(*fine, indexing="ij")
     inside = ((x * spacing[0]) ** 2 + (y * spacing[1]) ** 2 + (z * spacing[2]) ** 2) <= radius_mm ** 2
     fraction = inside.reshape(size[2], 3, size[1], 3, size[0], 3).mean(axis=(1, 3, 5))

@@ -135,7 +135,10 @@ def test_unusable_manifest_fails_at_once_naming_the_file(tmp_path, name, content
 
 # --- NIfTI headers --------------------------------------------------------------------------------------------
 
-def _nifti(path: Path, edit=None, data=None, gz=True, affine=np.diag([0.7, 0.7, 2.0, 1])) -> Path:
+NIFTI_AFFINE = np.diag([0.7, 0.7, 2.0, 1])
+
+
+def _nifti(path: Path, edit=None, data=None, gz=True, affine=NIFTI_AFFINE) -> Path:
     """A valid 8 x 8 x 8 int16 image (qform = sform = `affine`) with `edit(image)` applied before saving."""
     image = nib.Nifti1Image(np.zeros((8, 8, 8), np.int16) if data is None else data, affine)
     image.set_qform(image.affine, code=1)

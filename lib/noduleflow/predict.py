@@ -37,7 +37,7 @@ from noduleflow.dicom import DicomSeriesError, convert_series, is_scout, read_he
 from noduleflow.evaluation.forecast import (
     ForecastSettings,
     Segmenter,
-    _volumes,
+    as_volumes,
     forecast_batch,
     forecast_size,
     load_run,
@@ -239,7 +239,7 @@ def sample_forecasts(run: PortableRun, prior: Prior, days: float, item: int, sam
         priors = tensor.expand(len(seeds), *tensor.shape[1:])
         delta = torch.full((len(seeds),), float(days), device=run.device)
         generated = forecast_batch(run.net, run.run, priors, delta, seeds, settings)
-        out.append(_volumes(run.vae.decode(generated) if run.vae is not None else generated, run.dims == 2))
+        out.append(as_volumes(run.vae.decode(generated) if run.vae is not None else generated, run.dims == 2))
     return np.concatenate(out)
 
 

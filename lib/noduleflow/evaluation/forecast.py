@@ -37,11 +37,10 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice
+from scipy import ndimage
 
 from noduleflow.datasets import NodulePairs
 from noduleflow.evaluation.metrics import COPY_PRIOR, IMAGE_METRICS, forecast_distribution
-from scipy import ndimage
-
 from noduleflow.evaluation.segmenter import grown_box
 from noduleflow.models.flow import VelocityNet, paired_start, sample
 from noduleflow.patches import PatchSettings, to_hu
@@ -259,7 +258,7 @@ class _Measure:
                 **dict(zip(IMAGE_METRICS, means.tolist(), strict=True))}
 
 
-def _volumes(images: torch.Tensor, slices: bool) -> np.ndarray:
+def as_volumes(images: torch.Tensor, slices: bool) -> np.ndarray:
     """(B, 1, Z, Y, X) or (B, 1, Y, X) tensors as numpy (B, Z, Y, X), 2D slices with Z = 1."""
     array = images[:, 0].clamp(-1.0, 1.0).float().cpu().numpy()
     return array[:, None] if slices else array
@@ -274,7 +273,7 @@ def _box(box: torch.Tensor, slices: bool) -> list[int]:
 def _pair_images(raw: NodulePairs, item: int, slices: bool) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """A pair's item and its prior and real follow-up as (Z, Y, X) arrays."""
     pair = raw[item]
-    prior, real = (_volumes(pair[k][None], slices)[0] for k in ("prior", "follow_up"))
+    prior, real = (as_volumes(pair[k][None], slices)[0] for k in ("prior", "follow_up"))
     return pair, prior, real
 
 
@@ -316,7 +315,7 @@ def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_dat
         for s in range(samples):
             seeds = [derived_seed(settings.seed, "forecast", i, s) for i in items]
             out = forecast_batch(net, run, priors, delta, seeds, settings)
-            generated.append(_volumes(decode(out) if decode is not None else out, slices))
+            generated.append(as_volumes(decode(out) if decode is not None else out, slices))
         for offset, item in enumerate(items):
             pair, prior, real = _pair_images(raw, item, slices)
             measure = _Measure(pair, prior, real, slices, patch, segmenter, settings)
