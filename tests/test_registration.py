@@ -252,6 +252,25 @@ def test_precomputed_transforms_are_reused_and_inverted_when_stored_the_other_wa
     np.testing.assert_allclose(_matrix(row), truth, atol=1e-6)
 
 
+@pytest.mark.parametrize("damage", ["nan", "scaling", "mirror"])
+def test_a_damaged_precomputed_transform_fails_only_its_exam_naming_the_file(phantom_pair, tmp_path, damage):
+    folder, truth = phantom_pair
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    matrix = truth.copy()
+    if damage == "nan":
+        matrix[0, 3] = np.nan
+    else:
+        matrix[:3, :3] = matrix[:3, :3] @ np.diag([1.5, 1.0, 1.0] if damage == "scaling" else [-1.0, 1.0, 1.0])
+    sitk.WriteTransform(matrix_to_transform(matrix), str(stored / "a__b.tfm"))
+    exams = pd.DataFrame({"pid": "100001", "exam_id": ["a", "b"], "screen_timepoint": [0, 1], "shard": 0,
+                          "image_path": [str(folder / "fixed.nii.gz"), str(folder / "moving.nii.gz")]})
+    rows = register_shard(shard_plan(exams, find_precomputed_transforms(stored))[0], RegistrationSettings(),
+                          tmp_path / "out").set_index("exam_id")
+    assert "a__b.tfm" in rows.at["b", "error"] and "not a finite rigid transform" in rows.at["b", "error"]
+    assert pd.isna(rows.at["a", "error"]) and rows.at["a", "transform_source"] == "identity"
+
+
 # --- the workflow on the small synthetic cohort -------------------------------------------------------------
 
 def _split_table(workdir, name):

@@ -295,8 +295,17 @@ def register_exam(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationS
 
 
 def _load_precomputed(exam: ShardExam) -> sitk.Transform:
-    """A stored transform as fixed -> moving, inverted when the file maps the other way round."""
-    matrix = transform_to_matrix(sitk.ReadTransform(exam.precomputed))
+    """A stored transform as fixed -> moving, inverted when the file maps the other way round; a transform that is
+    not a finite rigid map (a damaged or foreign file) is refused, naming the file."""
+    try:
+        matrix = transform_to_matrix(sitk.ReadTransform(exam.precomputed))
+    except RuntimeError as error:  # ITK's message says what it could not parse, not in which file
+        raise ValueError(f"precomputed transform {exam.precomputed} is not a finite rigid transform: "
+                         f"unreadable ({str(error).strip().splitlines()[-1][:200]})") from error
+    rotation = matrix[:3, :3]
+    if not np.all(np.isfinite(matrix)) or not np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-3) \
+            or np.linalg.det(rotation) <= 0:
+        raise ValueError(f"precomputed transform {exam.precomputed} is not a finite rigid transform")
     return matrix_to_transform(np.linalg.inv(matrix) if exam.precomputed_inverted else matrix)
 
 
