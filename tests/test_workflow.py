@@ -169,7 +169,8 @@ def test_bad_inputs_are_reported_and_the_rest_processed(demo_run, tmp_path):
                                                    "nodules": str(data / "nodules.pt")})
     snakemake(workdir, "--cores", "2", "metadata")
     problems = pd.read_csv(workdir / "results/metadata/input_problems.csv", dtype=str)
-    reason = dict(zip(problems["exam_id"] + "/" + problems["stage"], problems["reason"], strict=True))
+    # every reason of an item, joined (a lesion may get a warning and an error)
+    reason = problems.groupby(problems["exam_id"] + "/" + problems["stage"])["reason"].agg(" | ".join).to_dict()
     assert "not found" in reason[f"{missing}/manifest"]
     assert "truncated" in reason[f"{truncated}/manifest"]
     assert "conflicting" in reason[f"{conflicting}/manifest"]

@@ -148,8 +148,8 @@ def read_exam(path: str | os.PathLike[str], series_uid: str | None = None) -> si
         if not path.is_dir():
             return read_image(path)
         if series_uid is None:
-            series = sorted(uid for uid, headers in read_headers(path).items()
-                            if not all(is_scout(h) for h in headers))
+            groups, _ = read_headers(path)  # unparseable files fail the conversion of their series, naming them
+            series = sorted(uid for uid, headers in groups.items() if not all(is_scout(h) for h in headers))
             if len(series) != 1:
                 raise ForecastInputError(f"{path}: {len(series)} image series ({', '.join(series) or 'none'}); "
                                          f"name one with series_uid")
