@@ -1,9 +1,9 @@
 """Benchmark `noduleflow forecast`: one nodule, one interval, 8 samples with the quality forecaster.
 
 The run has `config/quality.yaml`'s architecture (`models.runs.raw3d_noisy_prior`, patch 36 x 36 x 12 at
-0.9 x 0.9 x 2.5 mm) and the default sampler (`models.sampler`, Heun 20 steps); its weights are untrained (seeded),
-which costs the same time as trained ones. The exam is a synthetic CT of screening size (512 x 512 x `--slices`
-at 0.7 x 0.7 x 1.25 mm, int16 NIfTI, gzip) with one nodule. Timed:
+0.9 x 0.9 x 2.5 mm) and the quality config's sampler (`models.sampler`, Heun 20 steps); its weights are untrained
+(seeded), which costs the same time as trained ones. The exam is a synthetic CT of screening size
+(512 x 512 x `--slices` at 0.7 x 0.7 x 1.25 mm, int16 NIfTI, gzip) with one nodule. Timed:
 
 - `noduleflow forecast` as a user runs it, in a child process, twice (the second with the exam in the page
   cache): Python start-up and imports, loading and checking the model file, reading the exam, cutting the
@@ -93,11 +93,12 @@ def main() -> None:
     default, quality = _configs()
     run = {**quality["models"]["runs"][RUN], "sigma": default["models"]["sigma"]}
     patch = {**default["patch"], **quality["patch"]}
+    sampler = {**default["models"]["sampler"], **quality["models"].get("sampler", {})}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         hparams = run_hparams(run, 1)
         save_model(folder / "model.pt", seeded_model(lambda: VelocityNet(hparams), 0), {**hparams, "run": run},
-                   meta={"patch": patch_geometry(patch), "sampler": default["models"]["sampler"], "seed": 0})
+                   meta={"patch": patch_geometry(patch), "sampler": sampler, "seed": 0})
         geometry, box = _exam(folder / "exam.nii.gz", args.slices)
         timings = [_command(folder / "model.pt", folder / "exam.nii.gz", box, args.samples, folder / out,
                             args.threads) for out in ("warm-up", "timed")]
