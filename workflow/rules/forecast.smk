@@ -16,14 +16,14 @@ rule forecast_patients:
         sampler=config["models"]["sampler"],
         seed=config["models"]["seed"],
         samples=config["forecast"]["samples"],
-    threads: 2
+    threads: config["models"]["threads"]
     resources:
         gpu=config["models"]["gpu"],
         mem_mb=4000,
     log:
         "logs/forecast/forecast_patients_{run}.log",
     benchmark:
-        "benchmarks/forecast/forecast_patients_{run}.tsv"
+        "logs/benchmarks/forecast/forecast_patients_{run}.tsv"
     conda:
         "../../envs/models.yaml"
     script:
