@@ -1,6 +1,7 @@
 """Data-parallel training: two workers started like torchrun (Gloo on CPU) train like one process."""
 
 import pandas as pd
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -31,6 +32,7 @@ def _train_line(work_dir, model_path, workers):
     save_model(model_path, result.model, {"toy": 1}, result.history)
 
 
+@pytest.mark.slow  # starts two training processes that talk over gloo
 def test_two_workers_reach_the_weights_of_one_process(tmp_path):
     distributed.run(_train_line, 1, tmp_path / "one", tmp_path / "one.pt", 1)
     distributed.run(_train_line, 2, tmp_path / "two", tmp_path / "two.pt", 2)

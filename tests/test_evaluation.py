@@ -324,6 +324,7 @@ def test_an_untrained_bridge_run_copies_the_prior_and_sizes_match_the_spheres(tm
     assert table["dims"].eq(3).all() and len(result.examples) == 1
 
 
+@pytest.mark.slow  # trains a run, then samples every pair several times
 def test_a_noisy_prior_run_draws_seeded_samples_around_the_prior(tmp_path):
     """Untrained (zero velocity), a noisy_prior flow returns its start: the prior plus start_noise times the noise,
     so a pair whose follow-up equals its prior has PSNR 20 log10(2 / start_noise) against it, for every sample."""

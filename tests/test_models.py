@@ -88,6 +88,7 @@ def _pairs(count=6, seed=0):
             for i in range(count)]
 
 
+@pytest.mark.slow  # trains three small paired runs (about 15-30 s each)
 @pytest.mark.parametrize("formulation", ["bridge", "noise", "noisy_prior"])
 def test_the_interval_embedding_is_trained(tmp_path, formulation):
     run = {**RUN, "formulation": formulation}
@@ -109,6 +110,7 @@ def test_the_interval_embedding_is_trained(tmp_path, formulation):
     assert not torch.allclose(early, late)
 
 
+@pytest.mark.slow  # 150 training steps of a 3D VAE
 def test_vae_learns_to_reconstruct_better_than_the_mean_patch(tmp_path):
     rng = np.random.default_rng(0)
     zz, yy, xx = np.meshgrid(np.arange(8), np.arange(16), np.arange(16), indexing="ij")

@@ -25,6 +25,7 @@ def _files(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # generates the cohort a second time, on one thread
 def test_same_seed_gives_identical_files_whatever_the_thread_count(cohort, tmp_path):
     generate_cohort(CONFIG, tmp_path, threads=1)
     again, first = _files(tmp_path), _files(cohort)

@@ -29,11 +29,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    import torch
 
 
 def grown_box(box: Sequence[int], margin: Sequence[int], shape: Sequence[int]) -> tuple[tuple[slice, ...], ...]:
@@ -114,12 +116,16 @@ class LearnedSegmenter:
 
     @cached_property
     def module(self) -> torch.nn.Module:
+        import torch  # only here: the cache rules that use the default segmenter do not pay torch's start-up
+
         if self.model.endswith(".pt2"):
             return torch.export.load(self.model).module()
         return torch.jit.load(self.model, map_location="cpu").eval()
 
     def __call__(self, patch_hu: np.ndarray, box: Sequence[int]) -> np.ndarray:
         """Boolean mask (Z, Y, X) of the nodule in a HU patch; `box` is (i0, i1, j0, j1, k0, k1) = (y, x, z)."""
+        import torch
+
         with torch.no_grad():
             probabilities = self.module(torch.as_tensor(patch_hu, dtype=torch.float32)[None, None])
         region, inner = grown_box(box, self.margin_voxels, patch_hu.shape)

@@ -1,31 +1,35 @@
 """The evaluation stage's steps, each from files to files: forecasts per run, growth rates, summaries, tables,
 the segmenter's accuracy and VAE reconstructions. Rules call these; the logic lives in the modules they use.
+
+torch, MONAI and the models are imported inside the steps that forecast or decode: the summaries, the tables and
+the segmenter's accuracy are small jobs that would otherwise spend most of their time importing them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from noduleflow import figures
-from noduleflow.datasets import NodulePatches
 from noduleflow.evaluation import metrics
-from noduleflow.evaluation.forecast import ForecastSettings, evaluate_run, pair_sizes
 from noduleflow.evaluation.segmenter import build_segmenter
 from noduleflow.io import atomic_path, write_csv
-from noduleflow.models.tasks import load_vae, paired_dataset
 from noduleflow.patches import PatchSettings
+
+if TYPE_CHECKING:
+    from noduleflow.evaluation.forecast import ForecastSettings
 
 UNITS = {2: "mm^2", 3: "mm^3"}
 
 
 def forecast_settings(evaluation: dict[str, Any], sampler: dict[str, Any], seed: int) -> ForecastSettings:
     """Forecast settings from the `evaluation` and `models.sampler` config sections."""
+    from noduleflow.evaluation.forecast import ForecastSettings
+
     return ForecastSettings(samples=int(evaluation["samples"]), sampler=sampler["method"],
                             steps=int(sampler["steps"]), region_margin=tuple(evaluation["region_margin"]),
                             batch_size=int(evaluation["batch_size"]), examples=int(evaluation["examples"]),
@@ -38,6 +42,11 @@ def forecast(run_name: str, space: str, model: str, raw_folder: str, model_folde
              vae: str | None, truth: str | None, patch: dict[str, Any], segmentation: dict[str, Any],
              settings: ForecastSettings, table_path: str, montage_path: str) -> None:
     """Forecast every pair of a split with one run; write the per-pair table and a montage of examples."""
+    import torch
+
+    from noduleflow.evaluation.forecast import evaluate_run
+    from noduleflow.models.tasks import load_vae, paired_dataset
+
     patch_settings = PatchSettings.from_mapping(patch)
     slices = space == "slices"
     raw = paired_dataset(raw_folder, pairs_path, "slices" if slices else "raw")
@@ -58,6 +67,9 @@ def growth_rates(raw_folder: str, pairs_path: str, patch: dict[str, Any], segmen
                  path: str, truth: str | None = None) -> None:
     """Median annual growth of nodule volume (3D) and central-slice area (2D) on the train split; with the synthetic
     `truth`, also per nodule kind (`by_kind`, for the kind-growth reference)."""
+    from noduleflow.evaluation.forecast import pair_sizes
+    from noduleflow.models.tasks import paired_dataset
+
     patch_settings, segmenter = PatchSettings.from_mapping(patch), build_segmenter(segmentation)
     truth_table = pd.read_parquet(truth) if truth else None
     rates = {}
@@ -120,6 +132,11 @@ def segmenter_report(small_boxes: list[str], truth: str, min_volume: float, tabl
 
 def vae_examples(vae: str, raw_folder: str, patch: dict[str, Any], count: int, path: str) -> None:
     """The first `count` patches of a split (the rule gives val) and their VAE reconstructions."""
+    import torch
+
+    from noduleflow.datasets import NodulePatches
+    from noduleflow.models.tasks import load_vae
+
     patches = NodulePatches(raw_folder)
     images = torch.stack([patches[i]["image"] for i in range(min(count, len(patches)))])
     with torch.no_grad():
