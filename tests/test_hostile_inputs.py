@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, lesion, make_manifest, manifest_row, write_dicom_series, write_volume
+from conftest import REPO, config_settings, lesion, make_manifest, manifest_row, write_dicom_series, write_volume
 from noduleflow.config_checks import ConfigError, check_config, config_problems
 from noduleflow.dicom import convert_manifest
 from noduleflow.ids import is_safe_id
@@ -377,9 +377,9 @@ NLST_CASES = [
 def test_bad_nlst_entry_is_reported_and_the_good_patients_are_kept(tmp_path, patient, words):
     good = [_nlst_patient("100001"), _nlst_patient("100002")]
     (tmp_path / "clean.json").write_text(json.dumps(good))
-    clean, _, clean_problems = nlst_manifest(tmp_path / "clean.json", SeriesFilter())
+    clean, _, clean_problems = nlst_manifest(tmp_path / "clean.json", config_settings(SeriesFilter, "series_filter"))
     (tmp_path / "bad.json").write_text(json.dumps([good[0], patient, good[1]]))
-    manifest, counts, problems = nlst_manifest(tmp_path / "bad.json", SeriesFilter())
+    manifest, counts, problems = nlst_manifest(tmp_path / "bad.json", config_settings(SeriesFilter, "series_filter"))
     pd.testing.assert_frame_equal(manifest, clean)
     assert clean_problems.problems == [] and len(problems.problems) == 1
     assert words in problems.problems[0].reason, problems.problems
@@ -388,7 +388,7 @@ def test_bad_nlst_entry_is_reported_and_the_good_patients_are_kept(tmp_path, pat
 
 def test_nlst_pid_as_number_and_text_rejects_both_rows(tmp_path):
     (tmp_path / "n.json").write_text(json.dumps([_nlst_patient(7), _nlst_patient("7"), _nlst_patient("8")]))
-    manifest, _, problems = nlst_manifest(tmp_path / "n.json", SeriesFilter())
+    manifest, _, problems = nlst_manifest(tmp_path / "n.json", config_settings(SeriesFilter, "series_filter"))
     assert manifest["pid"].tolist() == ["8"] and len(problems.problems) == 2
 
 
@@ -403,7 +403,7 @@ def test_nlst_pid_as_number_and_text_rejects_both_rows(tmp_path):
 def test_unusable_nlst_json_fails_naming_the_file(tmp_path, content, words):
     (tmp_path / "nlst.json").write_text(content)
     with pytest.raises(NlstError, match=words) as error:
-        nlst_manifest(tmp_path / "nlst.json", SeriesFilter())
+        nlst_manifest(tmp_path / "nlst.json", config_settings(SeriesFilter, "series_filter"))
     assert "nlst.json" in str(error.value)
 
 
@@ -598,8 +598,9 @@ def test_a_split_with_no_patients_gives_empty_tables_with_their_columns(tmp_path
     series = _clean_series(tmp_path)
     tracking, _ = build_tracking_table({"100001": {1: {0: lesion("1000010a"), 1: lesion("1000011a")}}}, series)
     fractions = {"train": 1.0, "val": 0.0, "test": 0.0}
-    full, _ = split_tables(series, tracking, "train", 0, fractions, 2, SeriesFilter(min_slices=5))
-    empty, problems = split_tables(series, tracking, "val", 0, fractions, 1, SeriesFilter(min_slices=5))
+    series_filter = config_settings(SeriesFilter, "series_filter", min_slices=5)
+    full, _ = split_tables(series, tracking, "train", 0, fractions, 2, series_filter)
+    empty, problems = split_tables(series, tracking, "val", 0, fractions, 1, series_filter)
     assert problems.problems == []
     for name, table in empty.items():
         assert table.empty and list(table.columns) == list(full[name].columns), name

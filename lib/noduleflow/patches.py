@@ -22,6 +22,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from noduleflow.boxes import registered_grid
+from noduleflow.hu import to_hu, to_unit_range
 from noduleflow.imaging import Geometry, homogeneous, read_image
 from noduleflow.io import write_array
 from noduleflow.registration import matrix_to_transform
@@ -35,17 +36,12 @@ SKIPPED_COLUMNS = ["pid", "nodule_group", "exam_id", "exam_idx", "nodule_key", "
 
 @dataclass(frozen=True)
 class PatchSettings:
-    """Patch geometry and intensity scaling (config key `patch`)."""
+    """Patch geometry and intensity scaling (config key `patch`; built by noduleflow.settings.from_config)."""
 
-    spacing_mm: tuple[float, float, float] = (0.703125, 0.703125, 2.5)
-    size: tuple[int, int, int] = (128, 128, 32)  # x, y, z voxels
-    hu_window: tuple[float, float] = (-2000.0, 500.0)
-    dtype: str = "float32"
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> PatchSettings:
-        """Build from a config mapping, turning lists into tuples."""
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+    spacing_mm: tuple[float, float, float]
+    size: tuple[int, int, int]  # x, y, z voxels
+    hu_window: tuple[float, float]
+    dtype: str
 
 
 def nodule_key(nodule_group: int, exam_id: str, exam_idx: int) -> str:
@@ -77,18 +73,6 @@ def upsampled_box(box: list[int]) -> list[int]:
     """The box after 2x in-plane upsampling of the patch (y and x doubled, z unchanged)."""
     y0, y1, x0, x1, z0, z1 = box
     return [2 * y0, 2 * y1 + 1, 2 * x0, 2 * x1 + 1, z0, z1]
-
-
-def to_unit_range(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """HU clipped to the window and scaled linearly to [-1, 1]."""
-    low, high = window
-    return (np.clip(hu, low, high) - low) / (high - low) * 2.0 - 1.0
-
-
-def to_hu(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Inverse of to_unit_range (inside the window)."""
-    low, high = window
-    return (np.asarray(values, dtype=np.float64) + 1.0) / 2.0 * (high - low) + low
 
 
 def good_exams(exams: pd.DataFrame, shard: int) -> pd.DataFrame:

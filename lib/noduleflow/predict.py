@@ -43,13 +43,15 @@ from noduleflow.evaluation.forecast import (
     load_run,
     voxel_size,
 )
-from noduleflow.evaluation.segmenter import build_segmenter
+from noduleflow.hu import to_hu
 from noduleflow.ids import is_safe_id
 from noduleflow.imaging import Geometry, ImageHeaderError, read_image, write_nifti
 from noduleflow.io import write_csv
 from noduleflow.models.flow import VelocityNet
+from noduleflow.models.settings import RunSettings
 from noduleflow.models.tasks import load_vae
-from noduleflow.patches import PatchSettings, box_in_patch, cut_patch, patch_grid, patch_start, to_hu
+from noduleflow.patches import PatchSettings, box_in_patch, cut_patch, patch_grid, patch_start
+from noduleflow.settings import from_config
 from noduleflow.training import ModelFileError, derived_seed, read_model
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class PortableRun:
 
     path: Path
     net: VelocityNet
-    run: dict[str, Any]
+    run: RunSettings
     patch: PatchSettings
     sampler: dict[str, Any]
     seed: int
@@ -80,7 +82,7 @@ class PortableRun:
 
     @property
     def dims(self) -> int:
-        return 2 if self.run["space"] == "slices" else 3
+        return 2 if self.run.space == "slices" else 3
 
 
 def load_portable_run(path: str | os.PathLike[str], expected_patch: dict[str, Any] | None = None,
@@ -94,7 +96,8 @@ def load_portable_run(path: str | os.PathLike[str], expected_patch: dict[str, An
     patch = saved.meta["patch"]
     differences = [f"{key} {patch[key]} in the model, {list(expected_patch[key])} expected"
                    for key in patch if expected_patch is not None and list(expected_patch[key]) != patch[key]]
-    if saved.hparams["run"]["space"] == "latent":
+    net, run = load_run(saved, device)
+    if run.space == "latent":
         if saved.vae is None:
             raise ModelFileError(f"{path}: a latent run without its VAE")
         vae_patch = saved.vae.meta.get("patch")
@@ -102,9 +105,9 @@ def load_portable_run(path: str | os.PathLike[str], expected_patch: dict[str, An
                         if vae_patch is not None and vae_patch[key] != patch[key]]
     if differences:
         raise ModelFileError(f"{path}: trained for another patch: {'; '.join(differences)}")
-    net, run = load_run(saved, device)
     vae = None if saved.vae is None else load_vae(saved.vae).to(device)
-    return PortableRun(Path(path), net, run, PatchSettings.from_mapping(patch), saved.meta["sampler"],
+    # a model file records the patch geometry and HU window; a forecast cuts its patch in memory, as float32
+    return PortableRun(Path(path), net, run, from_config(PatchSettings, patch, dtype="float32"), saved.meta["sampler"],
                        int(saved.meta["seed"]), vae, device)
 
 
@@ -231,7 +234,7 @@ def sample_forecasts(run: PortableRun, prior: Prior, days: float, item: int, sam
     tensor = torch.from_numpy(prior.image if run.dims == 3 else prior.image[0])[None, None].to(run.device)
     if run.vae is not None:
         tensor = run.vae.encode(tensor)[0]  # the encoder mean, as the latent cache holds
-    samples = 1 if run.run["formulation"] == "bridge" else samples
+    samples = 1 if run.run.formulation == "bridge" else samples
     out = []
     for start in range(0, samples, settings.batch_size):
         chosen = range(start, min(start + settings.batch_size, samples))
@@ -371,10 +374,9 @@ def read_requests(path: str | os.PathLike[str]) -> list[NoduleRequest | Forecast
     return out
 
 
-def forecast_table(model: str, table: str, out_dir: str, table_path: str, patch: dict[str, Any],
-                   segmentation: dict[str, Any], settings: ForecastSettings, samples: int) -> None:
+def forecast_table(*, model: str, table: str, out_dir: str, table_path: str, patch: dict[str, Any],
+                   segmenter: Segmenter, settings: ForecastSettings, samples: int) -> None:
     """The `forecast` target: every nodule of `table` forecast by the run in `model`, which must have been trained
-    on the `patch` config, measured with the `segmentation` config (rule forecast_patients)."""
+    on the `patch` config, measured with `segmenter` (rule forecast_patients)."""
     run = load_portable_run(model, expected_patch=patch)
-    forecast_requests(run, read_requests(table), ForecastJob(samples, settings, build_segmenter(segmentation)),
-                      out_dir, table_path)
+    forecast_requests(run, read_requests(table), ForecastJob(samples, settings, segmenter), out_dir, table_path)

@@ -47,11 +47,6 @@ class RegistrationSettings:
     threads: int = 1  # ITK threads; more is faster, but multi-threaded metric sums differ in the last bits
     seed: int = 42
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> RegistrationSettings:
-        """Build from a config mapping, turning lists into tuples."""
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
-
 
 def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """Anti-aliased resampling to an isotropic grid inside the same physical extent (float32, same axes).

@@ -100,11 +100,6 @@ class CohortConfig:
         if self.fates not in ("learnable", "screening"):
             raise ValueError(f"synthetic.fates must be learnable or screening, not {self.fates!r}")
 
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> CohortConfig:
-        """Build from a config mapping, turning lists into tuples."""
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
-
 
 @dataclass(frozen=True)
 class Pose:

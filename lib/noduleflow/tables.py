@@ -32,10 +32,10 @@ PAIR_FIELDS = ["exam_id", "screen_timepoint", "days_since_baseline", "series_uid
 
 @dataclass(frozen=True)
 class SeriesFilter:
-    """Which series may represent an exam."""
+    """Which series may represent an exam (config key `series_filter`)."""
 
-    max_slice_thickness: float = 2.5
-    min_slices: int = 50
+    max_slice_thickness: float
+    min_slices: int
 
     def rejects(self, series: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
         """Masks of the series that are too thick and of those with too few slices (`num_slices`)."""

@@ -4,7 +4,7 @@
 
 rule forecast_patients:
     input:
-        model="results/models/runs/{run}/model.pt",
+        model=rules.fm_paired.output.model,
         table=config["forecast"]["table"] or [],
     output:
         table="results/forecast/{run}/forecasts.csv",
@@ -18,8 +18,7 @@ rule forecast_patients:
         samples=config["forecast"]["samples"],
     threads: config["models"]["threads"]
     resources:
-        gpu=config["models"]["gpu"],
-        mem_mb=4000,
+        **gpu_resources(mem_mb=4000),
     log:
         "logs/forecast/forecast_patients_{run}.log",
     benchmark:

@@ -5,11 +5,12 @@ import pandas as pd
 from noduleflow.io import write_csv, write_parquet
 from noduleflow.logs import log_to
 from noduleflow.patches import PatchSettings, cache_shard
+from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):
     index, skipped = cache_shard(
         pd.read_parquet(snakemake.input.exams), pd.read_parquet(snakemake.input.nodules), snakemake.wildcards.split,
-        int(snakemake.wildcards.shard), PatchSettings.from_mapping(snakemake.params.patch),
+        int(snakemake.wildcards.shard), from_config(PatchSettings, snakemake.params.patch),
         snakemake.output.patches, snakemake.output.slices)
     write_parquet(index, snakemake.output.index)
     write_csv(skipped, snakemake.output.skipped)

@@ -4,6 +4,7 @@ import pandas as pd
 
 from noduleflow.io import write_csv, write_parquet
 from noduleflow.logs import log_to
+from noduleflow.settings import from_config
 from noduleflow.tables import SeriesFilter, split_tables
 
 with log_to(snakemake.log[0]):
@@ -14,7 +15,7 @@ with log_to(snakemake.log[0]):
         seed=snakemake.params.seed,
         fractions=snakemake.params.fractions,
         n_shards=snakemake.params.n_shards,
-        series_filter=SeriesFilter(**snakemake.params.series_filter),
+        series_filter=from_config(SeriesFilter, snakemake.params.series_filter),
     )
     for name, table in tables.items():
         write_parquet(table, snakemake.output[name])

@@ -3,11 +3,12 @@
 from pathlib import Path
 
 from noduleflow.logs import log_to
+from noduleflow.settings import from_config
 from noduleflow.synthetic import CohortConfig, generate_cohort
 
 with log_to(snakemake.log[0]):
     generate_cohort(
-        CohortConfig.from_mapping(dict(snakemake.params.cohort)),
+        from_config(CohortConfig, snakemake.params.cohort),
         Path(snakemake.output.manifest).parent,
         threads=snakemake.threads,
     )

@@ -7,9 +7,10 @@ import pandas as pd
 from noduleflow.io import write_parquet
 from noduleflow.logs import log_to
 from noduleflow.patches import PatchSettings
+from noduleflow.settings import from_config
 from noduleflow.volumes import consolidate_volumes
 
 with log_to(snakemake.log[0]):
     index = consolidate_volumes([pd.read_parquet(path) for path in snakemake.input.indexes],
-                                Path(snakemake.output[0]).parent, PatchSettings.from_mapping(snakemake.params.volumes))
+                                Path(snakemake.output[0]).parent, from_config(PatchSettings, snakemake.params.volumes))
     write_parquet(index, snakemake.output[0])
