@@ -33,15 +33,15 @@ import numpy as np
 import torch
 import yaml
 
+from noduleflow.cache.patches import PatchSettings
 from noduleflow.evaluation.forecast import forecast_batch, forecast_settings
+from noduleflow.evaluation.predict import NoduleRequest, cut_prior, load_portable_run, read_exam, voxel_box
 from noduleflow.imaging import Geometry, write_nifti
 from noduleflow.models.flow import VelocityNet
 from noduleflow.models.settings import RunSettings
 from noduleflow.models.tasks import patch_geometry, run_hparams
-from noduleflow.patches import PatchSettings
-from noduleflow.predict import NoduleRequest, cut_prior, load_portable_run, read_exam, voxel_box
+from noduleflow.models.training import derived_seed, save_model, seeded_model
 from noduleflow.settings import from_config
-from noduleflow.training import derived_seed, save_model, seeded_model
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "raw3d_noisy_prior"

@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import build_segmenter
 from noduleflow.evaluation.forecast import (
     ForecastSettings,
     forecast_settings,
@@ -35,10 +37,8 @@ from noduleflow.evaluation.forecast import (
     union_box,
     voxel_size,
 )
-from noduleflow.evaluation.segmenter import build_segmenter
 from noduleflow.hu import to_hu, to_unit_range
 from noduleflow.models.tasks import paired_dataset
-from noduleflow.patches import PatchSettings
 from noduleflow.settings import from_config
 
 DEFAULT_CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())

@@ -1,7 +1,7 @@
 """GPU smoke benchmark: config/full.yaml's paired 3D run, trained for a bounded number of steps and sampled.
 
 It builds the run's network from config/config.yaml updated by config/full.yaml (as `--configfile
-config/full.yaml` does), trains it with the pipeline's own loop (`noduleflow.training.train`: AdamW, warm-up and
+config/full.yaml` does), trains it with the pipeline's own loop (`noduleflow.models.training.train`: AdamW, warm-up and
 cosine schedule, gradient clipping, EMA; bf16 autocast on CUDA, `training.bf16`) and the run's own loss
 (`models.tasks.paired_loss`) on synthetic sphere pairs of the full patch size, then draws a few forecasts with
 the evaluation's sampler (`evaluation.forecast.forecast_batch`, `models.sampler`). It prints training steps/s
@@ -113,8 +113,8 @@ def main() -> None:
     from noduleflow.models.flow import VelocityNet
     from noduleflow.models.settings import RunSettings
     from noduleflow.models.tasks import paired_loss, run_hparams
+    from noduleflow.models.training import TrainSettings, seeded_model, train
     from noduleflow.settings import from_config
-    from noduleflow.training import TrainSettings, seeded_model, train
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_smoke: no CUDA GPU here; run with --device cpu (add --quick for a small net)")

@@ -27,12 +27,12 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-from noduleflow.boxes import registered_grid
+from noduleflow.cache.patches import PatchSettings, cut_patch, patch_start
 from noduleflow.hu import to_unit_range
 from noduleflow.imaging import Geometry, read_image, write_nifti
-from noduleflow.patches import PatchSettings, cut_patch, patch_start
-from noduleflow.phantom import lung_depth_mm, render_anatomy, sample_anatomy
-from noduleflow.registration import matrix_to_transform, transform_to_matrix
+from noduleflow.metadata.phantom import lung_depth_mm, render_anatomy, sample_anatomy
+from noduleflow.registration.boxes import registered_grid
+from noduleflow.registration.rigid import matrix_to_transform, transform_to_matrix
 from noduleflow.settings import from_config
 
 SIZE = (512, 512, 160)  # x, y, z voxels

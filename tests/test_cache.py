@@ -12,12 +12,8 @@ import torch
 import yaml
 
 from conftest import config_settings, kill_after_first_job, snakemake
-from noduleflow.boxes import registered_grid
-from noduleflow.datasets import NodulePairs, NodulePatches
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
-from noduleflow.hu import to_unit_range
-from noduleflow.imaging import Geometry, homogeneous, read_image
-from noduleflow.patches import (
+from noduleflow.cache.datasets import NodulePairs, NodulePatches
+from noduleflow.cache.patches import (
     CacheError,
     PatchSettings,
     box_in_patch,
@@ -26,7 +22,11 @@ from noduleflow.patches import (
     patch_start,
     upsampled_box,
 )
-from noduleflow.registration import matrix_to_transform
+from noduleflow.cache.segmenter import HalfMaximumSegmenter
+from noduleflow.hu import to_unit_range
+from noduleflow.imaging import Geometry, homogeneous, read_image
+from noduleflow.registration.boxes import registered_grid
+from noduleflow.registration.rigid import matrix_to_transform
 
 SPLITS = ("train", "val", "test")
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import Dataset
 
 from noduleflow import distributed
-from noduleflow.training import TrainSettings, load_model, save_model, train
+from noduleflow.models.training import TrainSettings, load_model, save_model, train
 
 
 class _Line(Dataset):

@@ -10,7 +10,9 @@ import torch
 from scipy import stats
 
 from conftest import config_settings, forecast_config, make_workdir, planned_jobs, run_settings, snakemake
-from noduleflow.datasets import NodulePairs
+from noduleflow.cache.datasets import NodulePairs
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import HalfMaximumSegmenter, LearnedSegmenter, build_segmenter
 from noduleflow.evaluation import metrics
 from noduleflow.evaluation.forecast import (
     dice,
@@ -20,11 +22,9 @@ from noduleflow.evaluation.forecast import (
     image_scores,
     union_box,
 )
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter, LearnedSegmenter, build_segmenter
 from noduleflow.hu import to_unit_range
 from noduleflow.models.flow import VelocityNet
-from noduleflow.patches import PatchSettings
-from noduleflow.training import save_model
+from noduleflow.models.training import save_model
 
 SEGMENTER = config_settings(HalfMaximumSegmenter, "segmentation")
 SUMMARY = config_settings(metrics.SummarySettings, "evaluation", seed=0)

@@ -1,4 +1,5 @@
-"""Forecasting a new patient (noduleflow.predict, `noduleflow forecast`): round trip against evaluate_run, the
+"""Forecasting a new patient (noduleflow.evaluation.predict, `noduleflow forecast`): round trip against evaluate_run,
+the
 output's place in the exam's space, DICOM input, portable model files and every kind of bad input."""
 
 from __future__ import annotations
@@ -13,17 +14,12 @@ import torch
 import yaml
 
 from conftest import REPO, config_settings, forecast_config, make_workdir, run_settings, snakemake, write_dicom_series
-from noduleflow.boxes import boxes_in_registered_space
+from noduleflow.cache.datasets import NodulePairs
+from noduleflow.cache.patches import PatchSettings, cache_shard
+from noduleflow.cache.segmenter import HalfMaximumSegmenter
 from noduleflow.cli import main
-from noduleflow.datasets import NodulePairs
 from noduleflow.evaluation.forecast import evaluate_run
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
-from noduleflow.hu import to_hu
-from noduleflow.imaging import Geometry, geometry_columns, write_nifti
-from noduleflow.models.flow import VelocityNet
-from noduleflow.models.tasks import patch_geometry
-from noduleflow.patches import PatchSettings, cache_shard
-from noduleflow.predict import (
+from noduleflow.evaluation.predict import (
     ForecastInputError,
     ForecastJob,
     NoduleRequest,
@@ -34,8 +30,13 @@ from noduleflow.predict import (
     sample_forecasts,
     voxel_box,
 )
+from noduleflow.hu import to_hu
+from noduleflow.imaging import Geometry, geometry_columns, write_nifti
+from noduleflow.models.flow import VelocityNet
+from noduleflow.models.tasks import patch_geometry
+from noduleflow.models.training import ModelFileError, read_model, save_model
+from noduleflow.registration.boxes import boxes_in_registered_space
 from noduleflow.settings import from_config
-from noduleflow.training import ModelFileError, read_model, save_model
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 EXAM = Geometry((56, 48, 24), (0.75, 0.75, 1.5), (-20.0, 10.0, -100.0), IDENTITY)

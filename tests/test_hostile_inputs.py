@@ -19,14 +19,14 @@ import yaml
 
 from conftest import REPO, config_settings, lesion, make_manifest, manifest_row, write_dicom_series, write_volume
 from noduleflow.config_checks import ConfigError, check_config, config_problems
-from noduleflow.dicom import convert_manifest
 from noduleflow.ids import is_safe_id
 from noduleflow.imaging import ImageHeaderError, read_geometry
 from noduleflow.io import InputLimitError, load_json, load_plain_pickle
-from noduleflow.manifest import ManifestError, build_exam_series
-from noduleflow.nlst import NlstError, nlst_manifest
-from noduleflow.nodules import TrackingFileError, build_tracking_table, load_tracking
-from noduleflow.tables import SeriesFilter
+from noduleflow.metadata.dicom import convert_manifest
+from noduleflow.metadata.manifest import ManifestError, build_exam_series
+from noduleflow.metadata.nlst import NlstError, nlst_manifest
+from noduleflow.metadata.nodules import TrackingFileError, build_tracking_table, load_tracking
+from noduleflow.metadata.tables import SeriesFilter
 
 GOOD_ROWS = [manifest_row("100001", 0, "a"), manifest_row("100001", 1, "a"), manifest_row("100002", 0, "a")]
 
@@ -593,7 +593,7 @@ def test_bad_items_leave_every_good_output_of_the_metadata_stage_byte_identical(
 
 
 def test_a_split_with_no_patients_gives_empty_tables_with_their_columns(tmp_path):
-    from noduleflow.tables import nodule_pairs, split_tables
+    from noduleflow.metadata.tables import nodule_pairs, split_tables
 
     series = _clean_series(tmp_path)
     tracking, _ = build_tracking_table({"100001": {1: {0: lesion("1000010a"), 1: lesion("1000011a")}}}, series)

@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from conftest import REPO, planned_jobs, reconstruction_errors, run_settings, snakemake
-from noduleflow.datasets import NodulePatches
+from noduleflow.cache.datasets import NodulePatches
 from noduleflow.models.flow import VelocityNet, box_weights, flow_matching_loss, flow_start, sample
 from noduleflow.models.tasks import load_vae, paired_loss, random_flips, run_hparams
+from noduleflow.models.training import TrainSettings, load_model, train
 from noduleflow.models.vae import build_vae, vae_loss
-from noduleflow.training import TrainSettings, load_model, train
 
 NET = {"channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
        "norm_num_groups": 4}

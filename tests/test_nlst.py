@@ -9,8 +9,8 @@ import pytest
 
 from conftest import config_settings, lesion, make_workdir, snakemake, write_dicom_series
 from noduleflow.ids import nlst_exam_id
-from noduleflow.nlst import FILTERS, NlstError, nlst_manifest
-from noduleflow.tables import SeriesFilter
+from noduleflow.metadata.nlst import FILTERS, NlstError, nlst_manifest
+from noduleflow.metadata.tables import SeriesFilter
 
 
 def _series(folder: str, n: int, thickness, imageclass: int = 1, imagetype: str = "ORIGINAL|PRIMARY|AXIAL") -> dict:

@@ -10,13 +10,15 @@ import SimpleITK as sitk
 import torch
 
 from conftest import kill_after_first_job, make_workdir, planned_jobs, snakemake
-from noduleflow.boxes import map_box, registered_grid
 from noduleflow.ids import shard_name, shard_of
 from noduleflow.imaging import Geometry, homogeneous, read_image, write_nifti
 from noduleflow.io import load_plain_pickle
-from noduleflow.phantom import render_anatomy, sample_anatomy
+from noduleflow.metadata.phantom import render_anatomy, sample_anatomy
+from noduleflow.metadata.synthetic import CohortConfig, Deformation, exam_pair, truth_map_points, truth_transform
+from noduleflow.metadata.tables import computed_split
 from noduleflow.plan import find_precomputed_transforms, shard_plan
-from noduleflow.registration import (
+from noduleflow.registration.boxes import map_box, registered_grid
+from noduleflow.registration.rigid import (
     QualityThresholds,
     RegistrationSettings,
     matrix_to_transform,
@@ -24,8 +26,6 @@ from noduleflow.registration import (
     register_exam,
     register_shard,
 )
-from noduleflow.synthetic import CohortConfig, Deformation, exam_pair, truth_map_points, truth_transform
-from noduleflow.tables import computed_split
 
 SPLITS = ("train", "val", "test")
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

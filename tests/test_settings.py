@@ -8,16 +8,16 @@ import yaml
 from snakemake.utils import update_config
 
 from conftest import CONFIG, REPO
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import HalfMaximumSegmenter, LearnedSegmenter, build_segmenter
 from noduleflow.evaluation.forecast import ForecastSettings, forecast_settings
 from noduleflow.evaluation.metrics import SummarySettings
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter, LearnedSegmenter, build_segmenter
+from noduleflow.metadata.synthetic import CohortConfig
+from noduleflow.metadata.tables import SeriesFilter
 from noduleflow.models.settings import PretrainSettings, RunSettings, VaeSettings
-from noduleflow.patches import PatchSettings
-from noduleflow.registration import QualityThresholds, RegistrationSettings
+from noduleflow.models.training import TrainSettings
+from noduleflow.registration.rigid import QualityThresholds, RegistrationSettings
 from noduleflow.settings import SettingsError, from_config, section
-from noduleflow.synthetic import CohortConfig
-from noduleflow.tables import SeriesFilter
-from noduleflow.training import TrainSettings
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 
 from conftest import config_settings
+from noduleflow.metadata.tables import SeriesFilter, assign_splits, computed_split, split_tables
 from noduleflow.problems import ProblemLog
-from noduleflow.tables import SeriesFilter, assign_splits, computed_split, split_tables
 
 SERIES_FILTER = config_settings(SeriesFilter, "series_filter")
 

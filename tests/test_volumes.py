@@ -9,16 +9,16 @@ import torch
 import yaml
 
 from conftest import IDENTITY, config_settings, reconstruction_errors, snakemake
-from noduleflow.datasets import VolumeCrops
+from noduleflow.cache.datasets import VolumeCrops
+from noduleflow.cache.patches import CacheError, PatchSettings
+from noduleflow.cache.volumes import centred_start, consolidate_volumes, crop_or_pad, exam_volume, volume_shard
 from noduleflow.determinism import fingerprints
 from noduleflow.hu import to_unit_range
 from noduleflow.imaging import Geometry, geometry_columns, homogeneous, read_image, write_nifti
 from noduleflow.io import write_array
 from noduleflow.models.settings import VaeSettings
 from noduleflow.models.tasks import load_vae, vae_datasets
-from noduleflow.patches import CacheError, PatchSettings
 from noduleflow.settings import from_config
-from noduleflow.volumes import centred_start, consolidate_volumes, crop_or_pad, exam_volume, volume_shard
 
 SPLITS = ("train", "val", "test")
 WINDOW = (-2000.0, 500.0)

@@ -4,7 +4,7 @@
         --box 120 131 200 212 40 44 --days 365 730 --out forecast/
     noduleflow forecast --model model.pt --table nodules.csv --out forecast/
 
-Conventions (boxes, centres, world millimetres) are those of noduleflow.predict.
+Conventions (boxes, centres, world millimetres) are those of noduleflow.evaluation.predict.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from noduleflow.cache.segmenter import build_segmenter
 from noduleflow.evaluation.forecast import forecast_settings
-from noduleflow.evaluation.segmenter import build_segmenter
-from noduleflow.predict import (
+from noduleflow.evaluation.predict import (
     ForecastInputError,
     ForecastJob,
     NoduleRequest,
@@ -27,7 +27,7 @@ from noduleflow.predict import (
     load_portable_run,
     read_requests,
 )
-from noduleflow.training import ModelFileError
+from noduleflow.models.training import ModelFileError
 
 log = logging.getLogger("noduleflow")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"

@@ -3,7 +3,7 @@
 `run(fn, processes, *args)` calls `fn(*args)` directly for one process; for more it starts one worker per
 device through torch's elastic launcher (the machinery behind `torchrun`: rendezvous on this node, RANK /
 LOCAL_RANK / WORLD_SIZE in each worker's environment), joins them in a process group (NCCL on GPUs, Gloo on
-CPUs) and calls `fn(*args)` in each. Inside, `noduleflow.training.train` splits every step's batch between the
+CPUs) and calls `fn(*args)` in each. Inside, `noduleflow.models.training.train` splits every step's batch between the
 workers and averages their gradients, so each step sees the same batch as on one device; only the main worker
 writes checkpoints, metrics and models. A rule asking for more than one `gpu` resource runs its training this way.
 """

@@ -1,5 +1,5 @@
 # Forecasts for new patients (not part of `all`): `snakemake forecast` forecasts every nodule of the table named
-# by `forecast.table` with the trained run `forecast.run` (noduleflow.predict; the same as `noduleflow forecast`).
+# by `forecast.table` with the trained run `forecast.run` (noduleflow.evaluation.predict; the same as `noduleflow forecast`).
 
 
 rule forecast_patients:

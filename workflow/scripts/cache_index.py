@@ -1,12 +1,12 @@
-"""Rule cache_index: one checked index per split (noduleflow.patches)."""
+"""Rule cache_index: one checked index per split (noduleflow.cache.patches)."""
 
 from pathlib import Path
 
 import pandas as pd
 
+from noduleflow.cache.patches import PatchSettings, consolidate
 from noduleflow.io import write_csv, write_parquet
 from noduleflow.logs import log_to
-from noduleflow.patches import PatchSettings, consolidate
 from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):

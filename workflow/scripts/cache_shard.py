@@ -1,10 +1,10 @@
-"""Rule cache_shard: cut the nodule patches of one shard (noduleflow.patches)."""
+"""Rule cache_shard: cut the nodule patches of one shard (noduleflow.cache.patches)."""
 
 import pandas as pd
 
+from noduleflow.cache.patches import PatchSettings, cache_shard
 from noduleflow.io import write_csv, write_parquet
 from noduleflow.logs import log_to
-from noduleflow.patches import PatchSettings, cache_shard
 from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):

@@ -1,11 +1,11 @@
 """Rule evaluate_run: forecasts of one run on the test split (noduleflow.evaluation)."""
 
-from noduleflow.datasets import cache_folder
+from noduleflow.cache.datasets import cache_folder
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import build_segmenter
 from noduleflow.evaluation.forecast import forecast_settings
-from noduleflow.evaluation.segmenter import build_segmenter
 from noduleflow.evaluation.tasks import forecast
 from noduleflow.logs import log_to
-from noduleflow.patches import PatchSettings
 from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):

@@ -1,11 +1,11 @@
 """Rule fm_paired: one paired forecasting run (noduleflow.models.tasks), data-parallel over its GPUs."""
 
 from noduleflow import distributed
-from noduleflow.datasets import cache_folder
+from noduleflow.cache.datasets import cache_folder
+from noduleflow.cache.patches import PatchSettings
 from noduleflow.logs import log_to
 from noduleflow.models.settings import RunSettings, SamplerSettings
 from noduleflow.models.tasks import train_paired
-from noduleflow.patches import PatchSettings
 from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):

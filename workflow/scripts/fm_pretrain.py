@@ -1,7 +1,7 @@
 """Rule fm_pretrain: unconditional flow matching, 2D on slices or 3D on latents (noduleflow.models.tasks)."""
 
 from noduleflow import distributed
-from noduleflow.datasets import cache_folder
+from noduleflow.cache.datasets import cache_folder
 from noduleflow.logs import log_to
 from noduleflow.models.settings import PretrainSettings
 from noduleflow.models.tasks import train_pretraining

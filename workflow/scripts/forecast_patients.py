@@ -1,9 +1,10 @@
-"""Rule forecast_patients: forecasts of the nodules in the config's table with one trained run (noduleflow.predict)."""
+"""Rule forecast_patients: forecasts of the nodules in the config's table with one trained run
+(noduleflow.evaluation.predict)."""
 
+from noduleflow.cache.segmenter import build_segmenter
 from noduleflow.evaluation.forecast import forecast_settings
-from noduleflow.evaluation.segmenter import build_segmenter
+from noduleflow.evaluation.predict import forecast_table
 from noduleflow.logs import log_to
-from noduleflow.predict import forecast_table
 
 with log_to(snakemake.log[0]):
     params = snakemake.params

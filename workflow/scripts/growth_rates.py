@@ -1,11 +1,11 @@
 """Rule growth_rates: the train split's median annual growth, for the median-growth baseline (and per nodule kind,
 for the kind-growth reference, on the synthetic cohort)."""
 
-from noduleflow.datasets import cache_folder
-from noduleflow.evaluation.segmenter import build_segmenter
+from noduleflow.cache.datasets import cache_folder
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import build_segmenter
 from noduleflow.evaluation.tasks import growth_rates
 from noduleflow.logs import log_to
-from noduleflow.patches import PatchSettings
 from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):

@@ -1,10 +1,10 @@
-"""Rule nlst_manifest: NLST metadata JSON -> exams manifest and filter counts (noduleflow.nlst)."""
+"""Rule nlst_manifest: NLST metadata JSON -> exams manifest and filter counts (noduleflow.metadata.nlst)."""
 
 from noduleflow.io import write_csv
 from noduleflow.logs import log_to
-from noduleflow.nlst import nlst_manifest
+from noduleflow.metadata.nlst import nlst_manifest
+from noduleflow.metadata.tables import SeriesFilter
 from noduleflow.settings import from_config
-from noduleflow.tables import SeriesFilter
 
 with log_to(snakemake.log[0]):
     series_filter = from_config(SeriesFilter, snakemake.params.series_filter)

@@ -1,9 +1,9 @@
-"""Rule register_shard: register the exams of one shard to their baselines (noduleflow.registration)."""
+"""Rule register_shard: register the exams of one shard to their baselines (noduleflow.registration.rigid)."""
 
 from noduleflow.io import write_parquet
 from noduleflow.logs import log_to
 from noduleflow.plan import ShardExam
-from noduleflow.registration import RegistrationSettings, register_shard
+from noduleflow.registration.rigid import RegistrationSettings, register_shard
 from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):

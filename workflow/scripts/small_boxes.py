@@ -1,13 +1,13 @@
-"""Rule small_boxes: boxes in patch coordinates and reference volumes (noduleflow.patches)."""
+"""Rule small_boxes: boxes in patch coordinates and reference volumes (noduleflow.cache.patches)."""
 
 from pathlib import Path
 
 import pandas as pd
 
-from noduleflow.evaluation.segmenter import build_segmenter
+from noduleflow.cache.patches import PatchSettings, small_boxes
+from noduleflow.cache.segmenter import build_segmenter
 from noduleflow.io import write_parquet
 from noduleflow.logs import log_to
-from noduleflow.patches import PatchSettings, small_boxes
 from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):

@@ -1,11 +1,11 @@
-"""Rule split_tables: exams, timelines and exam pairs of one split (noduleflow.tables)."""
+"""Rule split_tables: exams, timelines and exam pairs of one split (noduleflow.metadata.tables)."""
 
 import pandas as pd
 
 from noduleflow.io import write_csv, write_parquet
 from noduleflow.logs import log_to
+from noduleflow.metadata.tables import SeriesFilter, split_tables
 from noduleflow.settings import from_config
-from noduleflow.tables import SeriesFilter, split_tables
 
 with log_to(snakemake.log[0]):
     tables, problems = split_tables(

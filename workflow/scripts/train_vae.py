@@ -2,11 +2,11 @@
 (noduleflow.models.tasks), data-parallel over its GPUs."""
 
 from noduleflow import distributed
-from noduleflow.datasets import cache_folder
+from noduleflow.cache.datasets import cache_folder
+from noduleflow.cache.patches import PatchSettings
 from noduleflow.logs import log_to
 from noduleflow.models.settings import VaeSettings
 from noduleflow.models.tasks import train_vae
-from noduleflow.patches import PatchSettings
 from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):

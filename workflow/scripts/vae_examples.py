@@ -1,9 +1,9 @@
 """Rule vae_examples: test patches next to their VAE reconstructions."""
 
-from noduleflow.datasets import cache_folder
+from noduleflow.cache.datasets import cache_folder
+from noduleflow.cache.patches import PatchSettings
 from noduleflow.evaluation.tasks import vae_examples
 from noduleflow.logs import log_to
-from noduleflow.patches import PatchSettings
 from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):

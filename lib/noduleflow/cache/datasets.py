@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from noduleflow.patches import nodule_key
+from noduleflow.cache.patches import nodule_key
 
 
 def cache_folder(path: str | os.PathLike[str]) -> Path:

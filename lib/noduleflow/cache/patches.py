@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from noduleflow.boxes import registered_grid
 from noduleflow.hu import to_hu, to_unit_range
 from noduleflow.imaging import Geometry, homogeneous, read_image
 from noduleflow.io import write_array
-from noduleflow.registration import matrix_to_transform
+from noduleflow.registration.boxes import registered_grid
+from noduleflow.registration.rigid import matrix_to_transform
 
 log = logging.getLogger(__name__)
 

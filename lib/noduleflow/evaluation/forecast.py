@@ -40,15 +40,15 @@ from monai.metrics import PSNRMetric, SSIMMetric, compute_dice
 from scipy import ndimage
 
 from noduleflow import distributed
-from noduleflow.datasets import NodulePairs
+from noduleflow.cache.datasets import NodulePairs
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import Segmenter, grown_box
 from noduleflow.evaluation.metrics import COPY_PRIOR, IMAGE_METRICS, forecast_distribution
-from noduleflow.evaluation.segmenter import Segmenter, grown_box
 from noduleflow.hu import to_hu
 from noduleflow.models.flow import VelocityNet, paired_start, sample
 from noduleflow.models.settings import RunSettings
-from noduleflow.patches import PatchSettings
+from noduleflow.models.training import SavedModel, derived_seed, read_model
 from noduleflow.settings import from_config, section
-from noduleflow.training import SavedModel, derived_seed, read_model
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Forecast a new patient: one exam, its nodules, one or more intervals, a trained run (a portable model file).
 
-An exam is a NIfTI file or a DICOM folder (converted by noduleflow.dicom, as the pipeline converts it). A nodule
+An exam is a NIfTI file or a DICOM folder (converted by noduleflow.metadata.dicom, as the pipeline converts it).
+A nodule
 is given by a box or a centre, in voxel indices or in world millimetres:
 
 - voxel box (i0, i1, j0, j1, k0, k1), inclusive, i = row (y), j = column (x), k = slice (z), as everywhere in
@@ -8,7 +9,7 @@ is given by a box or a centre, in voxel indices or in world millimetres:
 - world box (x0, x1, y0, y1, z0, z1) and world centre (x, y, z) in LPS millimetres (DICOM patient coordinates,
   what ITK uses; 3D Slicer shows RAS, i.e. x and y negated). A centre gets a cube of `diameter_mm` as its box.
 
-The patch is cut as the patch cache cuts it (noduleflow.patches), on the exam's own grid resampled to the run's
+The patch is cut as the patch cache cuts it (noduleflow.cache.patches), on the exam's own grid resampled to the run's
 patch spacing (a single exam needs no registration), and the run samples the follow-up with the seeds
 evaluate_run uses for the same pair index, so a test pair forecast here equals its evaluation forecast. Every
 forecast patch is written as NIfTI on the patch grid in the exam's space (it overlays the exam in 3D Slicer or
@@ -32,8 +33,7 @@ import SimpleITK as sitk
 import torch
 
 from noduleflow import distributed, figures
-from noduleflow.boxes import map_box, registered_grid
-from noduleflow.dicom import DicomSeriesError, convert_series, is_scout, read_headers
+from noduleflow.cache.patches import PatchSettings, box_in_patch, cut_patch, patch_grid, patch_start
 from noduleflow.evaluation.forecast import (
     ForecastSettings,
     Segmenter,
@@ -47,12 +47,13 @@ from noduleflow.hu import to_hu
 from noduleflow.ids import is_safe_id
 from noduleflow.imaging import Geometry, ImageHeaderError, read_image, write_nifti
 from noduleflow.io import write_csv
+from noduleflow.metadata.dicom import DicomSeriesError, convert_series, is_scout, read_headers
 from noduleflow.models.flow import VelocityNet
 from noduleflow.models.settings import RunSettings
 from noduleflow.models.tasks import load_vae
-from noduleflow.patches import PatchSettings, box_in_patch, cut_patch, patch_grid, patch_start
+from noduleflow.models.training import ModelFileError, derived_seed, read_model
+from noduleflow.registration.boxes import map_box, registered_grid
 from noduleflow.settings import from_config
-from noduleflow.training import ModelFileError, derived_seed, read_model
 
 log = logging.getLogger(__name__)
 

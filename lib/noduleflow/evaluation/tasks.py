@@ -13,13 +13,13 @@ import pandas as pd
 import torch
 
 from noduleflow import distributed, figures
-from noduleflow.datasets import NodulePatches
+from noduleflow.cache.datasets import NodulePatches
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import Segmenter
 from noduleflow.evaluation import metrics
 from noduleflow.evaluation.forecast import ForecastSettings, evaluate_run, pair_sizes
-from noduleflow.evaluation.segmenter import Segmenter
 from noduleflow.io import atomic_path, write_csv
 from noduleflow.models.tasks import load_vae, paired_dataset
-from noduleflow.patches import PatchSettings
 from noduleflow.settings import from_config, section
 
 UNITS = {2: "mm^2", 3: "mm^3"}

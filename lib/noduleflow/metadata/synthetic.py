@@ -37,7 +37,13 @@ from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from noduleflow.ids import nlst_exam_id
 from noduleflow.imaging import Geometry, homogeneous, write_nifti
 from noduleflow.io import atomic_path, write_csv, write_parquet
-from noduleflow.phantom import ChestAnatomy, boundary_distances_mm, lung_depth_mm, render_anatomy, sample_anatomy
+from noduleflow.metadata.phantom import (
+    ChestAnatomy,
+    boundary_distances_mm,
+    lung_depth_mm,
+    render_anatomy,
+    sample_anatomy,
+)
 
 log = logging.getLogger(__name__)
 

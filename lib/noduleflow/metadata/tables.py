@@ -152,7 +152,8 @@ def split_tables(series: pd.DataFrame, nodules: pd.DataFrame, split: str, seed: 
     timelines.insert(3, "shard", groups["shard"].first().to_numpy())
 
     timelines["fixed_exam_id"] = timelines["fixed_exam_id"].astype(str)  # text also when the split is empty
-    # Dates increase with the timepoint (noduleflow.manifest rejects patients where they do not): delta_days > 0.
+    # Dates increase with the timepoint (noduleflow.metadata.manifest rejects patients where they do not):
+    # delta_days > 0.
     pairs = consecutive_pairs(exams, ["pid", "shard"], PAIR_FIELDS)
 
     log.info("%s: %d patients, %d exams, %d exam pairs, %d shards", split, len(timelines), len(exams), len(pairs),

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from noduleflow.training import TrainSettings
+from noduleflow.models.training import TrainSettings
 
 START_NOISE = 1.0  # default standard deviation of the noise added to the prior (noisy_prior)
 

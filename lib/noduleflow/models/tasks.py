@@ -2,7 +2,7 @@
 
 Spaces: "raw" (3D patches of the raw cache), "slices" (2D axial slices of the raw cache) and "latent" (3D VAE
 latents of the latent cache). Every function here wires a cache folder and typed settings
-(noduleflow.models.settings) to `noduleflow.training.train`; they take keyword arguments only.
+(noduleflow.models.settings) to `noduleflow.models.training.train`; they take keyword arguments only.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from noduleflow.datasets import NodulePairs, NodulePatches, VolumeCrops
+from noduleflow.cache.datasets import NodulePairs, NodulePatches, VolumeCrops
+from noduleflow.cache.patches import PatchSettings
 from noduleflow.models.flow import FORMULATIONS, VelocityNet, box_weights, flow_matching_loss, paired_start
 from noduleflow.models.settings import PretrainSettings, RunSettings, SamplerSettings, VaeSettings
-from noduleflow.models.vae import build_vae, vae_loss
-from noduleflow.patches import PatchSettings
-from noduleflow.training import (
+from noduleflow.models.training import (
     SavedModel,
     derived_seed,
     load_model,
@@ -31,6 +30,7 @@ from noduleflow.training import (
     seeded_model,
     train,
 )
+from noduleflow.models.vae import build_vae, vae_loss
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def train_paired(*, run: RunSettings, data_channels: int, box_scale: tuple[float
                  vae: str | None = None) -> None:
     """Paired conditional flow matching: prior patch and interval -> follow-up patch.
 
-    The model file is a portable run (noduleflow.predict): it records the patch geometry and HU window, the
+    The model file is a portable run (noduleflow.evaluation.predict): it records the patch geometry and HU window, the
     sampler and the seed, and holds the VAE of a latent run."""
     hparams = run_hparams(run, data_channels)
     training = dataclasses.replace(run.training, seed=seed)

@@ -21,11 +21,11 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from noduleflow.boxes import registered_grid
 from noduleflow.figures import registration_figure
 from noduleflow.imaging import Geometry, geometry_columns, homogeneous, read_image, write_nifti
 from noduleflow.io import atomic_path
 from noduleflow.plan import ShardExam, transform_file
+from noduleflow.registration.boxes import registered_grid
 
 log = logging.getLogger(__name__)
 
