@@ -313,8 +313,8 @@ def _untrained_run(tmp_path, run):
 def test_an_untrained_bridge_run_copies_the_prior_and_sizes_match_the_spheres(tmp_path):
     """MONAI zero-initialises the velocity net's output, so an untrained bridge flow returns its start: the prior."""
     raw = _untrained_run(tmp_path, {"space": "raw", "formulation": "bridge", "interval": True})
-    result = evaluate_run(tmp_path / "model.pt", raw, raw, None, PATCH,
-                          SEGMENTER, forecast_config(steps=2, examples=1), "untrained")
+    result = evaluate_run(model_path=tmp_path / "model.pt", raw=raw, model_data=raw, decode=None, patch=PATCH,
+                          segmenter=SEGMENTER, settings=forecast_config(steps=2, examples=1), run_name="untrained")
     table = result.table
     assert set(table["method"]) == {"untrained", metrics.COPY_PRIOR} and len(table) == 4
     for method in ("untrained", metrics.COPY_PRIOR):
@@ -336,8 +336,9 @@ def test_a_noisy_prior_run_draws_seeded_samples_around_the_prior(tmp_path):
                                     "interval": True})
 
     def evaluate():
-        return evaluate_run(tmp_path / "model.pt", raw, raw, None, PATCH,
-                            SEGMENTER, forecast_config(samples=2, steps=2, examples=0), "noisy").table
+        return evaluate_run(model_path=tmp_path / "model.pt", raw=raw, model_data=raw, decode=None, patch=PATCH,
+                            segmenter=SEGMENTER, settings=forecast_config(samples=2, steps=2, examples=0),
+                            run_name="noisy").table
 
     table = evaluate()
     forecasts = table[table["method"] == "noisy"].set_index("pair")

@@ -95,8 +95,9 @@ def one_pair_cache(tmp_path, prior_path, follow_up_path) -> NodulePairs:
     tracking = pd.DataFrame([{"pid": "p0", "nodule_group": 1, "exam": exam_id, "exam_idx": idx, "coords": list(BOX),
                               **centre} for idx, exam_id in enumerate(("e0", "e1"))])
     nodules = boxes_in_registered_space(exams, tracking, PATCH["spacing_mm"])
-    index, skipped = cache_shard(exams, nodules, "test", 0, from_config(PatchSettings, PATCH), tmp_path / "000.npy",
-                                 tmp_path / "000_slices.npy")
+    index, skipped = cache_shard(exams=exams, nodules=nodules, split="test", shard=0,
+                                 settings=from_config(PatchSettings, PATCH), patch_file=tmp_path / "000.npy",
+                                 slice_file=tmp_path / "000_slices.npy")
     assert skipped.empty
     index.to_parquet(tmp_path / "index.parquet")
     pairs = pd.DataFrame({"pid": ["p0"], "nodule_group": [1], "exam_a": ["e0"], "exam_idx_a": [0],
@@ -111,8 +112,9 @@ def test_a_test_pair_forecast_from_its_prior_exam_equals_its_evaluation_forecast
     save_run(tmp_path / "model.pt", NOISY)
     raw = one_pair_cache(tmp_path, prior_path, follow_up_path)
     settings = forecast_config(samples=2, steps=2, examples=1, seed=7)
-    evaluation = evaluate_run(tmp_path / "model.pt", raw, raw, None, from_config(PatchSettings, PATCH),
-                              SEGMENTER, settings, "noisy")
+    evaluation = evaluate_run(model_path=tmp_path / "model.pt", raw=raw, model_data=raw, decode=None,
+                              patch=from_config(PatchSettings, PATCH), segmenter=SEGMENTER, settings=settings,
+                              run_name="noisy")
 
     run = load_portable_run(tmp_path / "model.pt")
     request = NoduleRequest("n1", str(prior_path), (400.0,), box=BOX)

@@ -599,8 +599,10 @@ def test_a_split_with_no_patients_gives_empty_tables_with_their_columns(tmp_path
     tracking, _ = build_tracking_table({"100001": {1: {0: lesion("1000010a"), 1: lesion("1000011a")}}}, series)
     fractions = {"train": 1.0, "val": 0.0, "test": 0.0}
     series_filter = config_settings(SeriesFilter, "series_filter", min_slices=5)
-    full, _ = split_tables(series, tracking, "train", 0, fractions, 2, series_filter)
-    empty, problems = split_tables(series, tracking, "val", 0, fractions, 1, series_filter)
+    full, _ = split_tables(series=series, nodules=tracking, split="train", seed=0, fractions=fractions, n_shards=2,
+                           series_filter=series_filter)
+    empty, problems = split_tables(series=series, nodules=tracking, split="val", seed=0, fractions=fractions,
+                                   n_shards=1, series_filter=series_filter)
     assert problems.problems == []
     for name, table in empty.items():
         assert table.empty and list(table.columns) == list(full[name].columns), name

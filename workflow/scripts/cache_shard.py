@@ -9,8 +9,9 @@ from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):
     index, skipped = cache_shard(
-        pd.read_parquet(snakemake.input.exams), pd.read_parquet(snakemake.input.nodules), snakemake.wildcards.split,
-        int(snakemake.wildcards.shard), from_config(PatchSettings, snakemake.params.patch),
-        snakemake.output.patches, snakemake.output.slices)
+        exams=pd.read_parquet(snakemake.input.exams), nodules=pd.read_parquet(snakemake.input.nodules),
+        split=snakemake.wildcards.split, shard=int(snakemake.wildcards.shard),
+        settings=from_config(PatchSettings, snakemake.params.patch), patch_file=snakemake.output.patches,
+        slice_file=snakemake.output.slices)
     write_parquet(index, snakemake.output.index)
     write_csv(skipped, snakemake.output.skipped)

@@ -9,8 +9,8 @@ from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):
     tables, problems = split_tables(
-        pd.read_parquet(snakemake.input.series),
-        pd.read_parquet(snakemake.input.tracking),
+        series=pd.read_parquet(snakemake.input.series),
+        nodules=pd.read_parquet(snakemake.input.tracking),
         split=snakemake.wildcards.split,
         seed=snakemake.params.seed,
         fractions=snakemake.params.fractions,

@@ -97,7 +97,7 @@ def cut_patch(image: sitk.Image, grid: Geometry, start: np.ndarray, fixed_to_mov
     return to_unit_range(sitk.GetArrayFromImage(resampled), settings.hu_window)
 
 
-def cache_shard(exams: pd.DataFrame, nodules: pd.DataFrame, split: str, shard: int, settings: PatchSettings,
+def cache_shard(*, exams: pd.DataFrame, nodules: pd.DataFrame, split: str, shard: int, settings: PatchSettings,
                 patch_file: str | os.PathLike[str],
                 slice_file: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Cut every nodule of one shard's registered exams; write the patch and slice arrays.

@@ -303,7 +303,7 @@ def pair_sizes(raw: NodulePairs, patch: PatchSettings, segmenter: Segmenter, sli
     return pd.DataFrame(rows, columns=["prior_size", "real_size", "delta_days"])
 
 
-def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_data: NodulePairs,
+def evaluate_run(*, model_path: str | os.PathLike[str], raw: NodulePairs, model_data: NodulePairs,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None, patch: PatchSettings, segmenter: Segmenter,
                  settings: ForecastSettings, run_name: str,
                  true_volumes: pd.DataFrame | None = None) -> Forecasts:

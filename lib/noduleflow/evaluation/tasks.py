@@ -37,7 +37,8 @@ def forecast(*, run_name: str, space: str, model: str, raw_folder: str, model_fo
         vae_model = load_vae(vae).to(distributed.device())
         decode = torch.no_grad()(lambda latents: vae_model.decode(latents.to(next(vae_model.parameters()))))
     true_volumes = pd.read_parquet(truth).query("primary_series") if truth else None
-    result = evaluate_run(model, raw, model_data, decode, patch, segmenter, settings, run_name, true_volumes)
+    result = evaluate_run(model_path=model, raw=raw, model_data=model_data, decode=decode, patch=patch,
+                          segmenter=segmenter, settings=settings, run_name=run_name, true_volumes=true_volumes)
     write_csv(result.table, table_path)
     figures.forecast_montage(result.examples, patch.hu_window,
                              f"{run_name}: prior, real and generated follow-up", montage_path)

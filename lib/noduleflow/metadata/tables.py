@@ -129,7 +129,7 @@ def nodule_pairs(nodules: pd.DataFrame) -> pd.DataFrame:
     return pairs
 
 
-def split_tables(series: pd.DataFrame, nodules: pd.DataFrame, split: str, seed: int,
+def split_tables(*, series: pd.DataFrame, nodules: pd.DataFrame, split: str, seed: int,
                  fractions: Mapping[str, float], n_shards: int,
                  series_filter: SeriesFilter) -> tuple[dict[str, pd.DataFrame], ProblemLog]:
     """exams, timelines and paired_exams tables of one split, and the problems found on the way."""

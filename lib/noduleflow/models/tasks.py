@@ -122,7 +122,7 @@ def train_pretraining(*, settings: PretrainSettings, data_channels: int, train_f
 
     net = seeded_model(lambda: VelocityNet(hparams), seed)
     result = train(net, loss, _patches(train_folder, space), training, work_dir,
-                   {"pretrain": dataclasses.asdict(settings), "seed": seed},
+                   {"hparams": hparams, "pretrain": dataclasses.asdict(settings), "seed": seed},
                    val_dataset=_non_empty(_patches(val_folder, space)), val_every=training.checkpoint_every)
     save_model(model_path, result.model, hparams, result.history)
 
