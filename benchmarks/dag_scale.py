@@ -35,7 +35,7 @@ import yaml
 
 from noduleflow.ids import nlst_exam_id
 from noduleflow.io import write_csv, write_parquet, write_pickle
-from noduleflow.manifest import REQUIRED_COLUMNS, exam_to_nifti
+from noduleflow.metadata.manifest import REQUIRED_COLUMNS, exam_to_nifti
 from noduleflow.problems import ProblemLog
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,12 +33,15 @@ import numpy as np
 import torch
 import yaml
 
-from noduleflow.evaluation.forecast import ForecastSettings, forecast_batch
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.evaluation.forecast import forecast_batch, forecast_settings
+from noduleflow.evaluation.predict import NoduleRequest, cut_prior, load_portable_run, read_exam, voxel_box
 from noduleflow.imaging import Geometry, write_nifti
 from noduleflow.models.flow import VelocityNet
+from noduleflow.models.settings import RunSettings
 from noduleflow.models.tasks import patch_geometry, run_hparams
-from noduleflow.predict import NoduleRequest, cut_prior, load_portable_run, read_exam, voxel_box
-from noduleflow.training import derived_seed, save_model, seeded_model
+from noduleflow.models.training import derived_seed, save_model, seeded_model
+from noduleflow.settings import from_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "raw3d_noisy_prior"
@@ -91,14 +94,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     default, quality = _configs()
-    run = {**quality["models"]["runs"][RUN], "sigma": default["models"]["sigma"]}
+    run = from_config(RunSettings, {**quality["models"]["runs"][RUN], "sigma": default["models"]["sigma"]})
     patch = {**default["patch"], **quality["patch"]}
     sampler = {**default["models"]["sampler"], **quality["models"].get("sampler", {})}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         hparams = run_hparams(run, 1)
-        save_model(folder / "model.pt", seeded_model(lambda: VelocityNet(hparams), 0), {**hparams, "run": run},
-                   meta={"patch": patch_geometry(patch), "sampler": sampler, "seed": 0})
+        save_model(folder / "model.pt", seeded_model(lambda: VelocityNet(hparams), 0), {**hparams, "run": run.record()},
+                   meta={"patch": patch_geometry(from_config(PatchSettings, patch)), "sampler": sampler, "seed": 0})
         geometry, box = _exam(folder / "exam.nii.gz", args.slices)
         timings = [_command(folder / "model.pt", folder / "exam.nii.gz", box, args.samples, folder / out,
                             args.threads) for out in ("warm-up", "timed")]
@@ -108,7 +111,7 @@ def main() -> None:
         prior = cut_prior(read_exam(folder / "exam.nii.gz"), *voxel_box(request, geometry), portable)
     device = portable.device
     priors = torch.from_numpy(prior.image)[None, None].expand(args.samples, 1, *prior.image.shape).to(device)
-    settings = ForecastSettings(steps=portable.sampler["steps"], sampler=portable.sampler["method"])
+    settings = forecast_settings(default["evaluation"], portable.sampler, 0)
     started, cpu = time.perf_counter(), _cpu_seconds(resource.RUSAGE_SELF)
     forecast_batch(portable.net, portable.run, priors, torch.full((args.samples,), 365.0, device=device),
                    [derived_seed(0, "forecast", 0, s) for s in range(args.samples)], settings)

@@ -25,13 +25,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from noduleflow.evaluation.forecast import ForecastSettings, forecast_size, growth_region, union_box, voxel_size
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter, build_segmenter
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import build_segmenter
+from noduleflow.evaluation.forecast import (
+    ForecastSettings,
+    forecast_settings,
+    forecast_size,
+    growth_region,
+    union_box,
+    voxel_size,
+)
+from noduleflow.hu import to_hu, to_unit_range
 from noduleflow.models.tasks import paired_dataset
-from noduleflow.patches import PatchSettings, to_hu, to_unit_range
+from noduleflow.settings import from_config
 
-SPHERE_PATCH = PatchSettings(spacing_mm=(0.7, 0.7, 2.5), size=(48, 48, 12))
+DEFAULT_CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
+SPHERE_PATCH = from_config(PatchSettings, DEFAULT_CONFIG["patch"], spacing_mm=(0.7, 0.7, 2.5), size=(48, 48, 12))
 CASES = [  # prior radius mm, forecast radius mm, shift (x, y, z voxels), HU
     ("grew 4 -> 5.5 mm, solid", 4.0, 5.5, (0, 0, 0), 40.0),
     ("grew 4 -> 8 mm, solid", 4.0, 8.0, (0, 0, 0), 40.0),
@@ -74,8 +85,15 @@ def sizes(image: np.ndarray, prior_box: list[int], days: float, patch: PatchSett
     return out
 
 
+def config_settings(config: dict) -> tuple[ForecastSettings, object]:
+    """The forecast settings and the segmenter of a config (its `evaluation`, `models` and `segmentation`)."""
+    models = config["models"]
+    return forecast_settings(config["evaluation"], models["sampler"], models["seed"]), \
+        build_segmenter(config["segmentation"])
+
+
 def sphere_table() -> pd.DataFrame:
-    settings, segmenter = ForecastSettings(), HalfMaximumSegmenter()
+    settings, segmenter = config_settings(DEFAULT_CONFIG)
     rows = []
     for name, prior_mm, forecast_mm, shift, hu in CASES:
         prior_box = box_of(sphere(prior_mm, noise=0.0) > -400.0)
@@ -88,20 +106,16 @@ def sphere_table() -> pd.DataFrame:
 
 def perfect_forecasts(workdir: Path) -> pd.DataFrame:
     """Every 3D pair's real follow-up measured each way, with its reference size and true volume."""
-    import yaml
-
     config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
-    patch, segmenter = PatchSettings.from_mapping(config["patch"]), build_segmenter(config["segmentation"])
-    settings = ForecastSettings(fastest_doubling_days=float(config["evaluation"]["fastest_doubling_days"]),
-                                shift_mm=float(config["evaluation"]["shift_mm"]),
-                                detect_contrast_hu=float(config["evaluation"]["detect_contrast_hu"]))
+    patch = from_config(PatchSettings, config["patch"])
+    settings, segmenter = config_settings(config)
     truth_path = workdir / "results" / "synthetic" / "truth" / "nodules.parquet"
     truth = pd.read_parquet(truth_path).query("primary_series").set_index(["exam_id", "nodule_group"]) \
         if truth_path.exists() else None
     rows = []
     for split in ("train", "val", "test"):
         pairs = paired_dataset(workdir / "results" / "cache" / "raw" / split,
-                               workdir / "results" / "metadata" / split / "paired_nodules.parquet", "raw")
+                               workdir / "results" / "registration" / split / "paired_nodules.parquet", "raw")
         for item in range(len(pairs)):
             pair = pairs[item]
             real = pair["follow_up"][0].numpy()

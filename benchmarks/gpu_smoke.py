@@ -1,7 +1,7 @@
 """GPU smoke benchmark: config/full.yaml's paired 3D run, trained for a bounded number of steps and sampled.
 
 It builds the run's network from config/config.yaml updated by config/full.yaml (as `--configfile
-config/full.yaml` does), trains it with the pipeline's own loop (`noduleflow.training.train`: AdamW, warm-up and
+config/full.yaml` does), trains it with the pipeline's own loop (`noduleflow.models.training.train`: AdamW, warm-up and
 cosine schedule, gradient clipping, EMA; bf16 autocast on CUDA, `training.bf16`) and the run's own loss
 (`models.tasks.paired_loss`) on synthetic sphere pairs of the full patch size, then draws a few forecasts with
 the evaluation's sampler (`evaluation.forecast.forecast_batch`, `models.sampler`). It prints training steps/s
@@ -56,7 +56,7 @@ def sphere_pairs(count: int, size_xyz: list[int], spacing_mm: list[float], windo
     """Prior / follow-up patches (1, Z, Y, X) in [-1, 1] with a sphere that grows or shrinks, and its boxes."""
     import torch
 
-    from noduleflow.patches import to_unit_range
+    from noduleflow.hu import to_unit_range
 
     rng = np.random.default_rng(seed)
     axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(size_xyz[::-1], spacing_mm[::-1], strict=True)]
@@ -109,10 +109,12 @@ def main() -> None:
     import torch
 
     from noduleflow import distributed
-    from noduleflow.evaluation.forecast import ForecastSettings, forecast_batch
+    from noduleflow.evaluation.forecast import forecast_batch, forecast_settings
     from noduleflow.models.flow import VelocityNet
+    from noduleflow.models.settings import RunSettings
     from noduleflow.models.tasks import paired_loss, run_hparams
-    from noduleflow.training import TrainSettings, seeded_model, train
+    from noduleflow.models.training import TrainSettings, seeded_model, train
+    from noduleflow.settings import from_config
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_smoke: no CUDA GPU here; run with --device cpu (add --quick for a small net)")
@@ -126,8 +128,9 @@ def main() -> None:
         run["net"] = {**run["net"], **QUICK_NET}
         patch["size"] = QUICK_PATCH
     batch = 2 if args.quick else int(run["training"]["batch_size"])
-    settings = TrainSettings.from_mapping({**run["training"], "steps": args.steps, "batch_size": batch,
-                                           "checkpoint_every": args.steps, "log_every": args.steps, "seed": 0})
+    settings = from_config(TrainSettings, run["training"], steps=args.steps, batch_size=batch,
+                           checkpoint_every=args.steps, log_every=args.steps, seed=0)
+    run = from_config(RunSettings, run)
     data = sphere_pairs(2 * batch, patch["size"], patch["spacing_mm"], patch["hu_window"], seed=0)
     hparams = run_hparams(run, 1)
     net = seeded_model(lambda: VelocityNet(hparams), 0)
@@ -158,7 +161,7 @@ def main() -> None:
     train_peak, memory_kind = peak_memory_gib(device)
 
     sampler = {**config["models"]["sampler"], **({"steps": args.sample_steps} if args.sample_steps else {})}
-    forecast = ForecastSettings(sampler=sampler["method"], steps=int(sampler["steps"]))
+    forecast = forecast_settings(config["evaluation"], sampler, 0)
     priors = torch.stack([item["prior"] for item in data[: args.samples]]).to(device)
     delta = torch.stack([item["delta_days"] for item in data[: args.samples]]).to(device)
     forecast_batch(model, run, priors[:1], delta[:1], [0], forecast)  # warm-up

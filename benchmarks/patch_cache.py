@@ -25,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import yaml
 
-from noduleflow.boxes import registered_grid
+from noduleflow.cache.patches import PatchSettings, cut_patch, patch_start
+from noduleflow.hu import to_unit_range
 from noduleflow.imaging import Geometry, read_image, write_nifti
-from noduleflow.patches import PatchSettings, cut_patch, patch_start, to_unit_range
-from noduleflow.phantom import lung_depth_mm, render_anatomy, sample_anatomy
-from noduleflow.registration import matrix_to_transform, transform_to_matrix
+from noduleflow.metadata.phantom import lung_depth_mm, render_anatomy, sample_anatomy
+from noduleflow.registration.boxes import registered_grid
+from noduleflow.registration.rigid import matrix_to_transform, transform_to_matrix
+from noduleflow.settings import from_config
 
 SIZE = (512, 512, 160)  # x, y, z voxels
 SPACING = (0.7, 0.7, 2.5)  # mm
@@ -185,7 +188,8 @@ def main() -> None:
     if args.exams < 1 or args.threads < 1 or args.repeats < 1:
         parser.error("--exams, --threads and --repeats must be at least 1")
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    settings = PatchSettings()
+    full = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "full.yaml").read_text())
+    settings = from_config(PatchSettings, full["patch"])  # NLST-size patches (128 x 128 x 32)
     print(f"{args.exams} exams of {SIZE[0]} x {SIZE[1]} x {SIZE[2]} voxels at {SPACING[0]} x {SPACING[1]} x "
           f"{SPACING[2]} mm (int16 .nii.gz), {NODULES[0]}-{NODULES[1]} nodules each, seed {args.seed}; patches "
           f"{' x '.join(map(str, settings.size))} at {' x '.join(map(str, settings.spacing_mm))} mm; "

@@ -1,6 +1,7 @@
 """Benchmark noduleflow's rigid registration: speed against ANTsPy, and a misalignment sweep.
 
-Pairs come from the synthetic generator (`noduleflow.synthetic.exam_pair`): one patient's baseline and follow-up,
+Pairs come from the synthetic generator (`noduleflow.metadata.synthetic.exam_pair`): one patient's baseline and
+follow-up,
 rendered through a known pose, scan-range offset along the body axis and (optionally) non-rigid change, each with
 its own noise. The error (TRE) is measured over points inside the baseline's lungs that the follow-up also
 covers, against `truth_map_points` (exact under the non-rigid change too).
@@ -30,15 +31,15 @@ import pandas as pd
 import SimpleITK as sitk
 
 from noduleflow.imaging import Geometry, homogeneous, read_image, write_nifti
-from noduleflow.phantom import lung_depth_mm
-from noduleflow.registration import (
+from noduleflow.metadata.phantom import lung_depth_mm
+from noduleflow.metadata.synthetic import CohortConfig, exam_pair, truth_map_points
+from noduleflow.registration.rigid import (
     QualityThresholds,
     RegistrationSettings,
     quality_reasons,
     register_exam,
     transform_to_matrix,
 )
-from noduleflow.synthetic import CohortConfig, exam_pair, truth_map_points
 
 ants: ModuleType | None
 try:

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from noduleflow.synthetic import CohortConfig, generate_patient
+from noduleflow.metadata.synthetic import CohortConfig, generate_patient
 
 
 def main() -> None:

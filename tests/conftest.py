@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,9 +17,31 @@ import pytest
 import yaml
 
 from noduleflow.imaging import Geometry, write_nifti
+from noduleflow.settings import from_config, section
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())  # the one source of default settings
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def config_settings(cls, key: str, **overrides):
+    """Settings `cls` from the default config's section `key` (the keys `cls` reads), with `overrides`."""
+    return from_config(cls, section(cls, CONFIG[key]), **overrides)
+
+
+def forecast_config(**overrides):
+    """Forecast settings of the default config (`evaluation`, `models.sampler`, seed 0), with `overrides`."""
+    from noduleflow.evaluation.forecast import forecast_settings
+
+    return dataclasses.replace(forecast_settings(CONFIG["evaluation"], CONFIG["models"]["sampler"], 0), **overrides)
+
+
+def run_settings(**overrides):
+    """A paired run's settings: the default config's first run (with `models.sigma`), with `overrides`."""
+    from noduleflow.models.settings import RunSettings
+
+    models = CONFIG["models"]
+    return from_config(RunSettings, {**next(iter(models["runs"].values())), "sigma": models["sigma"], **overrides})
 
 
 def write_volume(path: Path, shape_xyz=(20, 16, 60), spacing=(0.7, 0.7, 2.0), value: int = -800) -> Geometry:

@@ -1,5 +1,6 @@
 """The nodule patch cache: cutting, padding, consolidation checks, readers, and the cache of the demo run."""
 
+import dataclasses
 import itertools
 import shutil
 
@@ -10,26 +11,27 @@ import SimpleITK as sitk
 import torch
 import yaml
 
-from conftest import kill_after_first_job, snakemake
-from noduleflow.boxes import registered_grid
-from noduleflow.datasets import NodulePairs, NodulePatches
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
-from noduleflow.imaging import Geometry, homogeneous, read_image
-from noduleflow.patches import (
+from conftest import config_settings, kill_after_first_job, snakemake
+from noduleflow.cache.datasets import NodulePairs, NodulePatches
+from noduleflow.cache.patches import (
     CacheError,
     PatchSettings,
     box_in_patch,
     consolidate,
     cut_patch,
     patch_start,
-    to_unit_range,
     upsampled_box,
 )
-from noduleflow.registration import matrix_to_transform
+from noduleflow.cache.segmenter import HalfMaximumSegmenter
+from noduleflow.hu import to_unit_range
+from noduleflow.imaging import Geometry, homogeneous, read_image
+from noduleflow.registration.boxes import registered_grid
+from noduleflow.registration.rigid import matrix_to_transform
 
 SPLITS = ("train", "val", "test")
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-SMALL = PatchSettings(size=(16, 12, 6))
+SEGMENTER = config_settings(HalfMaximumSegmenter, "segmentation")
+SMALL = config_settings(PatchSettings, "patch", size=(16, 12, 6))
 
 
 def test_patch_grows_the_box_symmetrically_and_reports_boxes_in_patch_coordinates():
@@ -105,7 +107,7 @@ def test_consolidation_fails_loudly_on_a_missing_truncated_or_misshapen_shard(tm
         consolidate([index], tmp_path, SMALL)
     shard.write_bytes(intact)
     with pytest.raises(CacheError, match="shape"):
-        consolidate([index], tmp_path, PatchSettings(size=(16, 12, 8)))
+        consolidate([index], tmp_path, dataclasses.replace(SMALL, size=(16, 12, 8)))
 
 
 def test_readers_return_patches_and_pairs_also_in_worker_processes(tmp_path):
@@ -130,7 +132,7 @@ def test_readers_return_patches_and_pairs_also_in_worker_processes(tmp_path):
 def test_half_maximum_segmenter_measures_solid_and_ground_glass_spheres():
     zz, yy, xx = np.meshgrid(np.arange(32) * 2.5, np.arange(64) * 0.7, np.arange(64) * 0.7, indexing="ij")
     distance = np.sqrt((zz - 40) ** 2 + (yy - 22.4) ** 2 + (xx - 22.4) ** 2)
-    segmenter = HalfMaximumSegmenter()
+    segmenter = SEGMENTER
     for hu in (40.0, -600.0):
         inside = np.clip(4.5 - distance + 0.5, 0, 1)  # partial volume over one voxel-ish shell
         patch = -850.0 + inside * (hu + 850.0) + np.random.default_rng(1).normal(0, 15, distance.shape)
@@ -153,9 +155,9 @@ def test_a_loose_box_measures_a_small_nodule_as_its_own_box_does():
                                           + np.argwhere(distance <= r).max(0).tolist())] for r in (3.0, 5.0))
         tight, loose = ([b[1], b[4], b[2], b[5], b[0], b[3]] for b in (tight, loose))
         volume = {name: segmenter(patch, box).sum() * 0.7 * 0.7 * 2.5
-                  for name, segmenter, box in (("tight", HalfMaximumSegmenter(), tight),
-                                               ("loose", HalfMaximumSegmenter(), loose),
-                                               ("unrefined", HalfMaximumSegmenter(refinements=0), loose))}
+                  for name, segmenter, box in (("tight", SEGMENTER, tight),
+                                               ("loose", SEGMENTER, loose),
+                                               ("unrefined", dataclasses.replace(SEGMENTER, refinements=0), loose))}
         assert volume["loose"] == pytest.approx(volume["tight"], rel=0.15)
         assert volume["loose"] == pytest.approx(4 / 3 * np.pi * 3.0**3, rel=0.15)
         assert volume["unrefined"] > 1.3 * volume["tight"]  # without the re-estimate the noise around it counts
@@ -171,7 +173,7 @@ def _cache(workdir, name, reader=pd.read_parquet):
 def test_every_registered_nodule_is_cached_once_or_listed_with_a_reason(demo_run):
     index = _cache(demo_run, "index.parquet")
     skipped = _cache(demo_run, "skipped.csv", lambda p: pd.read_csv(p, dtype=str))
-    boxes = pd.concat([pd.read_parquet(demo_run / "results/metadata" / s / "nodules_fixed_bboxes.parquet")
+    boxes = pd.concat([pd.read_parquet(demo_run / "results/registration" / s / "nodules_fixed_bboxes.parquet")
                        for s in SPLITS])
     expected = {f"{g}_{e}_{i}" for g, e, i in zip(boxes["nodule_group"], boxes["exam"], boxes["exam_idx"], strict=True)}
     assert not index["nodule_key"].duplicated().any()
@@ -182,7 +184,7 @@ def test_every_registered_nodule_is_cached_once_or_listed_with_a_reason(demo_run
 @pytest.mark.slow
 def test_patch_centres_lie_in_the_true_nodule(demo_run):
     index = _cache(demo_run, "index.parquet")
-    exams = pd.concat([pd.read_parquet(demo_run / "results/metadata" / s / "exams_registered.parquet")
+    exams = pd.concat([pd.read_parquet(demo_run / "results/registration" / s / "exams_registered.parquet")
                        for s in SPLITS]).set_index("exam_id")
     truth = pd.read_parquet(demo_run / "results/synthetic/truth/nodules.parquet")
     truth = truth.set_index(["exam_id", "nodule_group"])["mask_volume_mm3"]
@@ -212,8 +214,8 @@ def test_patch_centres_lie_in_the_true_nodule(demo_run):
 def test_paired_patches_show_the_same_anatomy_after_registration(demo_run):
     split = "train"
     folder = demo_run / "results/cache/raw" / split
-    pairs = NodulePairs(folder, pd.read_parquet(demo_run / "results/metadata" / split / "paired_nodules.parquet"))
-    exams = pd.read_parquet(demo_run / "results/metadata" / split / "exams_registered.parquet").set_index("exam_id")
+    pairs = NodulePairs(folder, pd.read_parquet(demo_run / "results/registration" / split / "paired_nodules.parquet"))
+    exams = pd.read_parquet(demo_run / "results/registration" / split / "exams_registered.parquet").set_index("exam_id")
     index = pd.read_parquet(folder / "index.parquet").set_index("nodule_key")
     assert len(pairs) > 3 and pairs.missing.empty
     gains = []
@@ -225,7 +227,7 @@ def test_paired_patches_show_the_same_anatomy_after_registration(demo_run):
         grid = registered_grid(Geometry.from_columns(exam, "fixed"), (0.703125, 0.703125, 2.5))
         size = tuple(reversed(prior.shape))  # the configured patch size, x, y, z
         unregistered = cut_patch(read_image(demo_run / exam["image_path"]), grid, np.asarray(row["patch_start"]),
-                                 np.eye(4), PatchSettings(size=size))
+                                 np.eye(4), dataclasses.replace(SMALL, size=size))
         away = (prior > -1) & (follow_up > -1) & (unregistered > -1)  # both exams have image data here
         for box in (pair["bbox_a"], pair["bbox_b"]):
             y0, y1, x0, x1, z0, z1 = box.tolist()

@@ -13,9 +13,9 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from conftest import make_manifest, manifest_row, write_dicom_series
-from noduleflow.dicom import DicomSeriesError, convert_manifest, convert_series, read_series
 from noduleflow.imaging import read_geometry
-from noduleflow.manifest import build_exam_series
+from noduleflow.metadata.dicom import DicomSeriesError, convert_manifest, convert_series, read_series
+from noduleflow.metadata.manifest import build_exam_series
 
 UID = "1.2.826.0.1.3680043.9.7.1"
 TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent

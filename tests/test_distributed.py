@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from noduleflow import distributed
-from noduleflow.training import TrainSettings, load_model, save_model, train
+from noduleflow.models.training import TrainSettings, load_model, save_model, train
 
 
 class _Line(Dataset):
@@ -22,7 +22,7 @@ def _squared_error(model, batch, generator):
     return (model(batch["x"]) - batch["y"]).pow(2).mean()
 
 
-def _train_line(work_dir, model_path, workers):
+def _train_line(*, work_dir, model_path, workers):
     """Train a linear model; every worker runs this, the main one writes the model."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
@@ -34,8 +34,8 @@ def _train_line(work_dir, model_path, workers):
 
 @pytest.mark.slow  # starts two training processes that talk over gloo
 def test_two_workers_reach_the_weights_of_one_process(tmp_path):
-    distributed.run(_train_line, 1, tmp_path / "one", tmp_path / "one.pt", 1)
-    distributed.run(_train_line, 2, tmp_path / "two", tmp_path / "two.pt", 2)
+    distributed.run(_train_line, 1, work_dir=tmp_path / "one", model_path=tmp_path / "one.pt", workers=1)
+    distributed.run(_train_line, 2, work_dir=tmp_path / "two", model_path=tmp_path / "two.pt", workers=2)
     single, _ = load_model(tmp_path / "one.pt")
     parallel, _ = load_model(tmp_path / "two.pt")
     for name in single:

@@ -1,5 +1,6 @@
 """Evaluation: metric definitions, baselines, the segmenters, per-pair forecasts and the stage's outputs."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,11 +9,12 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import make_workdir, planned_jobs, snakemake
-from noduleflow.datasets import NodulePairs
+from conftest import config_settings, forecast_config, make_workdir, planned_jobs, run_settings, snakemake
+from noduleflow.cache.datasets import NodulePairs
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import HalfMaximumSegmenter, LearnedSegmenter, build_segmenter
 from noduleflow.evaluation import metrics
 from noduleflow.evaluation.forecast import (
-    ForecastSettings,
     dice,
     evaluate_run,
     forecast_size,
@@ -20,10 +22,13 @@ from noduleflow.evaluation.forecast import (
     image_scores,
     union_box,
 )
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter, LearnedSegmenter, build_segmenter
+from noduleflow.hu import to_unit_range
 from noduleflow.models.flow import VelocityNet
-from noduleflow.patches import PatchSettings, to_unit_range
-from noduleflow.training import save_model
+from noduleflow.models.training import save_model
+
+SEGMENTER = config_settings(HalfMaximumSegmenter, "segmentation")
+SUMMARY = config_settings(metrics.SummarySettings, "evaluation", seed=0)
+PATCH = config_settings(PatchSettings, "patch", spacing_mm=(0.7, 0.7, 2.5), size=(128, 128, 32))
 
 
 def test_relative_error_is_symmetric_bounded_and_defined_at_zero():
@@ -67,7 +72,7 @@ def _values(summary: pd.DataFrame, method: str) -> dict[str, float]:
 
 def test_baselines_and_summaries_reproduce_a_hand_built_table():
     pairs = metrics.with_baselines(_hand_table(), annual_rate=1.2)
-    summary = metrics.summarise(pairs, "run", metrics.SummarySettings(bootstrap=200, seed=3))
+    summary = metrics.summarise(pairs, "run", dataclasses.replace(SUMMARY, bootstrap=200, seed=3))
     model, copy, growth = (_values(summary, m) for m in ("run", metrics.COPY_PRIOR, metrics.MEDIAN_GROWTH))
     assert model["mae"] == pytest.approx((10 + 20 + 10) / 3)
     assert model["median_ae"] == pytest.approx(10.0)
@@ -86,7 +91,7 @@ def test_baselines_and_summaries_reproduce_a_hand_built_table():
     assert model["direction_accuracy_minus_copy_prior"] == pytest.approx(2 / 3)
     rows = summary.dropna(subset=["ci_low"])
     assert ((rows["ci_low"] <= rows["value"] + 1e-9) & (rows["value"] <= rows["ci_high"] + 1e-9)).all()
-    again = metrics.summarise(pairs, "run", metrics.SummarySettings(bootstrap=200, seed=3))
+    again = metrics.summarise(pairs, "run", dataclasses.replace(SUMMARY, bootstrap=200, seed=3))
     pd.testing.assert_frame_equal(summary, again)
 
 
@@ -99,7 +104,7 @@ def _two_forecasts(run_errors: np.ndarray, baseline_errors: np.ndarray) -> tuple
 
 
 def test_the_paired_bootstrap_has_the_known_answer_on_a_hand_made_table():
-    settings = metrics.SummarySettings(bootstrap=300, seed=1)
+    settings = dataclasses.replace(SUMMARY, bootstrap=300, seed=1)
     size = metrics.SIZE_METRICS
     errors = np.array([100.0, 10.0, -150.0, 80.0, 200.0, -20.0, 240.0, 60.0])  # all within the stable band
     run, baseline = _two_forecasts(np.sign(errors) * (np.abs(errors) - 5.0), errors)  # every pair 5 closer
@@ -116,7 +121,7 @@ def test_a_small_paired_difference_is_resolved_where_the_two_intervals_overlap()
     rng = np.random.default_rng(0)
     errors = rng.uniform(0.0, 1000.0, 60)
     run, baseline = _two_forecasts(errors * 0.95, errors)  # 5 % better on every pair
-    settings = metrics.SummarySettings(bootstrap=500, seed=2)
+    settings = dataclasses.replace(SUMMARY, bootstrap=500, seed=2)
     mae = metrics.SIZE_METRICS["mae"]
     _, run_low, run_high = metrics.bootstrap(run, mae, settings)
     _, base_low, base_high = metrics.bootstrap(baseline, mae, settings)
@@ -164,7 +169,7 @@ def test_the_kind_growth_reference_scales_each_prior_by_its_kinds_rate():
     # ground glass has no rate of its own: the overall 1.2 per year, over two years
     assert kind["predicted_size"].tolist() == pytest.approx([220.0, 200.0, 50 * 1.44])
     assert kind["dice"].isna().all()
-    summary = _values(metrics.summarise(pairs, "run", metrics.SummarySettings(bootstrap=0)), metrics.KIND_GROWTH)
+    summary = _values(metrics.summarise(pairs, "run", dataclasses.replace(SUMMARY, bootstrap=0)), metrics.KIND_GROWTH)
     assert summary["mae"] == pytest.approx((70 + 0 + 52) / 3)
     assert summary["direction_accuracy"] == pytest.approx(2 / 3)  # growth and stable right; 1.44x is no shrink
     assert metrics.KIND_GROWTH not in set(metrics.with_baselines(_hand_table(), 1.2, {"solid": 2.0})["method"])
@@ -232,27 +237,27 @@ def _tight_box(patch_hu: np.ndarray) -> list[int]:
 ])
 def test_forecast_size_measures_larger_smaller_and_shifted_forecasts_within_15_percent(prior_mm, forecast_mm, shift,
                                                                                       hu):
-    patch = PatchSettings(spacing_mm=(0.7, 0.7, 2.5), size=(48, 48, 12))
+    patch = dataclasses.replace(PATCH, size=(48, 48, 12))
     prior_box = _tight_box(_sphere_patch(prior_mm, size=patch.size))
     forecast = to_unit_range(_sphere_patch(forecast_mm, size=patch.size, hu=hu, shift=shift, noise_hu=15.0),
                              patch.hu_window)
-    size = forecast_size(forecast, prior_box, 365.0, patch, HalfMaximumSegmenter(), ForecastSettings())
+    size = forecast_size(forecast, prior_box, 365.0, patch, SEGMENTER, forecast_config())
     assert size == pytest.approx(4 / 3 * np.pi * forecast_mm ** 3, rel=0.15)
 
 
 def test_forecast_size_only_looks_as_far_as_the_interval_allows():
-    patch = PatchSettings(spacing_mm=(0.7, 0.7, 2.5), size=(48, 48, 12))
+    patch = dataclasses.replace(PATCH, size=(48, 48, 12))
     prior_box = _tight_box(_sphere_patch(2.0, size=patch.size))
     far = to_unit_range(_sphere_patch(3.0, size=patch.size, shift=(16, 0, 0)), patch.hu_window)  # 11 mm away
-    quick, slow = ForecastSettings(shift_mm=2.0, fastest_doubling_days=30.0), ForecastSettings(shift_mm=2.0)
-    assert forecast_size(far, prior_box, 30.0, patch, HalfMaximumSegmenter(), slow) == 0.0  # out of reach: gone
-    assert forecast_size(far, prior_box, 365.0, patch, HalfMaximumSegmenter(), quick) > 0.0
-    region = growth_region(prior_box, 0.0, patch.spacing_mm, (12, 48, 48), ForecastSettings(shift_mm=1.4))
+    quick, slow = forecast_config(shift_mm=2.0, fastest_doubling_days=30.0), forecast_config(shift_mm=2.0)
+    assert forecast_size(far, prior_box, 30.0, patch, SEGMENTER, slow) == 0.0  # out of reach: gone
+    assert forecast_size(far, prior_box, 365.0, patch, SEGMENTER, quick) > 0.0
+    region = growth_region(prior_box, 0.0, patch.spacing_mm, (12, 48, 48), forecast_config(shift_mm=1.4))
     assert [(s.start, s.stop) for s in region] == [(prior_box[4] - 1, prior_box[5] + 2),
                                                    (prior_box[0] - 2, prior_box[1] + 3),
                                                    (prior_box[2] - 2, prior_box[3] + 3)]
     empty = to_unit_range(_sphere_patch(0.0, size=patch.size, noise_hu=15.0), patch.hu_window)
-    assert forecast_size(empty, prior_box, 365.0, patch, HalfMaximumSegmenter(), ForecastSettings()) == 0.0
+    assert forecast_size(empty, prior_box, 365.0, patch, SEGMENTER, forecast_config()) == 0.0
 
 
 class _Threshold(torch.nn.Module):
@@ -301,15 +306,15 @@ def _untrained_run(tmp_path, run):
     hparams = {"spatial_dims": 3, "data_channels": 1, "prior_channels": 0 if run["formulation"] == "bridge" else 1,
                "interval_dim": 8, "channels": [8, 8], "attention_levels": [False, True], "num_res_blocks": 1,
                "num_head_channels": 8, "norm_num_groups": 4}
-    save_model(tmp_path / "model.pt", VelocityNet(hparams), {**hparams, "run": run})
+    save_model(tmp_path / "model.pt", VelocityNet(hparams), {**hparams, "run": run_settings(**run).record()})
     return raw
 
 
 def test_an_untrained_bridge_run_copies_the_prior_and_sizes_match_the_spheres(tmp_path):
     """MONAI zero-initialises the velocity net's output, so an untrained bridge flow returns its start: the prior."""
     raw = _untrained_run(tmp_path, {"space": "raw", "formulation": "bridge", "interval": True})
-    result = evaluate_run(tmp_path / "model.pt", raw, raw, None, PatchSettings(spacing_mm=(0.7, 0.7, 2.5)),
-                          HalfMaximumSegmenter(), ForecastSettings(steps=2, examples=1), "untrained")
+    result = evaluate_run(model_path=tmp_path / "model.pt", raw=raw, model_data=raw, decode=None, patch=PATCH,
+                          segmenter=SEGMENTER, settings=forecast_config(steps=2, examples=1), run_name="untrained")
     table = result.table
     assert set(table["method"]) == {"untrained", metrics.COPY_PRIOR} and len(table) == 4
     for method in ("untrained", metrics.COPY_PRIOR):
@@ -332,8 +337,9 @@ def test_a_noisy_prior_run_draws_seeded_samples_around_the_prior(tmp_path):
                                     "interval": True})
 
     def evaluate():
-        return evaluate_run(tmp_path / "model.pt", raw, raw, None, PatchSettings(spacing_mm=(0.7, 0.7, 2.5)),
-                            HalfMaximumSegmenter(), ForecastSettings(samples=2, steps=2, examples=0), "noisy").table
+        return evaluate_run(model_path=tmp_path / "model.pt", raw=raw, model_data=raw, decode=None, patch=PATCH,
+                            segmenter=SEGMENTER, settings=forecast_config(samples=2, steps=2, examples=0),
+                            run_name="noisy").table
 
     table = evaluate()
     forecasts = table[table["method"] == "noisy"].set_index("pair")
@@ -352,7 +358,7 @@ def test_the_evaluation_stage_writes_numbers_summaries_a_ranking_and_a_report(de
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["val"]  # the test split stays untouched
     runs = sorted(p.name for p in (folder / "val").iterdir() if p.is_dir())
     assert runs == ["latent3d_noise", "raw3d_bridge", "slices2d_bridge"]
-    val_pairs = pd.read_parquet(demo_run / "results" / "metadata" / "val" / "paired_nodules.parquet")
+    val_pairs = pd.read_parquet(demo_run / "results" / "registration" / "val" / "paired_nodules.parquet")
     for run in runs:
         pairs = pd.read_csv(folder / "val" / run / "pairs.csv")
         assert len(pairs) > 0 and pd.api.types.is_float_dtype(pairs["predicted_size"])

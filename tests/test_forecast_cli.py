@@ -1,4 +1,5 @@
-"""Forecasting a new patient (noduleflow.predict, `noduleflow forecast`): round trip against evaluate_run, the
+"""Forecasting a new patient (noduleflow.evaluation.predict, `noduleflow forecast`): round trip against evaluate_run,
+the
 output's place in the exam's space, DICOM input, portable model files and every kind of bad input."""
 
 from __future__ import annotations
@@ -12,17 +13,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_workdir, snakemake, write_dicom_series
-from noduleflow.boxes import boxes_in_registered_space
+from conftest import REPO, config_settings, forecast_config, make_workdir, run_settings, snakemake, write_dicom_series
+from noduleflow.cache.datasets import NodulePairs
+from noduleflow.cache.patches import PatchSettings, cache_shard
+from noduleflow.cache.segmenter import HalfMaximumSegmenter
 from noduleflow.cli import main
-from noduleflow.datasets import NodulePairs
-from noduleflow.evaluation.forecast import ForecastSettings, evaluate_run
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
-from noduleflow.imaging import Geometry, geometry_columns, write_nifti
-from noduleflow.models.flow import VelocityNet
-from noduleflow.models.tasks import patch_geometry
-from noduleflow.patches import PatchSettings, cache_shard, to_hu
-from noduleflow.predict import (
+from noduleflow.evaluation.forecast import evaluate_run
+from noduleflow.evaluation.predict import (
     ForecastInputError,
     ForecastJob,
     NoduleRequest,
@@ -33,15 +30,27 @@ from noduleflow.predict import (
     sample_forecasts,
     voxel_box,
 )
-from noduleflow.training import ModelFileError, read_model, save_model
+from noduleflow.hu import to_hu
+from noduleflow.imaging import Geometry, geometry_columns, write_nifti
+from noduleflow.models.flow import VelocityNet
+from noduleflow.models.tasks import patch_geometry
+from noduleflow.models.training import ModelFileError, read_model, save_model
+from noduleflow.registration.boxes import boxes_in_registered_space
+from noduleflow.settings import from_config
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 EXAM = Geometry((56, 48, 24), (0.75, 0.75, 1.5), (-20.0, 10.0, -100.0), IDENTITY)
 CENTRE_XYZ = np.array([27.0, 22.0, 11.0])  # the sphere's centre in exam voxels (x, y, z)
 PATCH = {"spacing_mm": [0.9, 0.9, 2.5], "size": [16, 16, 8], "hu_window": [-2000.0, 500.0], "dtype": "float32"}
+SEGMENTER = config_settings(HalfMaximumSegmenter, "segmentation")
 BOX = (19, 25, 24, 30, 9, 13)  # i0 i1 j0 j1 k0 k1 around the sphere (radius 3 mm)
 HPARAMS = {"spatial_dims": 3, "data_channels": 1, "interval_dim": 8, "channels": [8, 8],
            "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 4}
+
+
+def _geometry(patch: dict) -> dict:
+    """What a model file records of a `patch` config section."""
+    return patch_geometry(from_config(PatchSettings, patch))
 
 
 def sphere_exam(radius_mm: float = 3.0) -> np.ndarray:
@@ -63,15 +72,15 @@ def save_run(path, run, seed=7, perturb=True, patch=PATCH) -> None:
             for parameter in net.parameters():
                 parameter.add_(0.05 * torch.randn_like(parameter))
     save_model(path, net, {**hparams, "run": run},
-               meta={"patch": patch_geometry(patch), "sampler": {"method": "heun", "steps": 2}, "seed": seed})
+               meta={"patch": _geometry(patch), "sampler": {"method": "heun", "steps": 2}, "seed": seed})
 
 
-NOISY = {"space": "raw", "formulation": "noisy_prior", "start_noise": 0.5, "interval": True}
-BRIDGE = {"space": "raw", "formulation": "bridge", "interval": True}
+NOISY = run_settings(space="raw", formulation="noisy_prior", start_noise=0.5, interval=True).record()
+BRIDGE = run_settings(space="raw", formulation="bridge", interval=True).record()
 
 
 def job(samples=2, seed=7) -> ForecastJob:
-    return ForecastJob(samples, ForecastSettings(samples=samples, steps=2, seed=seed), HalfMaximumSegmenter())
+    return ForecastJob(samples, forecast_config(samples=samples, steps=2, seed=seed), SEGMENTER)
 
 
 def one_pair_cache(tmp_path, prior_path, follow_up_path) -> NodulePairs:
@@ -86,8 +95,9 @@ def one_pair_cache(tmp_path, prior_path, follow_up_path) -> NodulePairs:
     tracking = pd.DataFrame([{"pid": "p0", "nodule_group": 1, "exam": exam_id, "exam_idx": idx, "coords": list(BOX),
                               **centre} for idx, exam_id in enumerate(("e0", "e1"))])
     nodules = boxes_in_registered_space(exams, tracking, PATCH["spacing_mm"])
-    index, skipped = cache_shard(exams, nodules, "test", 0, PatchSettings.from_mapping(PATCH), tmp_path / "000.npy",
-                                 tmp_path / "000_slices.npy")
+    index, skipped = cache_shard(exams=exams, nodules=nodules, split="test", shard=0,
+                                 settings=from_config(PatchSettings, PATCH), patch_file=tmp_path / "000.npy",
+                                 slice_file=tmp_path / "000_slices.npy")
     assert skipped.empty
     index.to_parquet(tmp_path / "index.parquet")
     pairs = pd.DataFrame({"pid": ["p0"], "nodule_group": [1], "exam_a": ["e0"], "exam_idx_a": [0],
@@ -101,9 +111,10 @@ def test_a_test_pair_forecast_from_its_prior_exam_equals_its_evaluation_forecast
     write_nifti(sphere_exam(4.0), EXAM, follow_up_path)
     save_run(tmp_path / "model.pt", NOISY)
     raw = one_pair_cache(tmp_path, prior_path, follow_up_path)
-    settings = ForecastSettings(samples=2, steps=2, examples=1, seed=7)
-    evaluation = evaluate_run(tmp_path / "model.pt", raw, raw, None, PatchSettings.from_mapping(PATCH),
-                              HalfMaximumSegmenter(), settings, "noisy")
+    settings = forecast_config(samples=2, steps=2, examples=1, seed=7)
+    evaluation = evaluate_run(model_path=tmp_path / "model.pt", raw=raw, model_data=raw, decode=None,
+                              patch=from_config(PatchSettings, PATCH), segmenter=SEGMENTER, settings=settings,
+                              run_name="noisy")
 
     run = load_portable_run(tmp_path / "model.pt")
     request = NoduleRequest("n1", str(prior_path), (400.0,), box=BOX)
@@ -259,10 +270,10 @@ def test_a_latent_run_carries_its_vae_and_a_slice_run_forecasts_one_slice(tmp_pa
     vae_hparams = {"spatial_dims": 3, "channels": [4, 4], "latent_channels": 2, "num_res_blocks": 1,
                    "norm_num_groups": 2}
     torch.manual_seed(0)
-    save_model(tmp_path / "vae.pt", build_vae(vae_hparams), vae_hparams, meta={"patch": patch_geometry(PATCH)})
+    save_model(tmp_path / "vae.pt", build_vae(vae_hparams), vae_hparams, meta={"patch": _geometry(PATCH)})
     run = {**NOISY, "space": "latent"}
     hparams = {**HPARAMS, "data_channels": 2, "prior_channels": 2}
-    meta = {"patch": patch_geometry(PATCH), "sampler": {"method": "euler", "steps": 2}, "seed": 3}
+    meta = {"patch": _geometry(PATCH), "sampler": {"method": "euler", "steps": 2}, "seed": 3}
     save_model(tmp_path / "latent.pt", VelocityNet(hparams), {**hparams, "run": run}, meta=meta,
                vae=read_model(tmp_path / "vae.pt"))
     portable = load_portable_run(tmp_path / "latent.pt")
@@ -272,7 +283,7 @@ def test_a_latent_run_carries_its_vae_and_a_slice_run_forecasts_one_slice(tmp_pa
     assert nib.load(table.at[0, "samples_file"]).shape == (16, 16, 8, 2) and table.at[0, "error"] == ""
 
     other = {**PATCH, "size": [32, 32, 8]}
-    save_model(tmp_path / "vae32.pt", build_vae(vae_hparams), vae_hparams, meta={"patch": patch_geometry(other)})
+    save_model(tmp_path / "vae32.pt", build_vae(vae_hparams), vae_hparams, meta={"patch": _geometry(other)})
     save_model(tmp_path / "mixed.pt", VelocityNet(hparams), {**hparams, "run": run}, meta=meta,
                vae=read_model(tmp_path / "vae32.pt"))
     with pytest.raises(ModelFileError, match=r"VAE size \[32, 32, 8\], run \[16, 16, 8\]"):

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import manifest_row, write_dicom_series, write_volume
-from noduleflow.dicom import DicomSeriesError, read_series
 from noduleflow.imaging import ImageHeaderError, read_geometry
 from noduleflow.limits import MAX_PIXEL_MM, MAX_POSITION_MM, MAX_SLICE_MM, MAX_VOXELS_PER_AXIS
-from noduleflow.manifest import build_exam_series
+from noduleflow.metadata.dicom import DicomSeriesError, read_series
+from noduleflow.metadata.manifest import build_exam_series
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 

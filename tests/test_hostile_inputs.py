@@ -17,16 +17,16 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, lesion, make_manifest, manifest_row, write_dicom_series, write_volume
+from conftest import REPO, config_settings, lesion, make_manifest, manifest_row, write_dicom_series, write_volume
 from noduleflow.config_checks import ConfigError, check_config, config_problems
-from noduleflow.dicom import convert_manifest
 from noduleflow.ids import is_safe_id
 from noduleflow.imaging import ImageHeaderError, read_geometry
 from noduleflow.io import InputLimitError, load_json, load_plain_pickle
-from noduleflow.manifest import ManifestError, build_exam_series
-from noduleflow.nlst import NlstError, nlst_manifest
-from noduleflow.nodules import TrackingFileError, build_tracking_table, load_tracking
-from noduleflow.tables import SeriesFilter
+from noduleflow.metadata.dicom import convert_manifest
+from noduleflow.metadata.manifest import ManifestError, build_exam_series
+from noduleflow.metadata.nlst import NlstError, nlst_manifest
+from noduleflow.metadata.nodules import TrackingFileError, build_tracking_table, load_tracking
+from noduleflow.metadata.tables import SeriesFilter
 
 GOOD_ROWS = [manifest_row("100001", 0, "a"), manifest_row("100001", 1, "a"), manifest_row("100002", 0, "a")]
 
@@ -377,9 +377,9 @@ NLST_CASES = [
 def test_bad_nlst_entry_is_reported_and_the_good_patients_are_kept(tmp_path, patient, words):
     good = [_nlst_patient("100001"), _nlst_patient("100002")]
     (tmp_path / "clean.json").write_text(json.dumps(good))
-    clean, _, clean_problems = nlst_manifest(tmp_path / "clean.json", SeriesFilter())
+    clean, _, clean_problems = nlst_manifest(tmp_path / "clean.json", config_settings(SeriesFilter, "series_filter"))
     (tmp_path / "bad.json").write_text(json.dumps([good[0], patient, good[1]]))
-    manifest, counts, problems = nlst_manifest(tmp_path / "bad.json", SeriesFilter())
+    manifest, counts, problems = nlst_manifest(tmp_path / "bad.json", config_settings(SeriesFilter, "series_filter"))
     pd.testing.assert_frame_equal(manifest, clean)
     assert clean_problems.problems == [] and len(problems.problems) == 1
     assert words in problems.problems[0].reason, problems.problems
@@ -388,7 +388,7 @@ def test_bad_nlst_entry_is_reported_and_the_good_patients_are_kept(tmp_path, pat
 
 def test_nlst_pid_as_number_and_text_rejects_both_rows(tmp_path):
     (tmp_path / "n.json").write_text(json.dumps([_nlst_patient(7), _nlst_patient("7"), _nlst_patient("8")]))
-    manifest, _, problems = nlst_manifest(tmp_path / "n.json", SeriesFilter())
+    manifest, _, problems = nlst_manifest(tmp_path / "n.json", config_settings(SeriesFilter, "series_filter"))
     assert manifest["pid"].tolist() == ["8"] and len(problems.problems) == 2
 
 
@@ -403,7 +403,7 @@ def test_nlst_pid_as_number_and_text_rejects_both_rows(tmp_path):
 def test_unusable_nlst_json_fails_naming_the_file(tmp_path, content, words):
     (tmp_path / "nlst.json").write_text(content)
     with pytest.raises(NlstError, match=words) as error:
-        nlst_manifest(tmp_path / "nlst.json", SeriesFilter())
+        nlst_manifest(tmp_path / "nlst.json", config_settings(SeriesFilter, "series_filter"))
     assert "nlst.json" in str(error.value)
 
 
@@ -593,13 +593,16 @@ def test_bad_items_leave_every_good_output_of_the_metadata_stage_byte_identical(
 
 
 def test_a_split_with_no_patients_gives_empty_tables_with_their_columns(tmp_path):
-    from noduleflow.tables import nodule_pairs, split_tables
+    from noduleflow.metadata.tables import nodule_pairs, split_tables
 
     series = _clean_series(tmp_path)
     tracking, _ = build_tracking_table({"100001": {1: {0: lesion("1000010a"), 1: lesion("1000011a")}}}, series)
     fractions = {"train": 1.0, "val": 0.0, "test": 0.0}
-    full, _ = split_tables(series, tracking, "train", 0, fractions, 2, SeriesFilter(min_slices=5))
-    empty, problems = split_tables(series, tracking, "val", 0, fractions, 1, SeriesFilter(min_slices=5))
+    series_filter = config_settings(SeriesFilter, "series_filter", min_slices=5)
+    full, _ = split_tables(series=series, nodules=tracking, split="train", seed=0, fractions=fractions, n_shards=2,
+                           series_filter=series_filter)
+    empty, problems = split_tables(series=series, nodules=tracking, split="val", seed=0, fractions=fractions,
+                                   n_shards=1, series_filter=series_filter)
     assert problems.problems == []
     for name, table in empty.items():
         assert table.empty and list(table.columns) == list(full[name].columns), name

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import lesion, make_manifest, manifest_row
-from noduleflow.manifest import ManifestError, build_exam_series, exam_to_nifti
-from noduleflow.nodules import TrackingFileError, build_tracking_table, load_tracking, tracking_from_table
+from noduleflow.metadata.manifest import ManifestError, build_exam_series, exam_to_nifti
+from noduleflow.metadata.nodules import TrackingFileError, build_tracking_table, load_tracking, tracking_from_table
 
 
 def _reasons(problems) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Models: flow matching, samplers, box weights, the interval embedding, the VAE, and the trained demo models."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -13,17 +14,17 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, planned_jobs, reconstruction_errors, snakemake
-from noduleflow.datasets import NodulePatches
+from conftest import REPO, planned_jobs, reconstruction_errors, run_settings, snakemake
+from noduleflow.cache.datasets import NodulePatches
 from noduleflow.models.flow import VelocityNet, box_weights, flow_matching_loss, flow_start, sample
 from noduleflow.models.tasks import load_vae, paired_loss, random_flips, run_hparams
+from noduleflow.models.training import TrainSettings, load_model, train
 from noduleflow.models.vae import build_vae, vae_loss
-from noduleflow.training import TrainSettings, load_model, train
 
 NET = {"channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
        "norm_num_groups": 4}
-RUN = {"space": "raw", "formulation": "bridge", "interval": True, "interval_dim": 16, "box_weight": 10.0,
-       "box_margin": [2, 2, 1], "pretrained": None, "net": NET, "sigma": 0.0}
+RUN = run_settings(space="raw", formulation="bridge", interval=True, interval_dim=16, box_weight=10.0,
+                   box_margin=[2, 2, 1], pretrained=None, net=NET, sigma=0.0)
 
 
 class _Rotation(torch.nn.Module):
@@ -91,7 +92,7 @@ def _pairs(count=6, seed=0):
 @pytest.mark.slow  # trains three small paired runs (about 15-30 s each)
 @pytest.mark.parametrize("formulation", ["bridge", "noise", "noisy_prior"])
 def test_the_interval_embedding_is_trained(tmp_path, formulation):
-    run = {**RUN, "formulation": formulation}
+    run = dataclasses.replace(RUN, formulation=formulation)
     net = VelocityNet(run_hparams(run, 1))
     before = {k: v.clone() for k, v in net.interval.state_dict().items()}
     settings = TrainSettings(steps=3, batch_size=2, lr=1e-3, ema_decay=0.0, checkpoint_every=3, log_every=3)

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import lesion, make_workdir, snakemake, write_dicom_series
+from conftest import config_settings, lesion, make_workdir, snakemake, write_dicom_series
 from noduleflow.ids import nlst_exam_id
-from noduleflow.nlst import FILTERS, NlstError, nlst_manifest
-from noduleflow.tables import SeriesFilter
+from noduleflow.metadata.nlst import FILTERS, NlstError, nlst_manifest
+from noduleflow.metadata.tables import SeriesFilter
 
 
 def _series(folder: str, n: int, thickness, imageclass: int = 1, imagetype: str = "ORIGINAL|PRIMARY|AXIAL") -> dict:
@@ -50,7 +50,7 @@ COHORT = [
 
 def test_nlst_json_becomes_a_manifest_with_a_count_per_filter(tmp_path):
     (tmp_path / "nlst.json").write_text(json.dumps(COHORT))
-    manifest, counts, problems = nlst_manifest(tmp_path / "nlst.json", SeriesFilter(2.5, 50))
+    manifest, counts, problems = nlst_manifest(tmp_path / "nlst.json", config_settings(SeriesFilter, "series_filter"))
     assert manifest.to_dict("records") == [
         {"pid": "100001", "exam_id": nlst_exam_id("100001", 0, "1.2.10.11111.22222"), "screen_timepoint": 0,
          "days_since_baseline": 0.0, "series_uid": "1.2.10.11111.22222", "slice_thickness": 1.25,
@@ -69,7 +69,7 @@ def test_nlst_json_becomes_a_manifest_with_a_count_per_filter(tmp_path):
 def test_nlst_json_that_is_not_a_list_of_patients_fails_at_once(tmp_path):
     (tmp_path / "nlst.json").write_text(json.dumps({"pid": "1"}))
     with pytest.raises(NlstError, match="expected a list of patient rows"):
-        nlst_manifest(tmp_path / "nlst.json", SeriesFilter())
+        nlst_manifest(tmp_path / "nlst.json", config_settings(SeriesFilter, "series_filter"))
 
 
 @pytest.mark.slow

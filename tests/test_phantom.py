@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from noduleflow.phantom import ChestAnatomy, lung_depth_mm, render_anatomy, sample_anatomy
+from noduleflow.metadata.phantom import ChestAnatomy, lung_depth_mm, render_anatomy, sample_anatomy
 
 FOV = (300.0, 240.0, 140.0)
 SMALL_FOV = (220.0, 180.0, 120.0)

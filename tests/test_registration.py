@@ -10,13 +10,15 @@ import SimpleITK as sitk
 import torch
 
 from conftest import kill_after_first_job, make_workdir, planned_jobs, snakemake
-from noduleflow.boxes import map_box, registered_grid
 from noduleflow.ids import shard_name, shard_of
 from noduleflow.imaging import Geometry, homogeneous, read_image, write_nifti
 from noduleflow.io import load_plain_pickle
-from noduleflow.phantom import render_anatomy, sample_anatomy
+from noduleflow.metadata.phantom import render_anatomy, sample_anatomy
+from noduleflow.metadata.synthetic import CohortConfig, Deformation, exam_pair, truth_map_points, truth_transform
+from noduleflow.metadata.tables import computed_split
 from noduleflow.plan import find_precomputed_transforms, shard_plan
-from noduleflow.registration import (
+from noduleflow.registration.boxes import map_box, registered_grid
+from noduleflow.registration.rigid import (
     QualityThresholds,
     RegistrationSettings,
     matrix_to_transform,
@@ -24,8 +26,6 @@ from noduleflow.registration import (
     register_exam,
     register_shard,
 )
-from noduleflow.synthetic import CohortConfig, Deformation, exam_pair, truth_map_points, truth_transform
-from noduleflow.tables import computed_split
 
 SPLITS = ("train", "val", "test")
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -274,7 +274,7 @@ def test_a_damaged_precomputed_transform_fails_only_its_exam_naming_the_file(pha
 # --- the workflow on the small synthetic cohort -------------------------------------------------------------
 
 def _split_table(workdir, name):
-    return pd.concat([pd.read_parquet(workdir / "results" / "metadata" / s / f"{name}.parquet") for s in SPLITS])
+    return pd.concat([pd.read_parquet(workdir / "results" / "registration" / s / f"{name}.parquet") for s in SPLITS])
 
 
 @pytest.mark.slow
@@ -288,7 +288,7 @@ def test_every_follow_up_is_registered_within_1mm(demo_run):
         mean, worst = _lung_tre(fixed_path, _matrix(row), truth_transform(truth, row["fixed_exam_id"], row["exam_id"]))
         assert mean < 1.0 and worst < 2.0, (row["exam_id"], mean, worst)
     for split in SPLITS:
-        assert pd.read_csv(demo_run / "results/metadata" / split / "bad_exams.csv").empty
+        assert pd.read_csv(demo_run / "results/registration" / split / "bad_exams.csv").empty
 
 
 @pytest.mark.slow
@@ -320,7 +320,7 @@ def test_a_killed_run_resumes_to_the_same_gathered_table(demo_run, tmp_path):
     workdir = tmp_path / "killed"
     shutil.copytree(demo_run, workdir, symlinks=True)
     shutil.rmtree(workdir / "results" / "registration" / "train")
-    target = "results/metadata/train/exams_registered.parquet"
+    target = "results/registration/train/exams_registered.parquet"
     (workdir / target).unlink()
     kill_after_first_job(workdir, target, "register_shard")
     # finished = written and no longer marked incomplete (a shard killed between the two is rightly rerun)
@@ -367,7 +367,7 @@ def files_run(demo_run, tmp_path_factory):
 @pytest.mark.slow
 def test_a_swapped_or_corrupted_follow_up_is_flagged_with_a_reason(files_run):
     workdir = files_run["workdir"]
-    bad = pd.concat([pd.read_csv(workdir / "results/metadata" / s / "bad_exams.csv", dtype=str) for s in SPLITS])
+    bad = pd.concat([pd.read_csv(workdir / "results/registration" / s / "bad_exams.csv", dtype=str) for s in SPLITS])
     reasons = dict(zip(bad["exam_id"], bad["reason"], strict=True))
     assert set(reasons) == {files_run["swapped"], files_run["corrupted"]}
     assert "lung similarity" in reasons[files_run["swapped"]]
@@ -419,7 +419,7 @@ def test_reruns_touch_only_what_is_stale(files_run):
 @pytest.mark.slow
 def test_registered_niftis_line_up_with_their_baseline(demo_run):
     snakemake(demo_run, "--cores", "2", "registered_niftis")
-    written = load_plain_pickle(demo_run / "results/metadata/exam_to_nifti_transformed.pkl")
+    written = load_plain_pickle(demo_run / "results/registration/exam_to_nifti_transformed.pkl")
     registered = _split_table(demo_run, "exams_registered").set_index("exam_id")
     assert len(written) == 4
     for exam_id, path in written.items():

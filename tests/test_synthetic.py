@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from noduleflow.imaging import read_image
-from noduleflow.synthetic import CohortConfig, generate_cohort, truth_transform
+from noduleflow.metadata.synthetic import CohortConfig, generate_cohort, truth_transform
 
 CONFIG = CohortConfig(n_patients=3, seed=5, fov_mm=(220.0, 180.0, 130.0), pixel_spacing_mm=(0.75, 0.8))
 

@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import binary_erosion
 
-from noduleflow.phantom import boundary_distances_mm, lung_depth_mm, sample_anatomy
-from noduleflow.synthetic import (
+from noduleflow.metadata.phantom import boundary_distances_mm, lung_depth_mm, sample_anatomy
+from noduleflow.metadata.synthetic import (
     CohortConfig,
     Deformation,
     NoduleTrack,

@@ -3,8 +3,11 @@
 import numpy as np
 import pandas as pd
 
+from conftest import config_settings
+from noduleflow.metadata.tables import SeriesFilter, assign_splits, computed_split, split_tables
 from noduleflow.problems import ProblemLog
-from noduleflow.tables import SeriesFilter, assign_splits, computed_split, split_tables
+
+SERIES_FILTER = config_settings(SeriesFilter, "series_filter")
 
 FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 
@@ -65,7 +68,8 @@ def test_one_exam_per_timepoint_thinnest_first_and_consecutive_pairs():
     series.loc[series["exam_id"] == "1000011b", "num_slices"] = 100  # the tie-break prefers more slices first
     nodules = _nodules(["1000010thin", "1000010thick", "1000011a", "1000011b", "1000012x", "1000012y"])
     split = computed_split(pid, 42, FRACTIONS)
-    tables, problems = split_tables(series, nodules, split, 42, FRACTIONS, 4, SeriesFilter(2.5, 50))
+    tables, problems = split_tables(series=series, nodules=nodules, split=split, seed=42, fractions=FRACTIONS,
+                                    n_shards=4, series_filter=SERIES_FILTER)
     exams = tables["exams"]
     assert exams["exam_id"].tolist() == ["1000010thin", "1000011a", "1000012y"]
     assert exams["split"].unique().tolist() == [split]
@@ -86,10 +90,12 @@ def test_only_exams_with_nodules_are_kept_and_a_missing_timepoint_pairs_across_i
     series = _series(rows)
     split = computed_split("100001", 42, FRACTIONS)
     nodules = pd.DataFrame({"pid": "100001", "exam": ["e0", "e2"], "nodule_group": 1, "exam_idx": [0, 2]})
-    tables, _ = split_tables(series, nodules, split, 42, FRACTIONS, 2, SeriesFilter())
+    tables, _ = split_tables(series=series, nodules=nodules, split=split, seed=42, fractions=FRACTIONS, n_shards=2,
+                             series_filter=SERIES_FILTER)
     assert tables["exams"]["exam_id"].tolist() == ["e0", "e2"]
     pair = tables["paired_exams"].iloc[0]
     assert (pair["exam_id_a"], pair["exam_id_b"], pair["delta_days"]) == ("e0", "e2", 795.0)
     other = next(name for name in FRACTIONS if name != split)
-    empty, _ = split_tables(series, nodules, other, 42, FRACTIONS, 2, SeriesFilter())
+    empty, _ = split_tables(series=series, nodules=nodules, split=other, seed=42, fractions=FRACTIONS, n_shards=2,
+                            series_filter=SERIES_FILTER)
     assert all(table.empty for table in empty.values())

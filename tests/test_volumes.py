@@ -8,21 +8,24 @@ import pytest
 import torch
 import yaml
 
-from conftest import IDENTITY, reconstruction_errors, snakemake
-from noduleflow.datasets import VolumeCrops
+from conftest import IDENTITY, config_settings, reconstruction_errors, snakemake
+from noduleflow.cache.datasets import VolumeCrops
+from noduleflow.cache.patches import CacheError, PatchSettings
+from noduleflow.cache.volumes import centred_start, consolidate_volumes, crop_or_pad, exam_volume, volume_shard
 from noduleflow.determinism import fingerprints
+from noduleflow.hu import to_unit_range
 from noduleflow.imaging import Geometry, geometry_columns, homogeneous, read_image, write_nifti
 from noduleflow.io import write_array
+from noduleflow.models.settings import VaeSettings
 from noduleflow.models.tasks import load_vae, vae_datasets
-from noduleflow.patches import CacheError, PatchSettings, to_unit_range
-from noduleflow.volumes import centred_start, consolidate_volumes, crop_or_pad, exam_volume, volume_shard
+from noduleflow.settings import from_config
 
 SPLITS = ("train", "val", "test")
 WINDOW = (-2000.0, 500.0)
 # A 40 x 30 x 20 voxel exam at 1 x 1 x 2 mm; volumes at 2 x 2 x 4 mm (registered grid 20 x 15 x 10), cut to
 # 16 x 20 x 10: x cropped by 4 (2 before), y padded by 5 (2 before, 3 after), z as it is.
 EXAM = Geometry((40, 30, 20), (1.0, 1.0, 2.0), (-10.0, -20.0, 30.0), IDENTITY)
-SETTINGS = PatchSettings(spacing_mm=(2.0, 2.0, 4.0), size=(16, 20, 10), hu_window=WINDOW)
+SETTINGS = config_settings(PatchSettings, "patch", spacing_mm=(2.0, 2.0, 4.0), size=(16, 20, 10), hu_window=WINDOW)
 
 
 def _exam_image(path, shift_x_voxels=0):
@@ -148,7 +151,7 @@ def test_the_volume_cache_holds_every_good_exam_at_the_configured_size(volumes_r
     config = _config(volumes_run)
     size_x, size_y, size_z = config["volumes"]["size"]
     for split in SPLITS:
-        exams = pd.read_parquet(volumes_run / "results" / "metadata" / split / "exams_registered.parquet")
+        exams = pd.read_parquet(volumes_run / "results" / "registration" / split / "exams_registered.parquet")
         index, arrays = _volumes(volumes_run, split)
         assert sorted(index["exam_id"]) == sorted(exams.loc[exams["qc_pass"], "exam_id"]), split
         for row in index.itertuples():
@@ -166,11 +169,11 @@ def test_registered_follow_up_volumes_line_up_with_their_baseline(volumes_run):
     follow-up beats itself shifted by 4 voxels and the follow-up without its transform (demo: 0.99-1.0 against
     0.86-0.90 and 0.42-0.87)."""
     config = _config(volumes_run)
-    settings = PatchSettings.from_mapping({**config["patch"], **config["volumes"]})
+    settings = from_config(PatchSettings, {**config["patch"], **config["volumes"]})
     follow_ups = 0
     for split in SPLITS:
         index, arrays = _volumes(volumes_run, split)
-        exams = pd.read_parquet(volumes_run / "results" / "metadata" / split / "exams_registered.parquet")
+        exams = pd.read_parquet(volumes_run / "results" / "registration" / split / "exams_registered.parquet")
         exams, rows = exams.set_index("exam_id"), index.set_index("exam_id")
         for exam_id, row in rows[~rows["is_fixed"]].iterrows():
             fixed = rows.loc[row["fixed_exam_id"]]
@@ -197,7 +200,7 @@ def _correlation(a, b):
 def test_the_volume_vae_reconstructs_val_crops_better_than_the_mean_crop(volumes_run):
     config = _config(volumes_run)
     folders = [volumes_run / "results" / "cache" / "volumes" / split for split in ("train", "val")]
-    _, val = vae_datasets(config["models"]["vae_volumes"], *folders, config["seed"])
+    _, val = vae_datasets(from_config(VaeSettings, config["models"]["vae_volumes"]), *folders, config["seed"])
     history = pd.read_csv(volumes_run / "results/models/vae_volumes/model.metrics.csv")
     assert history["val_loss"].notna().any() and history["loss"].tail(5).mean() < history["loss"].head(5).mean()
     vae = load_vae(volumes_run / "results/models/vae_volumes/model.pt")

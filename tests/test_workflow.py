@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, make_workdir, planned_jobs, snakemake
 from noduleflow.io import load_plain_pickle
-from noduleflow.nodules import tracking_from_table
+from noduleflow.metadata.nodules import tracking_from_table
 
 pytestmark = pytest.mark.slow
 SPLITS = ("train", "val", "test")

@@ -4,7 +4,7 @@
         --box 120 131 200 212 40 44 --days 365 730 --out forecast/
     noduleflow forecast --model model.pt --table nodules.csv --out forecast/
 
-Conventions (boxes, centres, world millimetres) are those of noduleflow.predict.
+Conventions (boxes, centres, world millimetres) are those of noduleflow.evaluation.predict.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from noduleflow.evaluation.forecast import ForecastSettings
-from noduleflow.evaluation.segmenter import HalfMaximumSegmenter
-from noduleflow.predict import (
+import yaml
+
+from noduleflow.cache.segmenter import build_segmenter
+from noduleflow.evaluation.forecast import forecast_settings
+from noduleflow.evaluation.predict import (
     ForecastInputError,
     ForecastJob,
     NoduleRequest,
@@ -25,9 +27,10 @@ from noduleflow.predict import (
     load_portable_run,
     read_requests,
 )
-from noduleflow.training import ModelFileError
+from noduleflow.models.training import ModelFileError
 
 log = logging.getLogger("noduleflow")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     forecast.add_argument("--samples", type=int, default=8, help="forecasts per nodule and interval (default 8)")
     forecast.add_argument("--seed", type=int, help="sampling seed (default: the run's, as its evaluation)")
     forecast.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
+    forecast.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                          help="workflow config whose `segmentation` and `evaluation` settings measure the forecasts "
+                               "(default: the repository's config/config.yaml)")
     return parser
 
 
@@ -68,10 +74,11 @@ def forecast(args: argparse.Namespace) -> int:
         name=args.name, image=args.image, days=tuple(args.days), box=None if args.box is None else tuple(args.box),
         centre=None if args.centre is None else tuple(args.centre), world=args.world, diameter_mm=args.diameter_mm,
         series_uid=args.series_uid)]
-    settings = ForecastSettings(sampler=run.sampler["method"], steps=args.steps or int(run.sampler["steps"]),
-                                seed=run.seed if args.seed is None else args.seed)
-    table = forecast_requests(run, requests, ForecastJob(args.samples, settings, HalfMaximumSegmenter()), args.out,
-                              Path(args.out) / "forecasts.csv")
+    config = yaml.safe_load(Path(args.config).read_text())
+    settings = forecast_settings(config["evaluation"], {**run.sampler, "steps": args.steps or run.sampler["steps"]},
+                                 run.seed if args.seed is None else args.seed)
+    job = ForecastJob(args.samples, settings, build_segmenter(config["segmentation"]))
+    table = forecast_requests(run, requests, job, args.out, Path(args.out) / "forecasts.csv")
     failed = table["error"].fillna("").ne("")
     log.info("%d forecast rows, %d nodule(s) failed; table: %s/forecasts.csv", int((~failed).sum()),
              int(failed.sum()), args.out)

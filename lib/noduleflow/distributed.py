@@ -3,7 +3,7 @@
 `run(fn, processes, *args)` calls `fn(*args)` directly for one process; for more it starts one worker per
 device through torch's elastic launcher (the machinery behind `torchrun`: rendezvous on this node, RANK /
 LOCAL_RANK / WORLD_SIZE in each worker's environment), joins them in a process group (NCCL on GPUs, Gloo on
-CPUs) and calls `fn(*args)` in each. Inside, `noduleflow.training.train` splits every step's batch between the
+CPUs) and calls `fn(*args)` in each. Inside, `noduleflow.models.training.train` splits every step's batch between the
 workers and averages their gradients, so each step sees the same batch as on one device; only the main worker
 writes checkpoints, metrics and models. A rule asking for more than one `gpu` resource runs its training this way.
 """
@@ -73,24 +73,24 @@ def mean_over_workers(value: torch.Tensor) -> torch.Tensor:
     return value / rank_and_size()[1]
 
 
-def _worker(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _worker(fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
     dist.init_process_group(backend)
     try:
-        fn(*args)
+        fn(**kwargs)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run(fn: Callable[..., Any], processes: int, *args: Any) -> None:
-    """`fn(*args)` in `processes` data-parallel workers on this node (directly when `processes` <= 1)."""
+def run(fn: Callable[..., Any], processes: int, **kwargs: Any) -> None:
+    """`fn(**kwargs)` in `processes` data-parallel workers on this node (directly when `processes` <= 1)."""
     if processes <= 1 or dist.is_initialized():
-        fn(*args)
+        fn(**kwargs)
         return
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
-    elastic_launch(config, _worker)(fn, args)
+    elastic_launch(config, _worker)(fn, kwargs)

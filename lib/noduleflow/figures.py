@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from noduleflow.hu import to_hu  # noqa: E402
 from noduleflow.io import atomic_path  # noqa: E402
 
 LUNG_WINDOW = (-1350.0, 150.0)  # HU shown from black to white
@@ -53,11 +54,10 @@ def forecast_montage(examples: Sequence[dict], hu_window: tuple[float, float], t
     columns = ("prior", "real", "generated")
     rows = max(len(examples), 1)
     figure, axes = plt.subplots(rows, 3, figsize=(7.5, 2.6 * rows), squeeze=False)
-    low, high = hu_window
     for row, example in zip(axes, examples, strict=False):
         i0, i1, j0, j1 = example["box"][:4]
         for axis, name in zip(row, columns, strict=True):
-            hu = (_central(example[name], example["box"]) + 1.0) / 2.0 * (high - low) + low
+            hu = to_hu(_central(example[name], example["box"]), hu_window)
             axis.imshow(hu, cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], interpolation="nearest")
             axis.add_patch(Rectangle((j0 - 0.5, i0 - 0.5), j1 - j0 + 1, i1 - i0 + 1, fill=False, color="tab:red"))
             axis.set_title(f"{name}\n{example['title']}" if name == "prior" else name, fontsize=8)
@@ -121,10 +121,9 @@ def reconstruction_examples(originals: np.ndarray, reconstructions: np.ndarray, 
     """Central axial slices of patches (N, Z, Y, X) in [-1, 1] and their VAE reconstructions, side by side."""
     count = max(len(originals), 1)
     figure, axes = plt.subplots(2, count, figsize=(2.4 * count, 5), squeeze=False)
-    low, high = hu_window
     for column, (original, reconstruction) in enumerate(zip(originals, reconstructions, strict=True)):
         for row, (name, image) in enumerate((("patch", original), ("VAE", reconstruction))):
-            hu = (image[image.shape[0] // 2] + 1.0) / 2.0 * (high - low) + low
+            hu = to_hu(image[image.shape[0] // 2], hu_window)
             axes[row, column].imshow(hu, cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1])
             axes[row, column].set_title(name, fontsize=8)
             axes[row, column].set_axis_off()

@@ -25,14 +25,10 @@ rule cache_shard:
 
 rule cache_index:
     input:
-        patches=lambda wildcards: expand(rules.cache_shard.output.patches, split=wildcards.split,
-                                         shard=shard_names(wildcards.split)),
-        slices=lambda wildcards: expand(rules.cache_shard.output.slices, split=wildcards.split,
-                                        shard=shard_names(wildcards.split)),
-        indexes=lambda wildcards: expand(rules.cache_shard.output.index, split=wildcards.split,
-                                         shard=shard_names(wildcards.split)),
-        skipped=lambda wildcards: expand(rules.cache_shard.output.skipped, split=wildcards.split,
-                                         shard=shard_names(wildcards.split)),
+        patches=per_shard(rules.cache_shard.output.patches),
+        slices=per_shard(rules.cache_shard.output.slices),
+        indexes=per_shard(rules.cache_shard.output.index),
+        skipped=per_shard(rules.cache_shard.output.skipped),
     output:
         index="results/cache/raw/{split}/index.parquet",
         skipped="results/cache/raw/{split}/skipped.csv",

@@ -72,7 +72,7 @@ def metadata_targets():
 def registration_targets():
     """Every default output of the registration stage (seed steps 5-12)."""
     per_split = ["exams_registered.parquet", "bad_exams.csv", "nodules_fixed_bboxes.parquet", "paired_nodules.parquet"]
-    return [f"results/metadata/{split}/{name}" for split in SPLITS for name in per_split]
+    return [f"results/registration/{split}/{name}" for split in SPLITS for name in per_split]
 
 
 def cache_targets():
@@ -89,6 +89,28 @@ def volume_settings():
 def shard_names(split):
     """All shard names of a split."""
     return [shard_name(shard) for shard in range(config["shards"][split])]
+
+
+def output_path(pattern, **wildcards):
+    """One path of an upstream rule's output `pattern` (e.g. rules.cache_index.output.index) for `wildcards`."""
+    (path,) = expand(pattern, **wildcards)
+    return path
+
+
+def per_shard(pattern):
+    """An input function: `pattern` (a per-shard output, e.g. rules.cache_shard.output.index) for every shard of the
+    job's split."""
+    return lambda wildcards: expand(pattern, split=wildcards.split, shard=shard_names(wildcards.split))
+
+
+def gpu_resources(**limits):
+    """The resources of a model job: its GPUs (`models.gpu`, the `gpu` resource of clusters), plus `limits`."""
+    return {"gpu": config["models"]["gpu"], **limits}
+
+
+def training_resources():
+    """The resources of a training job: its GPUs, 8 GB and 10 minutes (cluster defaults; raise for full sizes)."""
+    return gpu_resources(mem_mb=8000, runtime=600)
 
 
 @functools.cache
@@ -124,10 +146,10 @@ def forecast_targets():
 def model_targets():
     """Every trained model of the default config."""
     return [
-        "results/models/vae/model.pt",
-        *[f"results/models/pretrain_{dims}/model.pt" for dims in config["models"]["pretrain"]],
-        *[f"results/models/runs/{run}/model.pt" for run in config["models"]["runs"]],
-        *[f"results/cache/latent/{split}_small_boxes.parquet" for split in SPLITS],
+        rules.train_vae.output.model,
+        *expand(rules.fm_pretrain.output.model, dims=config["models"]["pretrain"]),
+        *expand(rules.fm_paired.output.model, run=config["models"]["runs"]),
+        *expand(rules.small_boxes_encoded.output[0], split=SPLITS),
     ]
 
 
@@ -158,14 +180,14 @@ def evaluation_targets():
 def space_folder(space, split):
     """The cache a model of this space reads: the raw cache (patches or slices) or the latent cache."""
     if space == "latent":
-        return f"results/cache/latent/{split}"
-    return f"results/cache/raw/{split}/index.parquet"
+        return output_path(rules.encode_latents.output[0], split=split)
+    return output_path(rules.cache_index.output.index, split=split)
 
 
 def pretrained_input(wildcards):
     """The pretrained model a paired run starts from, if it asks for one."""
     run = config["models"]["runs"][wildcards.run]
-    return f"results/models/pretrain_{run['pretrained']}/model.pt" if run.get("pretrained") else []
+    return output_path(rules.fm_pretrain.output.model, dims=run["pretrained"]) if run.get("pretrained") else []
 
 
 def run_space(wildcards):
@@ -178,13 +200,13 @@ def evaluation_inputs(wildcards):
     runs), the truth (synthetic cohort)."""
     space, split = run_space(wildcards), wildcards.split
     inputs = {
-        "model": f"results/models/runs/{wildcards.run}/model.pt",
-        "raw": f"results/cache/raw/{split}/index.parquet",
+        "model": output_path(rules.fm_paired.output.model, run=wildcards.run),
+        "raw": output_path(rules.cache_index.output.index, split=split),
         "data": space_folder(space, split),
-        "pairs": f"results/metadata/{split}/paired_nodules.parquet",
+        "pairs": output_path(rules.nodule_pairs.output[0], split=split),
     }
     if space == "latent":
-        inputs["vae"] = "results/models/vae/model.pt"
+        inputs["vae"] = rules.train_vae.output.model
     return inputs | synthetic_truth()
 
 

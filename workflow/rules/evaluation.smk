@@ -22,9 +22,7 @@ rule evaluate_run:
         seed=config["models"]["seed"],
     threads: config["models"]["threads"]
     resources:
-        gpu=config["models"]["gpu"],
-        mem_mb=8000,
-        runtime=120,
+        **gpu_resources(mem_mb=8000, runtime=120),
     log:
         "logs/evaluation/evaluate_run_{split}_{run}.log",
     benchmark:
@@ -37,8 +35,8 @@ rule evaluate_run:
 
 rule growth_rates:
     input:
-        raw="results/cache/raw/train/index.parquet",
-        pairs="results/metadata/train/paired_nodules.parquet",
+        raw=output_path(rules.cache_index.output.index, split="train"),
+        pairs=output_path(rules.nodule_pairs.output[0], split="train"),
         **synthetic_truth(),
     output:
         "results/evaluation/train_growth_rates.json",
@@ -101,7 +99,7 @@ rule evaluation_table:
 
 rule segmenter_accuracy:
     input:
-        boxes=expand("results/cache/raw/{split}/small_boxes.parquet", split=SPLITS),
+        boxes=expand(rules.small_boxes.output[0], split=SPLITS),
         truth=f"{SYNTHETIC}/truth/nodules.parquet",
     output:
         table=report("results/evaluation/segmenter_accuracy.csv", category="Segmenter",
@@ -123,7 +121,7 @@ rule segmenter_accuracy:
 rule vae_examples:
     input:
         model=rules.train_vae.output.model,
-        raw="results/cache/raw/val/index.parquet",
+        raw=output_path(rules.cache_index.output.index, split="val"),
     output:
         report("results/evaluation/vae_reconstructions.png", category="Training", caption="../report/vae.rst"),
     params:

@@ -1,10 +1,10 @@
 # Forecasts for new patients (not part of `all`): `snakemake forecast` forecasts every nodule of the table named
-# by `forecast.table` with the trained run `forecast.run` (noduleflow.predict; the same as `noduleflow forecast`).
+# by `forecast.table` with the trained run `forecast.run` (noduleflow.evaluation.predict; the same as `noduleflow forecast`).
 
 
 rule forecast_patients:
     input:
-        model="results/models/runs/{run}/model.pt",
+        model=rules.fm_paired.output.model,
         table=config["forecast"]["table"] or [],
     output:
         table="results/forecast/{run}/forecasts.csv",
@@ -18,8 +18,7 @@ rule forecast_patients:
         samples=config["forecast"]["samples"],
     threads: config["models"]["threads"]
     resources:
-        gpu=config["models"]["gpu"],
-        mem_mb=4000,
+        **gpu_resources(mem_mb=4000),
     log:
         "logs/forecast/forecast_patients_{run}.log",
     benchmark:

@@ -6,8 +6,8 @@
 
 rule train_vae:
     input:
-        train="results/cache/raw/train/index.parquet",
-        val="results/cache/raw/val/index.parquet",
+        train=output_path(rules.cache_index.output.index, split="train"),
+        val=output_path(rules.cache_index.output.index, split="val"),
     output:
         model=protected("results/models/vae/model.pt"),
         metrics="results/models/vae/model.metrics.csv",
@@ -20,9 +20,7 @@ rule train_vae:
     threads: config["models"]["threads"]
     priority: 10  # heads the longest chain (latents, 3D pretraining, the latent run, its evaluation): start it first
     resources:
-        gpu=config["models"]["gpu"],
-        mem_mb=8000,
-        runtime=600,
+        **training_resources(),
     log:
         "logs/models/train_vae.log",
     benchmark:
@@ -36,12 +34,12 @@ rule train_vae:
 rule encode_latents:
     input:
         model=rules.train_vae.output.model,
-        index="results/cache/raw/{split}/index.parquet",
+        index=rules.cache_index.output.index,
     output:
         directory("results/cache/latent/{split}"),
     threads: config["models"]["threads"]
     resources:
-        gpu=config["models"]["gpu"],
+        **gpu_resources(),
     log:
         "logs/models/encode_latents_{split}.log",
     benchmark:
@@ -70,9 +68,7 @@ rule fm_pretrain:
         seed=config["models"]["seed"],
     threads: config["models"]["threads"]
     resources:
-        gpu=config["models"]["gpu"],
-        mem_mb=8000,
-        runtime=600,
+        **training_resources(),
     log:
         "logs/models/fm_pretrain_{dims}.log",
     benchmark:
@@ -87,8 +83,8 @@ rule fm_paired:
     input:
         train=lambda wildcards: space_folder(config["models"]["runs"][wildcards.run]["space"], "train"),
         val=lambda wildcards: space_folder(config["models"]["runs"][wildcards.run]["space"], "val"),
-        train_pairs="results/metadata/train/paired_nodules.parquet",
-        val_pairs="results/metadata/val/paired_nodules.parquet",
+        train_pairs=output_path(rules.nodule_pairs.output[0], split="train"),
+        val_pairs=output_path(rules.nodule_pairs.output[0], split="val"),
         pretrained=pretrained_input,
         vae=lambda wildcards: rules.train_vae.output.model if run_space(wildcards) == "latent" else [],
     output:
@@ -106,9 +102,7 @@ rule fm_paired:
         seed=config["models"]["seed"],
     threads: config["models"]["threads"]
     resources:
-        gpu=config["models"]["gpu"],
-        mem_mb=8000,
-        runtime=600,
+        **training_resources(),
     log:
         "logs/models/fm_paired_{run}.log",
     benchmark:

@@ -27,12 +27,11 @@ rule register_shard:
 
 rule registration_qc:
     input:
-        exams="results/metadata/{split}/exams.parquet",
-        shards=lambda wildcards: expand(rules.register_shard.output[0], split=wildcards.split,
-                                        shard=shard_names(wildcards.split)),
+        exams=rules.split_tables.output.exams,
+        shards=per_shard(rules.register_shard.output[0]),
     output:
-        exams="results/metadata/{split}/exams_registered.parquet",
-        bad="results/metadata/{split}/bad_exams.csv",
+        exams="results/registration/{split}/exams_registered.parquet",
+        bad="results/registration/{split}/bad_exams.csv",
     params:
         qc=config["registration"]["qc"],
     log:
@@ -50,7 +49,7 @@ rule nodule_boxes:
         exams=rules.registration_qc.output.exams,
         tracking=rules.nodule_tracking.output.tracking,
     output:
-        "results/metadata/{split}/nodules_fixed_bboxes.parquet",
+        "results/registration/{split}/nodules_fixed_bboxes.parquet",
     params:
         spacing=config["patch"]["spacing_mm"],
     log:
@@ -67,7 +66,7 @@ rule nodule_pairs:
     input:
         rules.nodule_boxes.output[0],
     output:
-        "results/metadata/{split}/paired_nodules.parquet",
+        "results/registration/{split}/paired_nodules.parquet",
     log:
         "logs/registration/nodule_pairs_{split}.log",
     benchmark:
@@ -84,7 +83,7 @@ rule registered_niftis:
         exams=expand(rules.registration_qc.output.exams, split=SPLITS),
         nodules=expand(rules.nodule_boxes.output[0], split=SPLITS),
     output:
-        mapping="results/metadata/exam_to_nifti_transformed.pkl",
+        mapping="results/registration/exam_to_nifti_transformed.pkl",
         niftis=directory("results/registration/registered"),
         pictures=report(directory("results/registration/qc"), patterns=["{name}.png"], category="Registration",
                         caption="../report/registration_qc.rst"),

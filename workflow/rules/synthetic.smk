@@ -1,4 +1,4 @@
-# The demo cohort: chest phantoms with tracked nodules and known ground truth (lib/noduleflow/synthetic.py).
+# The demo cohort: chest phantoms with tracked nodules and known ground truth (lib/noduleflow/metadata/synthetic.py).
 
 
 rule synthetic_cohort:

@@ -24,10 +24,8 @@ rule volume_shard:
 
 rule volume_index:
     input:
-        volumes=lambda wildcards: expand(rules.volume_shard.output.volumes, split=wildcards.split,
-                                         shard=shard_names(wildcards.split)),
-        indexes=lambda wildcards: expand(rules.volume_shard.output.index, split=wildcards.split,
-                                         shard=shard_names(wildcards.split)),
+        volumes=per_shard(rules.volume_shard.output.volumes),
+        indexes=per_shard(rules.volume_shard.output.index),
     output:
         "results/cache/volumes/{split}/index.parquet",
     params:
@@ -44,8 +42,8 @@ rule volume_index:
 
 rule train_vae_volumes:
     input:
-        train="results/cache/volumes/train/index.parquet",
-        val="results/cache/volumes/val/index.parquet",
+        train=output_path(rules.volume_index.output[0], split="train"),
+        val=output_path(rules.volume_index.output[0], split="val"),
     output:
         model=protected("results/models/vae_volumes/model.pt"),
         metrics="results/models/vae_volumes/model.metrics.csv",
@@ -56,9 +54,7 @@ rule train_vae_volumes:
         seed=config["models"]["seed"],
     threads: config["models"]["threads"]
     resources:
-        gpu=config["models"]["gpu"],
-        mem_mb=8000,
-        runtime=600,
+        **training_resources(),
     log:
         "logs/models/train_vae_volumes.log",
     benchmark:
@@ -80,7 +76,7 @@ rule encode_volumes:
         batch_size=1,
     threads: config["models"]["threads"]
     resources:
-        gpu=config["models"]["gpu"],
+        **gpu_resources(),
     log:
         "logs/models/encode_volumes_{split}.log",
     benchmark:

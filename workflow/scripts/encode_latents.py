@@ -4,15 +4,15 @@
 from pathlib import Path
 
 import pandas as pd
-import torch
 
+from noduleflow import distributed
 from noduleflow.io import write_parquet
 from noduleflow.logs import log_to
 from noduleflow.models.tasks import load_vae
 from noduleflow.models.vae import encode_cache
 
 with log_to(snakemake.log[0]):
-    model = load_vae(snakemake.input.model).to("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_vae(snakemake.input.model).to(distributed.device())
     out = Path(snakemake.output[0])
     out.mkdir(parents=True, exist_ok=True)
     index = encode_cache(model, pd.read_parquet(snakemake.input.index), Path(snakemake.input.index).parent, out,

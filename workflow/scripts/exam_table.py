@@ -1,8 +1,8 @@
-"""Rule exam_table: validate the manifest, read image headers, map exams to NIfTI (noduleflow.manifest)."""
+"""Rule exam_table: validate the manifest, read image headers, map exams to NIfTI (noduleflow.metadata.manifest)."""
 
 from noduleflow.io import write_csv, write_parquet, write_pickle
 from noduleflow.logs import log_to
-from noduleflow.manifest import build_exam_series, exam_to_nifti
+from noduleflow.metadata.manifest import build_exam_series, exam_to_nifti
 
 with log_to(snakemake.log[0]):
     series, problems = build_exam_series(snakemake.input.manifest, threads=snakemake.threads)

@@ -1,11 +1,14 @@
-"""Rule forecast_patients: forecasts of the nodules in the config's table with one trained run (noduleflow.predict)."""
+"""Rule forecast_patients: forecasts of the nodules in the config's table with one trained run
+(noduleflow.evaluation.predict)."""
 
-from noduleflow.evaluation.tasks import forecast_settings
+from noduleflow.cache.segmenter import build_segmenter
+from noduleflow.evaluation.forecast import forecast_settings
+from noduleflow.evaluation.predict import forecast_table
 from noduleflow.logs import log_to
-from noduleflow.predict import forecast_table
 
 with log_to(snakemake.log[0]):
     params = snakemake.params
-    forecast_table(snakemake.input.model, snakemake.input.table, snakemake.output.nodules, snakemake.output.table,
-                   params.patch, params.segmentation, forecast_settings(params.evaluation, params.sampler, params.seed),
-                   params.samples)
+    forecast_table(model=snakemake.input.model, table=snakemake.input.table, out_dir=snakemake.output.nodules,
+                   table_path=snakemake.output.table, patch=params.patch,
+                   segmenter=build_segmenter(params.segmentation),
+                   settings=forecast_settings(params.evaluation, params.sampler, params.seed), samples=params.samples)

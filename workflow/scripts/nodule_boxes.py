@@ -1,10 +1,10 @@
-"""Rule nodule_boxes: nodule boxes in registered space (noduleflow.boxes)."""
+"""Rule nodule_boxes: nodule boxes in registered space (noduleflow.registration.boxes)."""
 
 import pandas as pd
 
-from noduleflow.boxes import boxes_in_registered_space
 from noduleflow.io import write_parquet
 from noduleflow.logs import log_to
+from noduleflow.registration.boxes import boxes_in_registered_space
 
 with log_to(snakemake.log[0]):
     table = boxes_in_registered_space(pd.read_parquet(snakemake.input.exams), pd.read_parquet(snakemake.input.tracking),

@@ -1,10 +1,10 @@
-"""Rule registered_niftis: a few follow-ups in registered space with QC pictures (noduleflow.registration)."""
+"""Rule registered_niftis: a few follow-ups in registered space with QC pictures (noduleflow.registration.rigid)."""
 
 import pandas as pd
 
 from noduleflow.io import write_pickle
 from noduleflow.logs import log_to
-from noduleflow.registration import write_registered_exams
+from noduleflow.registration.rigid import write_registered_exams
 
 with log_to(snakemake.log[0]):
     written = write_registered_exams(

@@ -1,4 +1,4 @@
-"""Rule registration_map: list precomputed transforms (noduleflow.registration)."""
+"""Rule registration_map: list precomputed transforms (noduleflow.registration.rigid)."""
 
 from noduleflow.io import write_pickle
 from noduleflow.logs import log_to

@@ -4,5 +4,6 @@ from noduleflow.evaluation.tasks import segmenter_report
 from noduleflow.logs import log_to
 
 with log_to(snakemake.log[0]):
-    segmenter_report(list(snakemake.input.boxes), snakemake.input.truth, snakemake.params.min_volume,
-                     snakemake.output.table, snakemake.output.plot)
+    segmenter_report(small_boxes=list(snakemake.input.boxes), truth=snakemake.input.truth,
+                     min_volume=snakemake.params.min_volume, table_path=snakemake.output.table,
+                     plot_path=snakemake.output.plot)

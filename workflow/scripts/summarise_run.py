@@ -5,5 +5,6 @@ from noduleflow.logs import log_to
 
 with log_to(snakemake.log[0]):
     out = snakemake.output
-    summarise(snakemake.wildcards.run, snakemake.input.pairs, snakemake.input.rates, snakemake.params.evaluation,
-              snakemake.params.seed, out.summary, out.scatter, out.interval)
+    summarise(run_name=snakemake.wildcards.run, table_path=snakemake.input.pairs, rates_path=snakemake.input.rates,
+              evaluation=snakemake.params.evaluation, seed=snakemake.params.seed, summary_path=out.summary,
+              scatter_path=out.scatter, interval_path=out.interval)

@@ -1,13 +1,14 @@
-"""Rule synthetic_cohort: generate the demo cohort (logic: noduleflow.synthetic)."""
+"""Rule synthetic_cohort: generate the demo cohort (logic: noduleflow.metadata.synthetic)."""
 
 from pathlib import Path
 
 from noduleflow.logs import log_to
-from noduleflow.synthetic import CohortConfig, generate_cohort
+from noduleflow.metadata.synthetic import CohortConfig, generate_cohort
+from noduleflow.settings import from_config
 
 with log_to(snakemake.log[0]):
     generate_cohort(
-        CohortConfig.from_mapping(dict(snakemake.params.cohort)),
+        from_config(CohortConfig, snakemake.params.cohort),
         Path(snakemake.output.manifest).parent,
         threads=snakemake.threads,
     )

@@ -1,1 +1,2 @@
-"""Evaluation: segmentation of patches, and (later) forecasts against the real follow-up and baselines."""
+"""Stage 6: forecasts of every run against the real follow-up and the baselines, their metrics, and forecasts for
+new patients."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,38 +39,47 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice
 from scipy import ndimage
 
-from noduleflow.datasets import NodulePairs
+from noduleflow import distributed
+from noduleflow.cache.datasets import NodulePairs
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import Segmenter, grown_box
 from noduleflow.evaluation.metrics import COPY_PRIOR, IMAGE_METRICS, forecast_distribution
-from noduleflow.evaluation.segmenter import grown_box
+from noduleflow.hu import to_hu
 from noduleflow.models.flow import VelocityNet, paired_start, sample
-from noduleflow.patches import PatchSettings, to_hu
-from noduleflow.training import SavedModel, derived_seed, read_model
+from noduleflow.models.settings import RunSettings
+from noduleflow.models.training import SavedModel, derived_seed, read_model
+from noduleflow.settings import from_config, section
 
 log = logging.getLogger(__name__)
 
-Segmenter = Callable[[np.ndarray, Sequence[int]], np.ndarray]
 DATA_RANGE = 2.0  # patches are in [-1, 1]
 
 
 @dataclass(frozen=True)
 class ForecastSettings:
-    """How forecasts are drawn and measured (config key `evaluation`)."""
+    """How forecasts are drawn and measured (config keys `evaluation` and `models.sampler`: forecast_settings)."""
 
-    samples: int = 8  # forecasts per pair for runs whose sampling is random
-    sampler: str = "heun"
-    steps: int = 20
-    region_margin: tuple[int, int, int] = (4, 4, 1)  # x, y, z voxels around the union box for region SSIM/PSNR
-    batch_size: int = 8
-    examples: int = 6  # pairs kept (first sample) for the montage
-    seed: int = 0
-    fastest_doubling_days: float = 60.0  # fastest volume doubling the search region allows for
-    shift_mm: float = 5.0  # and the nodule's shift (registration residual) it allows for
-    detect_contrast_hu: float = 100.0  # a forecast nodule is brighter than the region's parenchyma by this
+    samples: int  # forecasts per pair for runs whose sampling is random
+    sampler: str
+    steps: int
+    region_margin: tuple[int, int, int]  # x, y, z voxels around the union box for region SSIM/PSNR
+    batch_size: int
+    examples: int  # pairs kept (first sample) for the montage
+    seed: int
+    fastest_doubling_days: float  # fastest volume doubling the search region allows for
+    shift_mm: float  # and the nodule's shift (registration residual) it allows for
+    detect_contrast_hu: float  # a forecast nodule is brighter than the region's parenchyma by this
     opening_voxels: tuple[int, int, int] = (3, 3, 1)  # x, y, z: in-plane opening that cuts vessels off the nodule
     reach_voxels: tuple[int, int, int] = (2, 2, 1)  # x, y, z: a nodule reaching this far past its box (the
     # segmenter's margin) may go on beyond it: that side of the box moves out to it
     cut_fraction: float = 0.25  # ... with an outer layer this large against its largest cross-section
     max_box_updates: int = 20  # times the box may grow after a nodule reaching past it
+
+
+def forecast_settings(evaluation: Mapping[str, Any], sampler: Mapping[str, Any], seed: int) -> ForecastSettings:
+    """Forecast settings from the `evaluation` and `models.sampler` config sections and the models' seed."""
+    return from_config(ForecastSettings, section(ForecastSettings, evaluation), sampler=sampler["method"],
+                       steps=sampler["steps"], seed=seed)
 
 
 @dataclass
@@ -108,13 +117,13 @@ def dice(predicted: np.ndarray, real: np.ndarray) -> float:
 
 
 def load_run(path: str | os.PathLike[str] | SavedModel,
-             device: torch.device) -> tuple[VelocityNet, dict[str, Any]]:
+             device: torch.device) -> tuple[VelocityNet, RunSettings]:
     """A trained paired run (EMA weights; from its file, or as read by read_model) in eval mode, and its run
     settings."""
     saved = path if isinstance(path, SavedModel) else read_model(path)
     net = VelocityNet(saved.hparams)
     net.load_state_dict(saved.state_dict)
-    return net.to(device).eval(), saved.hparams["run"]
+    return net.to(device).eval(), from_config(RunSettings, saved.hparams["run"])
 
 
 def _noise(priors: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
@@ -123,11 +132,11 @@ def _noise(priors: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
     return torch.stack(noise).to(priors)
 
 
-def forecast_batch(net: VelocityNet, run: dict[str, Any], priors: torch.Tensor, delta_days: torch.Tensor,
+def forecast_batch(net: VelocityNet, run: RunSettings, priors: torch.Tensor, delta_days: torch.Tensor,
                    seeds: Sequence[int], settings: ForecastSettings) -> torch.Tensor:
     """Generated follow-ups (in the run's space) for a batch of priors and intervals."""
-    x0, condition = paired_start(run, priors, _noise(priors, seeds))
-    delta = delta_days if run["interval"] else None
+    x0, condition = paired_start(run.formulation, run.start_noise, priors, _noise(priors, seeds))
+    delta = delta_days if run.interval else None
     return sample(net, x0, settings.steps, settings.sampler, condition, delta)
 
 
@@ -224,6 +233,11 @@ def forecast_size(image: np.ndarray, prior_box: Sequence[int], delta_days: float
     return float(mask.sum()) * voxel_size(patch, image.shape[0] == 1)
 
 
+def reference_mask(image: np.ndarray, box: list[int], patch: PatchSettings, segmenter: Segmenter) -> np.ndarray:
+    """A reference image's nodule (an annotated prior or follow-up), segmented in its own box."""
+    return segmenter(to_hu(image, patch.hu_window), box)
+
+
 class _Measure:
     """Measures the images of one pair: the references in their own boxes, forecasts by `forecast_mask`."""
 
@@ -239,7 +253,7 @@ class _Measure:
         self.real_mask = self.reference(real, self.real_box)
 
     def reference(self, image: np.ndarray, box: list[int]) -> np.ndarray:
-        return self.segmenter(to_hu(image, self.patch.hu_window), box)
+        return reference_mask(image, box, self.patch, self.segmenter)
 
     def size(self, mask: np.ndarray) -> float:
         return float(mask.sum()) * self.unit
@@ -279,16 +293,17 @@ def _pair_images(raw: NodulePairs, item: int, slices: bool) -> tuple[dict[str, A
 
 def pair_sizes(raw: NodulePairs, patch: PatchSettings, segmenter: Segmenter, slices: bool) -> pd.DataFrame:
     """Prior and follow-up sizes of every pair, each measured in its own box (the reference, for growth rates)."""
-    rows = []
+    rows, unit = [], voxel_size(patch, slices)
     for item in range(len(raw)):
         pair, prior, real = _pair_images(raw, item, slices)
-        measure = _Measure(pair, prior, real, slices, patch, segmenter, ForecastSettings())
-        rows.append({"prior_size": measure.prior_size, "real_size": measure.size(measure.real_mask),
-                     "delta_days": measure.delta_days})
+        prior_box, real_box = (_box(pair[k], slices) for k in ("bbox_a", "bbox_b"))
+        rows.append({"prior_size": float(reference_mask(prior, prior_box, patch, segmenter).sum()) * unit,
+                     "real_size": float(reference_mask(real, real_box, patch, segmenter).sum()) * unit,
+                     "delta_days": float(pair["delta_days"])})
     return pd.DataFrame(rows, columns=["prior_size", "real_size", "delta_days"])
 
 
-def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_data: NodulePairs,
+def evaluate_run(*, model_path: str | os.PathLike[str], raw: NodulePairs, model_data: NodulePairs,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None, patch: PatchSettings, segmenter: Segmenter,
                  settings: ForecastSettings, run_name: str,
                  true_volumes: pd.DataFrame | None = None) -> Forecasts:
@@ -301,10 +316,10 @@ def evaluate_run(model_path: str | os.PathLike[str], raw: NodulePairs, model_dat
     """
     if list(raw.pairs["key_b"]) != list(model_data.pairs["key_b"]):
         raise ValueError("the raw and the model caches hold different pairs")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device()
     net, run = load_run(model_path, device)
-    slices = run["space"] == "slices"
-    samples = 1 if run["formulation"] == "bridge" else settings.samples
+    slices = run.space == "slices"
+    samples = 1 if run.formulation == "bridge" else settings.samples
     rows, examples = [], []
     for start in range(0, len(raw), settings.batch_size):
         items = range(start, min(start + settings.batch_size, len(raw)))

@@ -104,10 +104,10 @@ def forecast_distribution(sizes: np.ndarray, real: float) -> dict[str, float]:
 class SummarySettings:
     """How summaries are computed (config key `evaluation`)."""
 
-    stable_band: float = 0.25  # relative size change that still counts as stable
-    bootstrap: int = 1000  # resamples of the pairs for the confidence intervals
-    confidence: float = 0.95
-    seed: int = 0
+    stable_band: float  # relative size change that still counts as stable
+    bootstrap: int  # resamples of the pairs for the confidence intervals
+    confidence: float
+    seed: int
 
 
 Columns = Mapping[str, np.ndarray]
@@ -309,8 +309,3 @@ def segmenter_accuracy(measured: pd.DataFrame, truth: pd.DataFrame, min_volume: 
             "fraction_within_15_percent": float((error.abs() <= 0.15).mean()),
             "fraction_within_25_percent": float((error.abs() <= 0.25).mean())}
 
-
-def settings_from(values: Mapping[str, object], seed: int) -> SummarySettings:
-    """Summary settings from the `evaluation` config section."""
-    return SummarySettings(stable_band=float(values["stable_band"]), bootstrap=int(values["bootstrap"]),
-                           confidence=float(values["confidence"]), seed=seed)

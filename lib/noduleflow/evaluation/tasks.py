@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 
 from noduleflow import figures
+from noduleflow.cache.patches import PatchSettings
+from noduleflow.cache.segmenter import Segmenter
 from noduleflow.evaluation import metrics
-from noduleflow.evaluation.segmenter import build_segmenter
 from noduleflow.io import atomic_path, write_csv
-from noduleflow.patches import PatchSettings
+from noduleflow.settings import from_config, section
 
 if TYPE_CHECKING:
     from noduleflow.evaluation.forecast import ForecastSettings
@@ -26,57 +27,44 @@ if TYPE_CHECKING:
 UNITS = {2: "mm^2", 3: "mm^3"}
 
 
-def forecast_settings(evaluation: dict[str, Any], sampler: dict[str, Any], seed: int) -> ForecastSettings:
-    """Forecast settings from the `evaluation` and `models.sampler` config sections."""
-    from noduleflow.evaluation.forecast import ForecastSettings
-
-    return ForecastSettings(samples=int(evaluation["samples"]), sampler=sampler["method"],
-                            steps=int(sampler["steps"]), region_margin=tuple(evaluation["region_margin"]),
-                            batch_size=int(evaluation["batch_size"]), examples=int(evaluation["examples"]),
-                            seed=seed, fastest_doubling_days=float(evaluation["fastest_doubling_days"]),
-                            shift_mm=float(evaluation["shift_mm"]),
-                            detect_contrast_hu=float(evaluation["detect_contrast_hu"]))
-
-
-def forecast(run_name: str, space: str, model: str, raw_folder: str, model_folder: str, pairs_path: str,
-             vae: str | None, truth: str | None, patch: dict[str, Any], segmentation: dict[str, Any],
+def forecast(*, run_name: str, space: str, model: str, raw_folder: str, model_folder: str, pairs_path: str,
+             vae: str | None, truth: str | None, patch: PatchSettings, segmenter: Segmenter,
              settings: ForecastSettings, table_path: str, montage_path: str) -> None:
     """Forecast every pair of a split with one run; write the per-pair table and a montage of examples."""
     import torch
 
+    from noduleflow import distributed
     from noduleflow.evaluation.forecast import evaluate_run
     from noduleflow.models.tasks import load_vae, paired_dataset
 
-    patch_settings = PatchSettings.from_mapping(patch)
     slices = space == "slices"
     raw = paired_dataset(raw_folder, pairs_path, "slices" if slices else "raw")
     model_data = paired_dataset(model_folder, pairs_path, space) if space == "latent" else raw
     decode = None
     if space == "latent":
-        vae_model = load_vae(vae).to("cuda" if torch.cuda.is_available() else "cpu")
+        vae_model = load_vae(vae).to(distributed.device())
         decode = torch.no_grad()(lambda latents: vae_model.decode(latents.to(next(vae_model.parameters()))))
     true_volumes = pd.read_parquet(truth).query("primary_series") if truth else None
-    result = evaluate_run(model, raw, model_data, decode, patch_settings, build_segmenter(segmentation), settings,
-                          run_name, true_volumes)
+    result = evaluate_run(model_path=model, raw=raw, model_data=model_data, decode=decode, patch=patch,
+                          segmenter=segmenter, settings=settings, run_name=run_name, true_volumes=true_volumes)
     write_csv(result.table, table_path)
-    figures.forecast_montage(result.examples, patch_settings.hu_window,
+    figures.forecast_montage(result.examples, patch.hu_window,
                              f"{run_name}: prior, real and generated follow-up", montage_path)
 
 
-def growth_rates(raw_folder: str, pairs_path: str, patch: dict[str, Any], segmentation: dict[str, Any],
-                 path: str, truth: str | None = None) -> None:
+def growth_rates(*, raw_folder: str, pairs_path: str, patch: PatchSettings, segmenter: Segmenter, path: str,
+                 truth: str | None = None) -> None:
     """Median annual growth of nodule volume (3D) and central-slice area (2D) on the train split; with the synthetic
     `truth`, also per nodule kind (`by_kind`, for the kind-growth reference)."""
     from noduleflow.evaluation.forecast import pair_sizes
     from noduleflow.models.tasks import paired_dataset
 
-    patch_settings, segmenter = PatchSettings.from_mapping(patch), build_segmenter(segmentation)
     truth_table = pd.read_parquet(truth) if truth else None
     rates = {}
     for dims in (2, 3):
         space = "slices" if dims == 2 else "raw"
         pairs = paired_dataset(raw_folder, pairs_path, space)
-        sizes = pair_sizes(pairs, patch_settings, segmenter, dims == 2)
+        sizes = pair_sizes(pairs, patch, segmenter, dims == 2)
         annual = metrics.annual_growth_rates(sizes["prior_size"], sizes["real_size"], sizes["delta_days"])
         rates[str(dims)] = {"annual_rate": float(np.median(annual)) if annual.size else 1.0, "pairs": int(annual.size)}
         if truth_table is not None:
@@ -94,14 +82,14 @@ def nodule_kinds(truth: pd.DataFrame, exam_ids: pd.Series, nodule_groups: pd.Ser
     return pd.Series(kind.reindex(list(zip(exam_ids, nodule_groups, strict=True))).to_numpy(), index=exam_ids.index)
 
 
-def summarise(run_name: str, table_path: str, rates_path: str, evaluation: dict[str, Any], seed: int,
+def summarise(*, run_name: str, table_path: str, rates_path: str, evaluation: dict[str, Any], seed: int,
               summary_path: str, scatter_path: str, interval_path: str) -> None:
     """Metrics of a run and its baselines with bootstrap intervals, and the two pictures of its errors."""
     pairs = pd.read_csv(table_path)
     dims = int(pairs["dims"].iloc[0]) if len(pairs) else 3
     rates = json.loads(Path(rates_path).read_text())[str(dims)]
     pairs = metrics.with_baselines(pairs, rates["annual_rate"], rates.get("by_kind"))
-    settings = metrics.settings_from(evaluation, seed)
+    settings = from_config(metrics.SummarySettings, section(metrics.SummarySettings, evaluation), seed=seed)
     summary = metrics.summarise(pairs, run_name, settings)
     if "true_size" in pairs and pairs["true_size"].notna().any():
         summary = pd.concat([summary, metrics.segmenter_truth_rows(pairs, run_name, settings)], ignore_index=True)
@@ -118,7 +106,7 @@ def cross_run_table(summary_paths: list[str], path: str) -> None:
     write_csv(metrics.ranking(summaries), path)
 
 
-def segmenter_report(small_boxes: list[str], truth: str, min_volume: float, table_path: str,
+def segmenter_report(*, small_boxes: list[str], truth: str, min_volume: float, table_path: str,
                      plot_path: str) -> None:
     """The segmenter's volumes of every cached nodule against the synthetic truth."""
     measured = pd.concat([pd.read_parquet(p) for p in small_boxes], ignore_index=True)
@@ -130,11 +118,11 @@ def segmenter_report(small_boxes: list[str], truth: str, min_volume: float, tabl
                              "segmented vs true nodule volume", plot_path)
 
 
-def vae_examples(vae: str, raw_folder: str, patch: dict[str, Any], count: int, path: str) -> None:
+def vae_examples(*, vae: str, raw_folder: str, patch: PatchSettings, count: int, path: str) -> None:
     """The first `count` patches of a split (the rule gives val) and their VAE reconstructions."""
     import torch
 
-    from noduleflow.datasets import NodulePatches
+    from noduleflow.cache.datasets import NodulePatches
     from noduleflow.models.tasks import load_vae
 
     patches = NodulePatches(raw_folder)
@@ -143,4 +131,4 @@ def vae_examples(vae: str, raw_folder: str, patch: dict[str, Any], count: int, p
         model = load_vae(vae)
         reconstructions = model.reconstruct(images) if len(images) else images
     figures.reconstruction_examples(images[:, 0].numpy(), reconstructions[:, 0].clamp(-1, 1).numpy(),
-                                    PatchSettings.from_mapping(patch).hu_window, path)
+                                    patch.hu_window, path)

@@ -18,7 +18,6 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 FORMULATIONS = ("bridge", "noise", "noisy_prior")
-START_NOISE = 1.0  # default standard deviation of the noise added to the prior (noisy_prior)
 
 
 class IntervalEmbedding(nn.Module):
@@ -79,12 +78,11 @@ def flow_start(formulation: str, prior: torch.Tensor, noise: torch.Tensor, start
     raise ValueError(f"unknown formulation {formulation!r}; expected one of {FORMULATIONS}")
 
 
-def paired_start(run: dict[str, Any], prior: torch.Tensor,
+def paired_start(formulation: str, start_noise: float, prior: torch.Tensor,
                  noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A paired run's flow start (`flow_start` with the run's formulation and start_noise) and its conditioning
     channels (the prior, except for the bridge, which starts at it)."""
-    formulation = run["formulation"]
-    x0 = flow_start(formulation, prior, noise, float(run.get("start_noise", START_NOISE)))
+    x0 = flow_start(formulation, prior, noise, start_noise)
     return x0, None if formulation == "bridge" else prior
 
 

@@ -1,15 +1,15 @@
 """What each model trains on and with which loss: the VAE, unconditional pretraining and paired forecasting.
 
 Spaces: "raw" (3D patches of the raw cache), "slices" (2D axial slices of the raw cache) and "latent" (3D VAE
-latents of the latent cache). Every function here wires a cache folder and a config section to
-`noduleflow.training.train`.
+latents of the latent cache). Every function here wires a cache folder and typed settings
+(noduleflow.models.settings) to `noduleflow.models.training.train`; they take keyword arguments only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from noduleflow.datasets import NodulePairs, NodulePatches, VolumeCrops
+from noduleflow.cache.datasets import NodulePairs, NodulePatches, VolumeCrops
+from noduleflow.cache.patches import PatchSettings
 from noduleflow.models.flow import FORMULATIONS, VelocityNet, box_weights, flow_matching_loss, paired_start
-from noduleflow.models.vae import build_vae, vae_loss
-from noduleflow.training import (
+from noduleflow.models.settings import PretrainSettings, RunSettings, SamplerSettings, VaeSettings
+from noduleflow.models.training import (
     SavedModel,
-    TrainSettings,
     derived_seed,
     load_model,
     read_model,
@@ -30,6 +30,7 @@ from noduleflow.training import (
     seeded_model,
     train,
 )
+from noduleflow.models.vae import build_vae, vae_loss
 
 log = logging.getLogger(__name__)
 
@@ -50,32 +51,29 @@ def _patches(folder: str | os.PathLike[str], space: str) -> NodulePatches:
     return NodulePatches(folder, slices=space == "slices")
 
 
-def vae_datasets(config: dict[str, Any], train_folder: str, val_folder: str,
+def vae_datasets(settings: VaeSettings, train_folder: str, val_folder: str,
                  seed: int) -> tuple[Dataset, Dataset | None]:
-    """What a VAE trains and validates on: raw nodule patches, or with `crop` in its config (`vae_volumes`) random
+    """What a VAE trains and validates on: raw nodule patches, or with `crop` in its settings (`vae_volumes`) random
     crops of the train volumes and VAL_CROPS fixed crops per val volume, all drawn from `seed`."""
-    if "crop" not in config:
+    if settings.crop is None:
         return _patches(train_folder, "raw"), _non_empty(_patches(val_folder, "raw"))
-    crop = tuple(config["crop"])
+    crop = settings.crop
     train_set = VolumeCrops(train_folder, crop, derived_seed(seed, "train crops"), TRAIN_CROPS)
     return train_set, _non_empty(VolumeCrops(val_folder, crop, derived_seed(seed, "val crops"), VAL_CROPS))
 
 
-def train_vae(config: dict[str, Any], train_folder: str, val_folder: str, model_path: str, work_dir: str,
-              seed: int, patch: dict[str, Any] | None = None) -> None:
-    """Train the 3D VAE on the train split (see vae_datasets), validated on the val split; `patch` (the `patch`
-    config of a VAE on nodule patches) is recorded in the model file."""
-    hparams = {"spatial_dims": 3, **{k: config[k] for k in ("channels", "latent_channels", "num_res_blocks",
-                                                           "norm_num_groups")}}
-    settings = TrainSettings.from_mapping({**config["training"], "seed": seed})
+def train_vae(*, settings: VaeSettings, train_folder: str, val_folder: str, model_path: str, work_dir: str,
+              seed: int, patch: PatchSettings | None = None) -> None:
+    """Train the 3D VAE on the train split (see vae_datasets), validated on the val split; `patch` (the patch
+    settings of a VAE on nodule patches) is recorded in the model file."""
+    hparams = settings.hparams()
+    training = dataclasses.replace(settings.training, seed=seed)
     model = seeded_model(lambda: build_vae(hparams), seed)
-    kl_weight = float(config["kl_weight"])
-    train_set, val_set = vae_datasets(config, train_folder, val_folder, seed)
-    crop = {"crop": list(config["crop"])} if "crop" in config else {}
-    result = train(model, lambda m, batch, g: vae_loss(m, batch["image"], g, kl_weight), train_set, settings,
-                   work_dir, {"hparams": hparams, "kl_weight": kl_weight, "settings": config["training"], "seed": seed,
-                              **crop},
-                   val_dataset=val_set, val_every=settings.checkpoint_every)
+    kl_weight = settings.kl_weight
+    train_set, val_set = vae_datasets(settings, train_folder, val_folder, seed)
+    result = train(model, lambda m, batch, g: vae_loss(m, batch["image"], g, kl_weight), train_set, training,
+                   work_dir, {"vae": dataclasses.asdict(settings), "seed": seed},
+                   val_dataset=val_set, val_every=training.checkpoint_every)
     save_model(model_path, result.model, hparams, result.history,
                meta={"patch": patch_geometry(patch)} if patch else None)
 
@@ -88,10 +86,10 @@ def load_vae(path: str | os.PathLike[str] | SavedModel) -> nn.Module:
     return model.eval()
 
 
-def patch_geometry(patch: dict[str, Any]) -> dict[str, list[float]]:
-    """What a model file records of the `patch` config: the patch spacing, size and HU window (plain lists)."""
-    return {key: [float(v) if key != "size" else int(v) for v in patch[key]]
-            for key in ("spacing_mm", "size", "hu_window")}
+def patch_geometry(patch: PatchSettings) -> dict[str, list[float]]:
+    """What a model file records of the patch settings: the patch spacing, size and HU window (plain lists)."""
+    return {"spacing_mm": [float(v) for v in patch.spacing_mm], "size": [int(v) for v in patch.size],
+            "hu_window": [float(v) for v in patch.hu_window]}
 
 
 def _net_hparams(net: dict[str, Any], space: str, data_channels: int, prior_channels: int,
@@ -109,12 +107,13 @@ def _initialise(net: VelocityNet, pretrained: str | os.PathLike[str]) -> None:
     log.info("initialised %d of %d tensors from %s", len(matching), len(own), pretrained)
 
 
-def train_pretraining(config: dict[str, Any], space: str, data_channels: int, train_folder: str, val_folder: str,
+def train_pretraining(*, settings: PretrainSettings, data_channels: int, train_folder: str, val_folder: str,
                       model_path: str, work_dir: str, seed: int) -> None:
     """Unconditional flow matching from noise to cached patches, slices or latents."""
-    hparams = _net_hparams(config["net"], space, data_channels, 0, 0)
-    settings = TrainSettings.from_mapping({**config["training"], "seed": seed})
-    sigma = float(config["sigma"])
+    space = settings.space
+    hparams = _net_hparams(settings.net, space, data_channels, 0, 0)
+    training = dataclasses.replace(settings.training, seed=seed)
+    sigma = settings.sigma
 
     def loss(net: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         x1 = batch["image"]
@@ -122,9 +121,9 @@ def train_pretraining(config: dict[str, Any], space: str, data_channels: int, tr
         return flow_matching_loss(net, x0, x1, generator, sigma)
 
     net = seeded_model(lambda: VelocityNet(hparams), seed)
-    result = train(net, loss, _patches(train_folder, space), settings, work_dir,
-                   {"hparams": hparams, "sigma": sigma, "settings": config["training"], "seed": seed},
-                   val_dataset=_non_empty(_patches(val_folder, space)), val_every=settings.checkpoint_every)
+    result = train(net, loss, _patches(train_folder, space), training, work_dir,
+                   {"hparams": hparams, "pretrain": dataclasses.asdict(settings), "seed": seed},
+                   val_dataset=_non_empty(_patches(val_folder, space)), val_every=training.checkpoint_every)
     save_model(model_path, result.model, hparams, result.history)
 
 
@@ -156,59 +155,52 @@ def random_flips(tensors: list[torch.Tensor | None], generator: torch.Generator)
     return out
 
 
-def paired_loss(run: dict[str, Any], box_scale: tuple[float, float, float]):
+def paired_loss(run: RunSettings, box_scale: tuple[float, float, float]):
     """The loss of a paired run: its formulation, interval conditioning and optional box weighting."""
-    formulation, sigma = run["formulation"], float(run["sigma"])
+    formulation, sigma = run.formulation, run.sigma
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; expected one of {FORMULATIONS}")
-    weight, margin = float(run["box_weight"]), tuple(run["box_margin"])
+    weight, margin = run.box_weight, run.box_margin
 
     def loss(net: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         prior, x1 = batch["prior"], batch["follow_up"]
-        delta = batch["delta_days"] if run["interval"] else None
+        delta = batch["delta_days"] if run.interval else None
         weights = None
         if weight != 1.0:
             weights = box_weights(x1.shape, (batch["bbox_a"], batch["bbox_b"]), margin, weight, box_scale).to(x1)
-        if run.get("augment"):
+        if run.augment:
             prior, x1, weights = random_flips([prior, x1, weights], generator)
         noise = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-        x0, condition = paired_start(run, prior, noise)
+        x0, condition = paired_start(run.formulation, run.start_noise, prior, noise)
         return flow_matching_loss(net, x0, x1, generator, sigma, condition, delta, weights)
 
     return loss
 
 
-def run_hparams(run: dict[str, Any], data_channels: int) -> dict[str, Any]:
+def run_hparams(run: RunSettings, data_channels: int) -> dict[str, Any]:
     """Network hyper-parameters of a paired run."""
-    prior_channels = 0 if run["formulation"] == "bridge" else data_channels
-    return _net_hparams(run["net"], run["space"], data_channels, prior_channels,
-                        run["interval_dim"] if run["interval"] else 0)
+    prior_channels = 0 if run.formulation == "bridge" else data_channels
+    return _net_hparams(run.net, run.space, data_channels, prior_channels, run.interval_dim if run.interval else 0)
 
 
-def train_paired(run: dict[str, Any], data_channels: int, box_scale: tuple[float, float, float], train_folder: str,
-                 train_pairs: str, val_folder: str, val_pairs: str, pretrained: str | None, model_path: str,
-                 work_dir: str, seed: int, patch: dict[str, Any], sampler: dict[str, Any],
+def train_paired(*, run: RunSettings, data_channels: int, box_scale: tuple[float, float, float],
+                 train_folder: str, train_pairs: str, val_folder: str, val_pairs: str, pretrained: str | None,
+                 model_path: str, work_dir: str, seed: int, patch: PatchSettings, sampler: SamplerSettings,
                  vae: str | None = None) -> None:
     """Paired conditional flow matching: prior patch and interval -> follow-up patch.
 
-    The model file is a portable run (noduleflow.predict): it records the patch geometry and HU window, the
+    The model file is a portable run (noduleflow.evaluation.predict): it records the patch geometry and HU window, the
     sampler and the seed, and holds the VAE of a latent run."""
     hparams = run_hparams(run, data_channels)
-    settings = TrainSettings.from_mapping({**run["training"], "seed": seed})
+    training = dataclasses.replace(run.training, seed=seed)
     net = seeded_model(lambda: VelocityNet(hparams), seed)
     if pretrained:
         _initialise(net, pretrained)
-    result = train(net, paired_loss(run, box_scale), paired_dataset(train_folder, train_pairs, run["space"]),
-                   settings, work_dir, {"run": run, "hparams": hparams, "pretrained": bool(pretrained), "seed": seed},
-                   val_dataset=_non_empty(paired_dataset(val_folder, val_pairs, run["space"])),
-                   val_every=settings.checkpoint_every)
-    meta = {"patch": patch_geometry(patch), "sampler": {"method": sampler["method"], "steps": int(sampler["steps"])},
-            "seed": seed}
-    save_model(model_path, result.model, {**hparams, "run": run}, result.history, meta,
-               read_model(vae) if run["space"] == "latent" else None)
-
-
-def cache_folder(path: str | os.PathLike[str]) -> Path:
-    """The cache folder behind a rule input: a latent cache folder itself, or the folder of a raw index."""
-    path = Path(path)
-    return path if path.is_dir() else path.parent
+    result = train(net, paired_loss(run, box_scale), paired_dataset(train_folder, train_pairs, run.space),
+                   training, work_dir,
+                   {"run": run.record(), "hparams": hparams, "pretrained": bool(pretrained), "seed": seed},
+                   val_dataset=_non_empty(paired_dataset(val_folder, val_pairs, run.space)),
+                   val_every=training.checkpoint_every)
+    meta = {"patch": patch_geometry(patch), "sampler": dataclasses.asdict(sampler), "seed": seed}
+    save_model(model_path, result.model, {**hparams, "run": run.record()}, result.history, meta,
+               read_model(vae) if run.space == "latent" else None)

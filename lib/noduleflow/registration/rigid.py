@@ -21,11 +21,11 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from noduleflow.boxes import registered_grid
 from noduleflow.figures import registration_figure
 from noduleflow.imaging import Geometry, geometry_columns, homogeneous, read_image, write_nifti
 from noduleflow.io import atomic_path
 from noduleflow.plan import ShardExam, transform_file
+from noduleflow.registration.boxes import registered_grid
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,6 @@ class RegistrationSettings:
     body_threshold_hu: float = -500.0
     threads: int = 1  # ITK threads; more is faster, but multi-threaded metric sums differ in the last bits
     seed: int = 42
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> RegistrationSettings:
-        """Build from a config mapping, turning lists into tuples."""
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
 
 def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:

@@ -87,37 +87,6 @@ class TrainSettings:
         if problems:
             raise ValueError(f"invalid training settings: {', '.join(f'{p}={getattr(self, p)!r}' for p in problems)}")
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> TrainSettings:
-        """Settings from a config mapping; unknown keys are refused, numbers given as strings ("1e-4") accepted."""
-        fields = {field.name: field.type for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(fields)}")
-        missing = sorted(field.name for field in dataclasses.fields(cls)
-                         if field.default is dataclasses.MISSING and field.name not in values)
-        if missing:
-            raise ValueError(f"missing training settings {missing}")
-        return cls(**{name: _coerce(name, fields[name], value) for name, value in values.items()})
-
-
-def _coerce(name: str, kind: str, value: Any) -> int | float | bool:
-    """`value` as the field type `kind` ("int", "float" or "bool"), refusing lossy or ambiguous conversions."""
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(f"training setting {name} must be true or false, not {value!r}")
-        return value
-    if isinstance(value, bool):
-        raise ValueError(f"training setting {name} must be a number, not {value!r}")
-    if kind == "int" and isinstance(value, int):
-        return value
-    number = float(value)
-    if kind == "float":
-        return number
-    if not number.is_integer():
-        raise ValueError(f"training setting {name} must be a whole number, not {value!r}")
-    return int(number)
-
 
 @dataclass
 class TrainResult:

@@ -26,7 +26,7 @@ the same grown box. The file is code the user chose to run, like the config itse
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -34,8 +34,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 
+from noduleflow.settings import from_config, section
+
 if TYPE_CHECKING:
     import torch
+
+Segmenter = Callable[[np.ndarray, Sequence[int]], np.ndarray]  # (HU patch (Z, Y, X), box) -> boolean mask
 
 
 def grown_box(box: Sequence[int], margin: Sequence[int], shape: Sequence[int]) -> tuple[tuple[slice, ...], ...]:
@@ -64,9 +68,9 @@ def _component_at_box(above: np.ndarray, box: Sequence[int], inner: tuple[slice,
 class HalfMaximumSegmenter:
     """Adaptive threshold + connected component around a known box (config key `segmentation`)."""
 
-    level: float = 0.5  # threshold position between parenchyma (0) and the nodule's bright end (1)
-    margin_voxels: tuple[int, int, int] = (2, 2, 1)  # x, y, z added around the box
-    min_contrast_hu: float = 100.0  # a box this close to its surroundings holds no nodule
+    level: float  # threshold position between parenchyma (0) and the nodule's bright end (1)
+    margin_voxels: tuple[int, int, int]  # x, y, z added around the box
+    min_contrast_hu: float  # a box this close to its surroundings holds no nodule
     opening_voxels: tuple[int, int, int] = (3, 3, 1)  # x, y, z size of the opening's box element; (1, 1, 1): none
     loose_fill: float = 0.25  # a nodule filling less of its box than this gets its bright end re-estimated
     peak_percentile: float = 60.0  # the re-estimate: this percentile of the nodule's HU
@@ -111,12 +115,12 @@ class LearnedSegmenter:
     """A learned segmenter from a `.pt2` (torch.export) or TorchScript file, restricted to the grown box."""
 
     model: str  # path of the model file
-    threshold: float = 0.5
-    margin_voxels: tuple[int, int, int] = (2, 2, 1)
+    margin_voxels: tuple[int, int, int]  # x, y, z added around the box
+    threshold: float = 0.5  # on the probabilities (an optional config key)
 
     @cached_property
     def module(self) -> torch.nn.Module:
-        import torch  # only here: the cache rules that use the default segmenter do not pay torch's start-up
+        import torch  # only here: the cache rules, which use the default segmenter, do not pay torch's start-up
 
         if self.model.endswith(".pt2"):
             return torch.export.load(self.model).module()
@@ -134,14 +138,8 @@ class LearnedSegmenter:
         return _component_at_box(above, box, inner)
 
 
-def build_segmenter(values: dict[str, Any]) -> HalfMaximumSegmenter | LearnedSegmenter:
-    """The segmenter the `segmentation` config section asks for: the learned one if `model` is set."""
-    margin = tuple(values["margin_voxels"])
-    if values.get("model"):
-        return LearnedSegmenter(str(values["model"]), float(values.get("threshold", 0.5)), margin)
-    default = HalfMaximumSegmenter()
-    return HalfMaximumSegmenter(float(values["level"]), margin, float(values["min_contrast_hu"]),
-                                tuple(values.get("opening_voxels", default.opening_voxels)),
-                                float(values.get("loose_fill", default.loose_fill)),
-                                float(values.get("peak_percentile", default.peak_percentile)),
-                                int(values.get("refinements", default.refinements)))
+def build_segmenter(values: Mapping[str, Any]) -> HalfMaximumSegmenter | LearnedSegmenter:
+    """The segmenter the `segmentation` config section asks for: the learned one if `model` is set (the section
+    holds the settings of both; each reads its own keys)."""
+    kind = LearnedSegmenter if values.get("model") else HalfMaximumSegmenter
+    return from_config(kind, section(kind, values))

@@ -25,7 +25,7 @@ from noduleflow import limits
 from noduleflow.ids import is_safe_id
 from noduleflow.imaging import Geometry, write_nifti
 from noduleflow.io import write_csv
-from noduleflow.manifest import read_manifest, resolve_image_path
+from noduleflow.metadata.manifest import read_manifest, resolve_image_path
 from noduleflow.problems import ProblemLog
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from noduleflow.patches import nodule_key
+from noduleflow.cache.patches import nodule_key
+
+
+def cache_folder(path: str | os.PathLike[str]) -> Path:
+    """The cache folder behind a rule input: a latent cache folder itself, or the folder of a raw index."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
 
 
 class ShardArrays:

@@ -22,9 +22,9 @@ import pandas as pd
 from noduleflow import limits
 from noduleflow.ids import nlst_exam_id
 from noduleflow.io import load_json, short_repr
-from noduleflow.manifest import REQUIRED_COLUMNS
+from noduleflow.metadata.manifest import REQUIRED_COLUMNS
+from noduleflow.metadata.tables import SeriesFilter, choose_series
 from noduleflow.problems import ProblemLog
-from noduleflow.tables import SeriesFilter, choose_series
 
 log = logging.getLogger(__name__)
 

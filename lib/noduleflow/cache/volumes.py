@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from noduleflow.boxes import registered_grid
+from noduleflow.cache.patches import PatchSettings, cut_patch, gather_index, good_exams
 from noduleflow.imaging import Geometry, geometry_columns, homogeneous, read_image
 from noduleflow.io import write_array
-from noduleflow.patches import PatchSettings, cut_patch, gather_index, good_exams
+from noduleflow.registration.boxes import registered_grid
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,13 @@ from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from noduleflow.ids import nlst_exam_id
 from noduleflow.imaging import Geometry, homogeneous, write_nifti
 from noduleflow.io import atomic_path, write_csv, write_parquet
-from noduleflow.phantom import ChestAnatomy, boundary_distances_mm, lung_depth_mm, render_anatomy, sample_anatomy
+from noduleflow.metadata.phantom import (
+    ChestAnatomy,
+    boundary_distances_mm,
+    lung_depth_mm,
+    render_anatomy,
+    sample_anatomy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +105,6 @@ class CohortConfig:
             raise ValueError(f"synthetic.preset must be demo or screening, not {self.preset!r}")
         if self.fates not in ("learnable", "screening"):
             raise ValueError(f"synthetic.fates must be learnable or screening, not {self.fates!r}")
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> CohortConfig:
-        """Build from a config mapping, turning lists into tuples."""
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
 
 @dataclass(frozen=True)

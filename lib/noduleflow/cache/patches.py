@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from noduleflow.boxes import registered_grid
+from noduleflow.hu import to_hu, to_unit_range
 from noduleflow.imaging import Geometry, homogeneous, read_image
 from noduleflow.io import write_array
-from noduleflow.registration import matrix_to_transform
+from noduleflow.registration.boxes import registered_grid
+from noduleflow.registration.rigid import matrix_to_transform
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,12 @@ SKIPPED_COLUMNS = ["pid", "nodule_group", "exam_id", "exam_idx", "nodule_key", "
 
 @dataclass(frozen=True)
 class PatchSettings:
-    """Patch geometry and intensity scaling (config key `patch`)."""
+    """Patch geometry and intensity scaling (config key `patch`; built by noduleflow.settings.from_config)."""
 
-    spacing_mm: tuple[float, float, float] = (0.703125, 0.703125, 2.5)
-    size: tuple[int, int, int] = (128, 128, 32)  # x, y, z voxels
-    hu_window: tuple[float, float] = (-2000.0, 500.0)
-    dtype: str = "float32"
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> PatchSettings:
-        """Build from a config mapping, turning lists into tuples."""
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+    spacing_mm: tuple[float, float, float]
+    size: tuple[int, int, int]  # x, y, z voxels
+    hu_window: tuple[float, float]
+    dtype: str
 
 
 def nodule_key(nodule_group: int, exam_id: str, exam_idx: int) -> str:
@@ -79,18 +75,6 @@ def upsampled_box(box: list[int]) -> list[int]:
     return [2 * y0, 2 * y1 + 1, 2 * x0, 2 * x1 + 1, z0, z1]
 
 
-def to_unit_range(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """HU clipped to the window and scaled linearly to [-1, 1]."""
-    low, high = window
-    return (np.clip(hu, low, high) - low) / (high - low) * 2.0 - 1.0
-
-
-def to_hu(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Inverse of to_unit_range (inside the window)."""
-    low, high = window
-    return (np.asarray(values, dtype=np.float64) + 1.0) / 2.0 * (high - low) + low
-
-
 def good_exams(exams: pd.DataFrame, shard: int) -> pd.DataFrame:
     """The exams of one shard that passed registration QC (the only ones any cache holds)."""
     return exams[(exams["shard"] == shard) & exams["qc_pass"]]
@@ -113,7 +97,7 @@ def cut_patch(image: sitk.Image, grid: Geometry, start: np.ndarray, fixed_to_mov
     return to_unit_range(sitk.GetArrayFromImage(resampled), settings.hu_window)
 
 
-def cache_shard(exams: pd.DataFrame, nodules: pd.DataFrame, split: str, shard: int, settings: PatchSettings,
+def cache_shard(*, exams: pd.DataFrame, nodules: pd.DataFrame, split: str, shard: int, settings: PatchSettings,
                 patch_file: str | os.PathLike[str],
                 slice_file: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Cut every nodule of one shard's registered exams; write the patch and slice arrays.

@@ -32,10 +32,10 @@ PAIR_FIELDS = ["exam_id", "screen_timepoint", "days_since_baseline", "series_uid
 
 @dataclass(frozen=True)
 class SeriesFilter:
-    """Which series may represent an exam."""
+    """Which series may represent an exam (config key `series_filter`)."""
 
-    max_slice_thickness: float = 2.5
-    min_slices: int = 50
+    max_slice_thickness: float
+    min_slices: int
 
     def rejects(self, series: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
         """Masks of the series that are too thick and of those with too few slices (`num_slices`)."""
@@ -129,7 +129,7 @@ def nodule_pairs(nodules: pd.DataFrame) -> pd.DataFrame:
     return pairs
 
 
-def split_tables(series: pd.DataFrame, nodules: pd.DataFrame, split: str, seed: int,
+def split_tables(*, series: pd.DataFrame, nodules: pd.DataFrame, split: str, seed: int,
                  fractions: Mapping[str, float], n_shards: int,
                  series_filter: SeriesFilter) -> tuple[dict[str, pd.DataFrame], ProblemLog]:
     """exams, timelines and paired_exams tables of one split, and the problems found on the way."""
@@ -152,7 +152,8 @@ def split_tables(series: pd.DataFrame, nodules: pd.DataFrame, split: str, seed: 
     timelines.insert(3, "shard", groups["shard"].first().to_numpy())
 
     timelines["fixed_exam_id"] = timelines["fixed_exam_id"].astype(str)  # text also when the split is empty
-    # Dates increase with the timepoint (noduleflow.manifest rejects patients where they do not): delta_days > 0.
+    # Dates increase with the timepoint (noduleflow.metadata.manifest rejects patients where they do not):
+    # delta_days > 0.
     pairs = consecutive_pairs(exams, ["pid", "shard"], PAIR_FIELDS)
 
     log.info("%s: %d patients, %d exams, %d exam pairs, %d shards", split, len(timelines), len(exams), len(pairs),

@@ -1,6 +1,7 @@
 """Forecast a new patient: one exam, its nodules, one or more intervals, a trained run (a portable model file).
 
-An exam is a NIfTI file or a DICOM folder (converted by noduleflow.dicom, as the pipeline converts it). A nodule
+An exam is a NIfTI file or a DICOM folder (converted by noduleflow.metadata.dicom, as the pipeline converts it).
+A nodule
 is given by a box or a centre, in voxel indices or in world millimetres:
 
 - voxel box (i0, i1, j0, j1, k0, k1), inclusive, i = row (y), j = column (x), k = slice (z), as everywhere in
@@ -8,7 +9,7 @@ is given by a box or a centre, in voxel indices or in world millimetres:
 - world box (x0, x1, y0, y1, z0, z1) and world centre (x, y, z) in LPS millimetres (DICOM patient coordinates,
   what ITK uses; 3D Slicer shows RAS, i.e. x and y negated). A centre gets a cube of `diameter_mm` as its box.
 
-The patch is cut as the patch cache cuts it (noduleflow.patches), on the exam's own grid resampled to the run's
+The patch is cut as the patch cache cuts it (noduleflow.cache.patches), on the exam's own grid resampled to the run's
 patch spacing (a single exam needs no registration), and the run samples the follow-up with the seeds
 evaluate_run uses for the same pair index, so a test pair forecast here equals its evaluation forecast. Every
 forecast patch is written as NIfTI on the patch grid in the exam's space (it overlays the exam in 3D Slicer or
@@ -32,8 +33,7 @@ import SimpleITK as sitk
 import torch
 
 from noduleflow import distributed, figures
-from noduleflow.boxes import map_box, registered_grid
-from noduleflow.dicom import DicomSeriesError, convert_series, is_scout, read_headers
+from noduleflow.cache.patches import PatchSettings, box_in_patch, cut_patch, patch_grid, patch_start
 from noduleflow.evaluation.forecast import (
     ForecastSettings,
     Segmenter,
@@ -43,14 +43,17 @@ from noduleflow.evaluation.forecast import (
     load_run,
     voxel_size,
 )
-from noduleflow.evaluation.segmenter import build_segmenter
+from noduleflow.hu import to_hu
 from noduleflow.ids import is_safe_id
 from noduleflow.imaging import Geometry, ImageHeaderError, read_image, write_nifti
 from noduleflow.io import write_csv
+from noduleflow.metadata.dicom import DicomSeriesError, convert_series, is_scout, read_headers
 from noduleflow.models.flow import VelocityNet
+from noduleflow.models.settings import RunSettings
 from noduleflow.models.tasks import load_vae
-from noduleflow.patches import PatchSettings, box_in_patch, cut_patch, patch_grid, patch_start, to_hu
-from noduleflow.training import ModelFileError, derived_seed, read_model
+from noduleflow.models.training import ModelFileError, derived_seed, read_model
+from noduleflow.registration.boxes import map_box, registered_grid
+from noduleflow.settings import from_config
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class PortableRun:
 
     path: Path
     net: VelocityNet
-    run: dict[str, Any]
+    run: RunSettings
     patch: PatchSettings
     sampler: dict[str, Any]
     seed: int
@@ -80,7 +83,7 @@ class PortableRun:
 
     @property
     def dims(self) -> int:
-        return 2 if self.run["space"] == "slices" else 3
+        return 2 if self.run.space == "slices" else 3
 
 
 def load_portable_run(path: str | os.PathLike[str], expected_patch: dict[str, Any] | None = None,
@@ -94,7 +97,8 @@ def load_portable_run(path: str | os.PathLike[str], expected_patch: dict[str, An
     patch = saved.meta["patch"]
     differences = [f"{key} {patch[key]} in the model, {list(expected_patch[key])} expected"
                    for key in patch if expected_patch is not None and list(expected_patch[key]) != patch[key]]
-    if saved.hparams["run"]["space"] == "latent":
+    net, run = load_run(saved, device)
+    if run.space == "latent":
         if saved.vae is None:
             raise ModelFileError(f"{path}: a latent run without its VAE")
         vae_patch = saved.vae.meta.get("patch")
@@ -102,9 +106,9 @@ def load_portable_run(path: str | os.PathLike[str], expected_patch: dict[str, An
                         if vae_patch is not None and vae_patch[key] != patch[key]]
     if differences:
         raise ModelFileError(f"{path}: trained for another patch: {'; '.join(differences)}")
-    net, run = load_run(saved, device)
     vae = None if saved.vae is None else load_vae(saved.vae).to(device)
-    return PortableRun(Path(path), net, run, PatchSettings.from_mapping(patch), saved.meta["sampler"],
+    # a model file records the patch geometry and HU window; a forecast cuts its patch in memory, as float32
+    return PortableRun(Path(path), net, run, from_config(PatchSettings, patch, dtype="float32"), saved.meta["sampler"],
                        int(saved.meta["seed"]), vae, device)
 
 
@@ -231,7 +235,7 @@ def sample_forecasts(run: PortableRun, prior: Prior, days: float, item: int, sam
     tensor = torch.from_numpy(prior.image if run.dims == 3 else prior.image[0])[None, None].to(run.device)
     if run.vae is not None:
         tensor = run.vae.encode(tensor)[0]  # the encoder mean, as the latent cache holds
-    samples = 1 if run.run["formulation"] == "bridge" else samples
+    samples = 1 if run.run.formulation == "bridge" else samples
     out = []
     for start in range(0, samples, settings.batch_size):
         chosen = range(start, min(start + settings.batch_size, samples))
@@ -371,10 +375,9 @@ def read_requests(path: str | os.PathLike[str]) -> list[NoduleRequest | Forecast
     return out
 
 
-def forecast_table(model: str, table: str, out_dir: str, table_path: str, patch: dict[str, Any],
-                   segmentation: dict[str, Any], settings: ForecastSettings, samples: int) -> None:
+def forecast_table(*, model: str, table: str, out_dir: str, table_path: str, patch: dict[str, Any],
+                   segmenter: Segmenter, settings: ForecastSettings, samples: int) -> None:
     """The `forecast` target: every nodule of `table` forecast by the run in `model`, which must have been trained
-    on the `patch` config, measured with the `segmentation` config (rule forecast_patients)."""
+    on the `patch` config, measured with `segmenter` (rule forecast_patients)."""
     run = load_portable_run(model, expected_patch=patch)
-    forecast_requests(run, read_requests(table), ForecastJob(samples, settings, build_segmenter(segmentation)),
-                      out_dir, table_path)
+    forecast_requests(run, read_requests(table), ForecastJob(samples, settings, segmenter), out_dir, table_path)

@@ -1,0 +1,1 @@
+"""Stage 3: the patch and volume caches, the datasets over them, and the reference segmenter."""

@@ -1,0 +1,1 @@
+"""Stage 1: exams manifest, DICOM and NLST inputs, nodule tracking table, split tables, the synthetic cohort."""
