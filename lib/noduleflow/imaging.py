@@ -222,7 +222,7 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     """Read a NIfTI file as a SimpleITK image on its LPS geometry; raise ImageHeaderError if it is unusable.
 
     The header is checked once (`read_geometry`) and the data decompressed once. Native-endian integer images
-    without intensity scaling (CT exports) are decoded by ITK, whose zlib is about 1.7x faster than Python's,
+    without intensity scaling (CT exports) are decoded by ITK, whose zlib is faster than Python's,
     and a .nii.gz's voxels are then checked against its gzip checksum (ITK's reader returns damaged compressed
     data without complaint). Other images are decoded by nibabel (ITK turns NaN into 0): a .nii.gz in one call
     that checks the checksum, and non-finite voxels are reported.
