@@ -96,6 +96,40 @@ def test_non_finite_voxels_are_reported_not_zeroed(tmp_path):
         read_image(tmp_path / "nan.nii.gz")
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_a_nii_gz_damaged_inside_is_refused_and_an_intact_one_read_exactly(tmp_path, dtype):
+    """The gzip trailer (size, checksum) survives damage to the middle of the stream: the data must be checked."""
+    geometry = Geometry((64, 48, 40), (0.7, 0.7, 2.5), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    array = np.random.default_rng(0).integers(-1000, 1000, (40, 48, 64)).astype(dtype)
+    write_nifti(array, geometry, tmp_path / "ok.nii.gz")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "ok.nii.gz")), array)
+    data = bytearray((tmp_path / "ok.nii.gz").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    (tmp_path / "damaged.nii.gz").write_bytes(bytes(data))
+    assert read_geometry(tmp_path / "damaged.nii.gz").shape == geometry.shape  # the header is intact
+    with pytest.raises(ImageHeaderError, match="corrupt|unreadable"):
+        read_image(tmp_path / "damaged.nii.gz")
+    (tmp_path / "truncated.nii.gz").write_bytes(bytes(data[:middle]))
+    with pytest.raises(ImageHeaderError, match="truncated"):
+        read_image(tmp_path / "truncated.nii.gz")
+
+
+def test_big_endian_and_scaled_images_read_as_nibabel_reads_them(tmp_path):
+    array = np.random.default_rng(1).integers(-1000, 1000, (6, 5, 4)).astype(">i2")
+    image = nib.Nifti1Image(array, np.diag([-1.0, -1.0, 2.0, 1.0]))
+    image.header.set_slope_inter(2.0, -10.0)
+    nib.save(image, tmp_path / "scaled.nii.gz")
+    read = sitk.GetArrayFromImage(read_image(tmp_path / "scaled.nii.gz"))
+    np.testing.assert_array_equal(read, (array.astype(np.float32) * 2.0 - 10.0).transpose(2, 1, 0))
+    header = nib.Nifti1Header(endianness=">")
+    header.set_data_dtype(">i2")
+    nib.save(nib.Nifti1Image(array, np.diag([-1.0, -1.0, 2.0, 1.0]), header), tmp_path / "big_endian.nii")
+    assert nib.load(tmp_path / "big_endian.nii").get_data_dtype() == np.dtype(">i2")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "big_endian.nii")),
+                                  array.transpose(2, 1, 0))
+
+
 def _write_raw(path, data, affine=None):
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
 

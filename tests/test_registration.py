@@ -21,6 +21,7 @@ from noduleflow.registration.boxes import map_box, registered_grid
 from noduleflow.registration.rigid import (
     QualityThresholds,
     RegistrationSettings,
+    body_mask,
     matrix_to_transform,
     quality_reasons,
     register_exam,
@@ -104,6 +105,26 @@ def _pair_tre(fixed, truth, matrix, anatomy_points=2000):
 def _register(fixed, moving):
     result = register_exam(fixed, moving, RegistrationSettings())
     return result, homogeneous(result["fixed_to_moving"])
+
+
+def test_the_body_mask_fills_the_lungs_in_every_slice_and_leaves_out_the_table():
+    z, y, x = np.mgrid[:20, :40, :40]
+    volume = np.full((20, 40, 40), -1000.0, np.float32)
+    body = (y - 18) ** 2 + (x - 20) ** 2 < 15**2
+    volume[body] = 0.0
+    lungs = ((y - 18) ** 2 + (x - 13) ** 2 < 5**2) & (z < 15)  # open at the first slice, closed below
+    volume[lungs] = -900.0
+    volume[:, 36:38] = 0.0  # the table, apart from the body
+    image = sitk.GetImageFromArray(volume)
+    mask = sitk.GetArrayFromImage(body_mask(image, -500.0)).astype(bool)
+    assert mask[lungs].all()  # filled, in the first slice too
+    assert mask[1:-1][body[1:-1]].all()  # (the opening trims the rim of the end slices)
+    assert not mask[~body].any()  # neither the table nor the air
+
+
+def test_every_pyramid_level_needs_its_own_sampling_fraction():
+    with pytest.raises(ValueError, match="one value per pyramid level"):
+        RegistrationSettings(shrink_factors=(2, 1), smoothing_sigmas_mm=(2.0, 0.0), sampling_fraction=(0.1,))
 
 
 def test_a_follow_up_offset_60mm_along_the_body_axis_registers_within_1mm():

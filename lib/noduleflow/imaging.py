@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -203,10 +205,8 @@ def _check_data_size(path: str, expected: int) -> None:
         if compressed < 18 or expected > compressed * MAX_DEFLATE_RATIO:
             raise ImageHeaderError(f"a {compressed}-byte compressed file cannot hold the {expected} bytes its header "
                                    f"promises")
-        with open(path, "rb") as handle:
-            handle.seek(-4, os.SEEK_END)
-            if expected < 2**32 and int.from_bytes(handle.read(4), "little") == expected:
-                return
+        if expected < 2**32 and _gzip_trailer(path)[1] == expected:
+            return
         actual = 0
         try:
             with gzip.open(path, "rb") as stream:
@@ -221,22 +221,50 @@ def _check_data_size(path: str, expected: int) -> None:
 def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     """Read a NIfTI file as a SimpleITK image on its LPS geometry; raise ImageHeaderError if it is unusable.
 
-    The header is checked once (`read_geometry`). Integer images (all CT exports) are decoded by ITK alone,
-    about 3x faster than nibabel; floating point images by nibabel, because ITK's reader silently turns NaN
-    into 0, and non-finite voxels are reported.
+    The header is checked once (`read_geometry`) and the data decompressed once. Native-endian integer images
+    without intensity scaling (CT exports) are decoded by ITK, whose zlib is faster than Python's,
+    and a .nii.gz's voxels are then checked against its gzip checksum (ITK's reader returns damaged compressed
+    data without complaint). Other images are decoded by nibabel (ITK turns NaN into 0): a .nii.gz in one call
+    that checks the checksum, and non-finite voxels are reported.
     """
     geometry = read_geometry(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(os.fspath(path))
-    reader.ReadImageInformation()
-    if reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        array = np.asanyarray(nib.load(os.fspath(path)).dataobj)
-        if not np.isfinite(array).all():
-            raise ImageHeaderError(f"image contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    path = os.fspath(path)
+    header = nib.load(path)
+    proxy = header.dataobj
+    dtype = header.get_data_dtype()
+    trailer = _gzip_trailer(path) if path.endswith(".gz") else None
+    single_member = trailer is None or trailer[1] == (proxy.offset + int(np.prod(proxy.shape)) * dtype.itemsize) % 2**32
+    if dtype.kind in "iu" and dtype.isnative and proxy.slope == 1 and proxy.inter == 0 and single_member:
+        try:
+            image = sitk.ReadImage(path)
+        except RuntimeError as error:  # the header passed, so the data is damaged
+            raise ImageHeaderError(f"image data unreadable ({str(error).strip().splitlines()[-1][:200]})") from error
+        if trailer is not None:
+            with gzip.open(path, "rb") as stream:
+                checksum = zlib.crc32(sitk.GetArrayViewFromImage(image), zlib.crc32(stream.read(proxy.offset)))
+            if checksum != trailer[0]:
+                raise ImageHeaderError("compressed data is corrupt (its gzip checksum does not match)")
     else:
-        image = reader.Execute()
+        if trailer is not None:
+            try:
+                header = type(header).from_bytes(gzip.decompress(Path(path).read_bytes()))
+            except (EOFError, OSError, zlib.error) as error:
+                raise ImageHeaderError(f"compressed data is truncated or corrupt ({error})") from error
+        array = np.asanyarray(header.dataobj)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ImageHeaderError(f"image contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
+        if array.dtype == np.float64 and dtype != np.float64:  # scaled integers: float32 holds them
+            array = array.astype(np.float32)
+        image = sitk.GetImageFromArray(array.astype(array.dtype.newbyteorder("="), copy=False).T)
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
     return image
+
+
+def _gzip_trailer(path: str) -> tuple[int, int]:
+    """The CRC-32 and the size modulo 2**32 of the last member's uncompressed data, from a gzip file's end."""
+    with open(path, "rb") as handle:
+        handle.seek(-8, os.SEEK_END)
+        crc, size = struct.unpack("<II", handle.read(8))
+    return crc, size

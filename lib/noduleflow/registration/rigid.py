@@ -33,19 +33,26 @@ log = logging.getLogger(__name__)
 class RegistrationSettings:
     """How follow-ups are registered (config key `registration`)."""
 
-    resample_mm: float = 2.0  # both images are block-averaged and resampled to this isotropic spacing first
-    search_mm: float = 6.0  # spacing of the translation search that starts the optimisation
+    resample_mm: float = 3.0  # both images are block-averaged and resampled to this isotropic spacing first
+    search_mm: float = 9.0  # spacing of the translation search that starts the optimisation
     search_min_overlap: float = 0.3  # the search ignores shifts overlapping less than this fraction of the body
     search_starts: int = 3  # at most this many distinct shifts of the search are tried as starts ...
     search_tolerance: float = 0.1  # ... those whose correlation is within this of the best one's
     shrink_factors: tuple[int, ...] = (2, 1)
     smoothing_sigmas_mm: tuple[float, ...] = (2.0, 0.0)
     iterations: int = 100
-    histogram_bins: int = 50
-    sampling_fraction: float = 0.03
+    histogram_bins: int = 32
+    sampling_fraction: tuple[float, ...] = (0.25, 0.03)  # per level: the coarse one needs many samples to turn far
     body_threshold_hu: float = -500.0
     threads: int = 1  # ITK threads; more is faster, but multi-threaded metric sums differ in the last bits
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        levels = {len(self.shrink_factors), len(self.smoothing_sigmas_mm), len(self.sampling_fraction)}
+        if len(levels) != 1:
+            raise ValueError(f"registration: shrink_factors, smoothing_sigmas_mm and sampling_fraction need one value "
+                             f"per pyramid level each, got {self.shrink_factors}, {self.smoothing_sigmas_mm} and "
+                             f"{self.sampling_fraction}")
 
 
 def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
@@ -55,11 +62,15 @@ def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     linearly resampled.
     """
     factors = [max(1, round(spacing_mm / s)) for s in image.GetSpacing()]
-    image = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
+    image = sitk.Cast(sitk.BinShrink(image, factors), sitk.sitkFloat32)  # averaging first: 4x less to cast
     size = [max(2, int((n - 1) * s / spacing_mm) + 1) for n, s in zip(image.GetSize(), image.GetSpacing(),
                                                                      strict=True)]
     return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spacing_mm] * 3,
                          image.GetDirection(), -1024.0, sitk.sitkFloat32)
+
+
+# 4-connected within a slice, not across slices
+_IN_SLICE = np.pad(ndimage.generate_binary_structure(2, 1)[None], ((1, 1), (0, 0), (0, 0)))
 
 
 def body_mask(image: sitk.Image, threshold_hu: float) -> sitk.Image:
@@ -70,12 +81,12 @@ def body_mask(image: sitk.Image, threshold_hu: float) -> sitk.Image:
     """
     above = ndimage.binary_opening(sitk.GetArrayViewFromImage(image) > threshold_hu, iterations=1)
     labels, count = ndimage.label(above)
-    body = np.zeros(above.shape, dtype=np.uint8)
+    body = np.zeros(above.shape, dtype=bool)
     if count:
         largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-        for k in range(largest.shape[0]):  # 2D filling: the lungs may touch the first or last slice
-            body[k] = ndimage.binary_fill_holes(largest[k])
-    mask = sitk.GetImageFromArray(body)
+        # filled slice by slice (no connection along z), as the lungs may touch the first or last slice
+        body = ndimage.binary_fill_holes(largest, structure=_IN_SLICE)
+    mask = sitk.GetImageFromArray(body.astype(np.uint8))
     mask.CopyInformation(image)
     return mask
 
@@ -186,14 +197,14 @@ def _rigid_register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Imag
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(settings.sampling_fraction, settings.seed)
+    method.SetMetricSamplingPercentagePerLevel(list(settings.sampling_fraction[levels]), settings.seed)
     method.SetMetricFixedMask(fixed_mask)
     method.SetMetricMovingMask(moving_mask)
     method.SetMetricUseFixedImageGradientFilter(False)  # gradients at the samples only, not of whole images
     method.SetMetricUseMovingImageGradientFilter(False)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-3, numberOfIterations=settings.iterations, relaxationFactor=0.6,
+        learningRate=2.0, minStep=1e-2, numberOfIterations=settings.iterations, relaxationFactor=0.6,
         gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel(list(settings.shrink_factors[levels]))
@@ -201,6 +212,8 @@ def _rigid_register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Imag
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(sitk.VersorRigid3DTransform(start), inPlace=False)
     transform = method.Execute(fixed, moving)
+    log.debug("levels %s: %d iterations in the last, metric %.4f, %s", levels, method.GetOptimizerIteration(),
+              method.GetMetricValue(), method.GetOptimizerStopConditionDescription())
     return transform, float(method.GetMetricValue())
 
 
