@@ -24,11 +24,13 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+import yaml
 
 from noduleflow.imaging import Geometry, homogeneous, read_image, write_nifti
 from noduleflow.metadata.phantom import lung_depth_mm
@@ -40,6 +42,7 @@ from noduleflow.registration.rigid import (
     register_exam,
     transform_to_matrix,
 )
+from noduleflow.settings import from_config
 
 ants: ModuleType | None
 try:
@@ -57,6 +60,8 @@ TRE_POINTS = 2000
 MIN_LUNG_DEPTH_MM = 2.0
 SUCCESS_MM = 1.0
 NODULEFLOW_THREADS = (1, 2)
+
+CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,9 @@ def true_motion(pair: Pair) -> tuple[float, float]:
 
 
 def run_noduleflow(pair: Pair, threads: int) -> tuple[float, np.ndarray, dict]:
-    """Seconds, fixed -> moving matrix and QC numbers of `register_exam` with default settings but `threads`."""
-    settings = RegistrationSettings(threads=threads)
+    """Seconds, fixed -> moving matrix and QC numbers of `register_exam` with the default config's settings but
+    `threads`."""
+    settings = from_config(RegistrationSettings, CONFIG["registration"]["method"], threads=threads, seed=CONFIG["seed"])
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)  # as register_shard does
     start = time.perf_counter()
     result = register_exam(pair.fixed, pair.moving, settings)
@@ -212,7 +218,7 @@ def sweep(args: argparse.Namespace, ants_pairs: int) -> None:
           f"{config.fov_mm[2]:.0f} mm along the body axis, rotations up to {config.max_rotation_deg} deg, translations "
           f"up to {config.max_translation_mm} mm per axis, scan ranges up to {config.max_start_offset_mm} mm apart, "
           f"non-rigid change up to {config.deformation_mm} mm; load {os.getloadavg()[0]:.1f}")
-    thresholds = QualityThresholds()
+    thresholds = from_config(QualityThresholds, CONFIG["registration"]["qc"])
     rows = []
     for index in range(args.sweep):
         pair = make_pair(config, SWEEP_SPACING, args.seed + 1, index)

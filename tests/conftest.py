@@ -25,8 +25,20 @@ IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def config_settings(cls, key: str, **overrides):
-    """Settings `cls` from the default config's section `key` (the keys `cls` reads), with `overrides`."""
-    return from_config(cls, section(cls, CONFIG[key]), **overrides)
+    """Settings `cls` from the default config's section `key` (dotted for a nested one: "registration.qc"; the keys
+    `cls` reads), with `overrides`."""
+    values = CONFIG
+    for part in key.split("."):
+        values = values[part]
+    return from_config(cls, section(cls, values), **overrides)
+
+
+def registration_settings(**overrides):
+    """The default config's registration settings (`registration.method`, `.threads`, the seed), with `overrides`."""
+    from noduleflow.registration.rigid import RegistrationSettings
+
+    return config_settings(RegistrationSettings, "registration.method",
+                           **{"threads": CONFIG["registration"]["threads"], "seed": CONFIG["seed"], **overrides})
 
 
 def forecast_config(**overrides):

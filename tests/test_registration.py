@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import kill_after_first_job, make_workdir, planned_jobs, snakemake
+from conftest import config_settings, kill_after_first_job, make_workdir, planned_jobs, registration_settings, snakemake
 from noduleflow.ids import shard_name, shard_of
 from noduleflow.imaging import Geometry, homogeneous, read_image, write_nifti
 from noduleflow.io import load_plain_pickle
@@ -20,7 +20,6 @@ from noduleflow.plan import find_precomputed_transforms, shard_plan
 from noduleflow.registration.boxes import map_box, registered_grid
 from noduleflow.registration.rigid import (
     QualityThresholds,
-    RegistrationSettings,
     body_mask,
     matrix_to_transform,
     quality_reasons,
@@ -30,6 +29,7 @@ from noduleflow.registration.rigid import (
 
 SPLITS = ("train", "val", "test")
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+QC = config_settings(QualityThresholds, "registration.qc")
 
 
 def _rigid(angles_deg, translation):
@@ -75,15 +75,14 @@ def test_map_box_follows_a_known_translation():
 def test_quality_reasons_name_each_violated_threshold():
     good = {"error": None, "is_fixed": False, "lung_ncc_before": 0.2, "lung_ncc_after": 0.93, "rotation_deg": 4.0,
             "translation_mm": 12.0, "overlap": 0.55}
-    thresholds = QualityThresholds()
-    assert quality_reasons(good, thresholds) is None
-    assert "lung similarity" in quality_reasons({**good, "lung_ncc_after": 0.4}, thresholds)
-    assert "worse" in quality_reasons({**good, "lung_ncc_before": 0.97}, thresholds)
-    assert "rotation" in quality_reasons({**good, "rotation_deg": 40.0}, thresholds)
-    assert "translation" in quality_reasons({**good, "translation_mm": 200.0}, thresholds)
-    assert "failed: boom" in quality_reasons({**good, "error": "boom"}, thresholds)
+    assert quality_reasons(good, QC) is None
+    assert "lung similarity" in quality_reasons({**good, "lung_ncc_after": 0.4}, QC)
+    assert "worse" in quality_reasons({**good, "lung_ncc_before": 0.97}, QC)
+    assert "rotation" in quality_reasons({**good, "rotation_deg": 40.0}, QC)
+    assert "translation" in quality_reasons({**good, "translation_mm": 200.0}, QC)
+    assert "failed: boom" in quality_reasons({**good, "error": "boom"}, QC)
     expected = "the follow-up covers 30% of the baseline's body < 40%"
-    assert quality_reasons({**good, "overlap": 0.3}, thresholds) == expected
+    assert quality_reasons({**good, "overlap": 0.3}, QC) == expected
 
 
 # --- robust start and fair QC on synthetic pairs (coarse grids, so each registration takes seconds) ---------
@@ -103,7 +102,7 @@ def _pair_tre(fixed, truth, matrix, anatomy_points=2000):
 
 
 def _register(fixed, moving):
-    result = register_exam(fixed, moving, RegistrationSettings())
+    result = register_exam(fixed, moving, registration_settings())
     return result, homogeneous(result["fixed_to_moving"])
 
 
@@ -124,7 +123,7 @@ def test_the_body_mask_fills_the_lungs_in_every_slice_and_leaves_out_the_table()
 
 def test_every_pyramid_level_needs_its_own_sampling_fraction():
     with pytest.raises(ValueError, match="one value per pyramid level"):
-        RegistrationSettings(shrink_factors=(2, 1), smoothing_sigmas_mm=(2.0, 0.0), sampling_fraction=(0.1,))
+        registration_settings(shrink_factors=(2, 1), smoothing_sigmas_mm=(2.0, 0.0), sampling_fraction=(0.1,))
 
 
 def test_a_follow_up_offset_60mm_along_the_body_axis_registers_within_1mm():
@@ -133,7 +132,7 @@ def test_a_follow_up_offset_60mm_along_the_body_axis_registers_within_1mm():
     result, matrix = _register(fixed, moving)
     mean, worst = _pair_tre(fixed, truth, matrix)
     assert mean < 1.0 and worst < 2.0, (mean, worst)
-    assert quality_reasons({"error": None, "is_fixed": False, **result}, QualityThresholds()) is None
+    assert quality_reasons({"error": None, "is_fixed": False, **result}, QC) is None
 
 
 def test_a_pair_overlapping_60_percent_passes_qc_with_the_right_transform():
@@ -145,7 +144,7 @@ def test_a_pair_overlapping_60_percent_passes_qc_with_the_right_transform():
     mean, worst = _pair_tre(fixed, truth, matrix)
     assert mean < 1.0 and worst < 2.0, (mean, worst)
     assert 0.5 < result["overlap"] < 0.7
-    assert quality_reasons({"error": None, "is_fixed": False, **result}, QualityThresholds()) is None
+    assert quality_reasons({"error": None, "is_fixed": False, **result}, QC) is None
     # what the old QC measured: lung similarity over the whole baseline, air where the follow-up ends
     array = sitk.GetArrayFromImage(fixed).astype(float)
     moved = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, matrix_to_transform(matrix), sitk.sitkLinear,
@@ -158,7 +157,7 @@ def test_another_patients_exam_is_still_flagged():
     fixed, _, _, _ = exam_pair(COARSE, 2, 2.0, 3.0, follow_up=np.eye(4), start_offsets=(0.0, 0.0))
     _, other, _, _ = exam_pair(COARSE, 3, 2.0, 3.0, follow_up=_rigid((2.0, 0.0, 0.0), (0.0, 0.0, 20.0)))
     result, _ = _register(fixed, other)
-    assert "lung similarity" in quality_reasons({"error": None, "is_fixed": False, **result}, QualityThresholds())
+    assert "lung similarity" in quality_reasons({"error": None, "is_fixed": False, **result}, QC)
 
 
 def test_a_non_rigid_follow_up_registers_within_2mm_on_average():
@@ -245,7 +244,7 @@ def test_registration_recovers_a_known_transform(phantom_pair, tmp_path):
     folder, truth = phantom_pair
     exams = pd.DataFrame({"pid": "100001", "exam_id": ["a", "b"], "screen_timepoint": [0, 1], "shard": 0,
                           "image_path": [str(folder / "fixed.nii.gz"), str(folder / "moving.nii.gz")]})
-    table = register_shard(shard_plan(exams, {})[0], RegistrationSettings(), tmp_path)
+    table = register_shard(shard_plan(exams, {})[0], registration_settings(), tmp_path)
     follow_up = table.set_index("exam_id").loc["b"]
     assert follow_up["transform_source"] == "registered" and follow_up["error"] is None
     mean, worst = _lung_tre(folder / "fixed.nii.gz", _matrix(follow_up), truth)
@@ -268,7 +267,7 @@ def test_precomputed_transforms_are_reused_and_inverted_when_stored_the_other_wa
                           "image_path": [str(folder / "fixed.nii.gz"), str(folder / "moving.nii.gz")]})
     plan = shard_plan(exams, mapping)[0]
     assert plan[1].precomputed_inverted
-    row = register_shard(plan, RegistrationSettings(), tmp_path / "out").set_index("exam_id").loc["b"]
+    row = register_shard(plan, registration_settings(), tmp_path / "out").set_index("exam_id").loc["b"]
     assert row["transform_source"] == "precomputed"
     np.testing.assert_allclose(_matrix(row), truth, atol=1e-6)
 
@@ -286,7 +285,7 @@ def test_a_damaged_precomputed_transform_fails_only_its_exam_naming_the_file(pha
     sitk.WriteTransform(matrix_to_transform(matrix), str(stored / "a__b.tfm"))
     exams = pd.DataFrame({"pid": "100001", "exam_id": ["a", "b"], "screen_timepoint": [0, 1], "shard": 0,
                           "image_path": [str(folder / "fixed.nii.gz"), str(folder / "moving.nii.gz")]})
-    rows = register_shard(shard_plan(exams, find_precomputed_transforms(stored))[0], RegistrationSettings(),
+    rows = register_shard(shard_plan(exams, find_precomputed_transforms(stored))[0], registration_settings(),
                           tmp_path / "out").set_index("exam_id")
     assert "a__b.tfm" in rows.at["b", "error"] and "not a finite rigid transform" in rows.at["b", "error"]
     assert pd.isna(rows.at["a", "error"]) and rows.at["a", "transform_source"] == "identity"

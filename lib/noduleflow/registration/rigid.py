@@ -31,21 +31,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RegistrationSettings:
-    """How follow-ups are registered (config key `registration`)."""
+    """How follow-ups are registered: config `registration.method`, plus `registration.threads` and the seed."""
 
-    resample_mm: float = 3.0  # both images are block-averaged and resampled to this isotropic spacing first
-    search_mm: float = 9.0  # spacing of the translation search that starts the optimisation
-    search_min_overlap: float = 0.3  # the search ignores shifts overlapping less than this fraction of the body
-    search_starts: int = 3  # at most this many distinct shifts of the search are tried as starts ...
-    search_tolerance: float = 0.1  # ... those whose correlation is within this of the best one's
-    shrink_factors: tuple[int, ...] = (2, 1)
-    smoothing_sigmas_mm: tuple[float, ...] = (2.0, 0.0)
-    iterations: int = 100
-    histogram_bins: int = 32
-    sampling_fraction: tuple[float, ...] = (0.25, 0.03)  # per level: the coarse one needs many samples to turn far
-    body_threshold_hu: float = -500.0
-    threads: int = 1  # ITK threads; more is faster, but multi-threaded metric sums differ in the last bits
-    seed: int = 42
+    resample_mm: float  # both images are block-averaged and resampled to this isotropic spacing first
+    search_mm: float  # spacing of the translation search that starts the optimisation
+    search_min_overlap: float  # the search ignores shifts overlapping less than this fraction of the body
+    search_starts: int  # at most this many distinct shifts of the search are tried as starts ...
+    search_tolerance: float  # ... those whose correlation is within this of the best one's
+    shrink_factors: tuple[int, ...]
+    smoothing_sigmas_mm: tuple[float, ...]
+    iterations: int
+    histogram_bins: int
+    sampling_fraction: tuple[float, ...]  # per level: the coarse one needs many samples to turn far
+    body_threshold_hu: float
+    threads: int  # ITK threads; more is faster, but multi-threaded metric sums differ in the last bits
+    seed: int
 
     def __post_init__(self) -> None:
         levels = {len(self.shrink_factors), len(self.smoothing_sigmas_mm), len(self.sampling_fraction)}
@@ -378,13 +378,13 @@ def register_shard(exams: list[ShardExam], settings: RegistrationSettings,
 
 @dataclass(frozen=True)
 class QualityThresholds:
-    """When a registration is flagged as bad (config key `registration.qc`)."""
+    """When a registration is flagged as bad (config `registration.qc`)."""
 
-    min_lung_ncc: float = 0.7  # lung similarity after registration (same patient ~0.85-0.95, another ~0.5)
-    min_overlap: float = 0.4  # fraction of the baseline's body that the registered follow-up covers
-    max_ncc_drop: float = 0.02  # registration may not make the lung similarity worse than no registration
-    max_rotation_deg: float = 15.0  # screening follow-ups differ by a few degrees
-    max_translation_mm: float = 80.0
+    min_lung_ncc: float  # lung similarity after registration (same patient ~0.85-0.95, another ~0.5)
+    min_overlap: float  # fraction of the baseline's body that the registered follow-up covers
+    max_ncc_drop: float  # registration may not make the lung similarity worse than no registration
+    max_rotation_deg: float  # screening follow-ups differ by a few degrees
+    max_translation_mm: float
 
 
 def quality_reasons(row: Mapping[str, Any], thresholds: QualityThresholds) -> str | None:
