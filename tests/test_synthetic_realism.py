@@ -22,6 +22,8 @@ from noduleflow.synthetic import (
     _sample_nodules,
     _screening_exam,
     _screening_look,
+    _uniform_rotation,
+    _voxel_fractions,
     generate_cohort,
     generate_patient,
 )
@@ -108,6 +110,32 @@ def test_the_look_hints_at_the_fate_without_giving_it_away():
             assert offset > 0 and offset + track.core_fraction <= 0.9  # off-centre, inside the nodule
         spiculated[fast] = np.mean(looks)
     assert 0.0 < spiculated[False] < spiculated[True] < 1.0
+
+
+@pytest.mark.parametrize("kind", ["solid", "part_solid", "calcified", "ground_glass"])
+def test_voxel_fractions_equal_sampling_every_voxel(kind):
+    # the bounds skip sampling only where all 27 samples of a voxel agree: the fractions are those of full sampling
+    rng = np.random.default_rng(5)
+    offsets = np.stack(np.meshgrid(*[np.array([-1, 0, 1]) / 3.0] * 3, indexing="ij"), -1).reshape(-1, 3)
+    for fast in (True, False, True):
+        track = _track(np.array([1.0, -2.0, 3.0]), kind=kind, volume=float(rng.uniform(20.0, 800.0)))
+        track.orientation, track.axes = _uniform_rotation(rng), np.array([0.8, 1.0, 1.25])
+        _screening_look(rng, track, fast)
+        if kind == "calcified" and fast:
+            track.core_offset = np.zeros(3)
+        pose = np.eye(4)
+        pose[:3, :3] = _uniform_rotation(rng) * 1.003
+        spacing, origin = np.array([0.7, 0.7, rng.choice([1.0, 2.5])]), np.array([-14.0, -16.0, -12.0])
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in (45, 45, 30 if spacing[2] < 2 else 12)],
+                                    indexing="ij"), -1).reshape(-1, 3)
+        outer, core = _voxel_fractions(track, track.scale(0.0), grid, spacing, origin, pose)
+        points = ((grid[:, None] + offsets) * spacing + origin).reshape(-1, 3) @ pose[:3, :3].T
+        level = track.level(points, track.scale(0.0))
+        assert np.array_equal(outer, (level <= 1.0).reshape(-1, 27).mean(axis=1))
+        assert 0 < (outer == 1.0).sum() and 0 < ((outer > 0) & (outer < 1)).sum()
+        if kind in ("part_solid", "calcified"):
+            expected = track.core(points, track.scale(0.0), level).reshape(-1, 27).mean(axis=1)
+            assert np.array_equal(core, expected) and core.max() == 1.0
 
 
 @pytest.mark.slow
