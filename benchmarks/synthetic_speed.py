@@ -7,7 +7,7 @@ renderer: wall and CPU seconds per patient (generation only, imports excluded), 
 and how far the new images and masks are from the old ones.
 
     .venv/bin/python benchmarks/synthetic_speed.py [--patients 3] [--config config/config.yaml]
-        [--set preset=screening fov_mm=260,210,300] [--baseline 7006dfa]
+        [--set preset=screening fov_mm=260,210,300] [--baseline 7006dfa] [--new HEAD]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _settings(config_path: Path, overrides: list[str]) -> dict:
     return settings
 
 
-def _baseline_lib(revision: str, folder: Path) -> Path:
+def _archived_lib(revision: str, folder: Path) -> Path:
     archive = subprocess.run(["git", "archive", revision, "lib/noduleflow"], cwd=ROOT, check=True,
                              capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
@@ -85,12 +85,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "config.yaml")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override synthetic settings")
     parser.add_argument("--baseline", default=BASELINE, help="git revision of the old renderer")
+    parser.add_argument("--new", help="git revision of the new renderer (default: this working tree)")
     args = parser.parse_args()
     settings = _settings(args.config, args.set)
     results: dict[str, list[dict]] = {"old": [], "new": []}
     largest, total, masks_differ, mask_voxels = 0.0, 0.0, 0, 0
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {"old": _baseline_lib(args.baseline, Path(tmp) / "baseline"), "new": ROOT / "lib"}
+        libs = {"old": _archived_lib(args.baseline, Path(tmp) / "baseline"),
+                "new": _archived_lib(args.new, Path(tmp) / "new") if args.new else ROOT / "lib"}
         for index in range(args.patients):
             outs = {name: Path(tmp) / f"{name}{index}" for name in libs}
             for name, lib in libs.items():
@@ -98,7 +100,7 @@ def main() -> None:
             big, mean, differ, voxels = _differences(outs["old"], outs["new"])
             largest, total = max(largest, big), total + mean
             masks_differ, mask_voxels = masks_differ + differ, mask_voxels + voxels
-    print(f"synthetic settings: {json.dumps(settings)}; baseline {args.baseline}")
+    print(f"synthetic settings: {json.dumps(settings)}; old {args.baseline}, new {args.new or 'working tree'}")
     print("| renderer | patients | wall s / patient | CPU s / patient | peak RSS MB | speed-up (CPU) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     cpu_old = np.sum([r["cpu"] for r in results["old"]])

@@ -551,22 +551,27 @@ def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, defor
         found.append(_render_nodule(canvas, labels, track, day, geometry, exam_from_anatomy))
     sigma_mm = _slice_profile_sigma_mm(reference, thickness)
     if sigma_mm > 0:
-        array = gaussian_filter1d(array, sigma_mm / fine.spacing[2], axis=0, mode="nearest")
+        array = gaussian_filter1d(array, sigma_mm / fine.spacing[2], axis=0, mode="nearest", output=array)
     array = gaussian_filter(array[::k], sigma=(0.0, _KERNEL_PSF_MM / geometry.spacing[1],
                                                _KERNEL_PSF_MM / geometry.spacing[0]))
-    return array + kernel_noise(rng, array.shape, geometry.spacing[0], noise_hu), labels, found
+    array += kernel_noise(rng, array.shape, geometry.spacing[0], noise_hu)
+    return array, labels, found
 
 
 def kernel_noise(rng: np.random.Generator, shape: tuple[int, ...], pixel_mm: float, std: float) -> np.ndarray:
     """float32 noise of a sharp reconstruction kernel: independent slices, in-plane power spectrum
-    f exp(-(f / f0)^2) peaking at _KERNEL_NPS_PEAK cycles/mm (the ramp filter times the kernel's roll-off)."""
-    white = rng.normal(size=shape).astype(np.float32)
+    f exp(-(f / f0)^2) peaking at _KERNEL_NPS_PEAK cycles/mm (the ramp filter times the kernel's roll-off).
+
+    Drawn in the frequency domain: complex white noise shaped by the kernel, one inverse FFT per slice."""
     fy = np.fft.fftfreq(shape[-2], pixel_mm)[:, None]
     fx = np.fft.rfftfreq(shape[-1], pixel_mm)[None, :]
     radial = np.sqrt(fx * fx + fy * fy)
     gain = np.sqrt(radial * np.exp(-((radial / (_KERNEL_NPS_PEAK * math.sqrt(2.0))) ** 2))).astype(np.float32)
-    noise = fft.irfft2(fft.rfft2(white, axes=(-2, -1)) * gain, s=shape[-2:], axes=(-2, -1))
-    return noise * np.float32(std / max(float(noise.std()), 1e-6))
+    spectrum = rng.standard_normal((*shape[:-1], fx.size, 2), dtype=np.float32).view(np.complex64)[..., 0]
+    spectrum *= gain
+    noise = fft.irfft2(spectrum, s=shape[-2:], axes=(-2, -1), overwrite_x=True)
+    noise *= np.float32(std / max(float(noise.std()), 1e-6))
+    return noise
 
 
 def _exam_pose(config: CohortConfig, rng: np.random.Generator, index: int,
