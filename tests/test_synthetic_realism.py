@@ -9,7 +9,14 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import binary_erosion
 
-from noduleflow.phantom import boundary_distances_mm, lung_depth_mm, sample_anatomy
+from noduleflow.phantom import (
+    _fissure_height,
+    boundary_distances_mm,
+    lung_depth_mm,
+    render_anatomy,
+    sample_anatomy,
+    vessel_distance_mm,
+)
 from noduleflow.synthetic import (
     CohortConfig,
     Deformation,
@@ -78,6 +85,39 @@ def test_a_configured_fraction_of_nodules_touches_the_pleura_or_a_vessel(anatomy
         measured[fraction] = np.mean(touching)
     assert measured[0.0] == 0.0
     assert 0.25 <= measured[0.4] <= 0.6
+
+
+def test_fine_anatomy_puts_a_vessel_within_5_mm_of_most_nodules():
+    config = CohortConfig(**{**SCREENING.__dict__, "nodules_per_patient": (4, 4)})
+    near, thinnest = {}, {}
+    for fine in (False, True):
+        gaps = []
+        for seed in range(3):
+            anatomy = sample_anatomy(np.random.default_rng(seed), config.fov_mm, fine=fine)
+            thinnest[fine] = 2.0 * anatomy.tube_radius[anatomy.tube_kind == 0].min()
+            for track in _sample_nodules(np.random.default_rng(seed), anatomy, config, {0: 0.0, 1: 400.0}):
+                radius = (3.0 * track.volume(0.0) / (4.0 * math.pi)) ** (1.0 / 3.0)
+                gaps.append(vessel_distance_mm(anatomy, track.center[None])[0] - radius)
+        near[fine] = np.mean(np.asarray(gaps) <= 5.0)
+    assert thinnest[True] <= 1.0 < thinnest[False]
+    assert near[True] >= 0.8
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_fine_anatomy_draws_the_fissures_as_thin_dense_sheets(fine):
+    anatomy = sample_anatomy(np.random.default_rng(3), SCREENING.fov_mm, fine=fine)
+    oblique = sample_anatomy(np.random.default_rng(3), SCREENING.fov_mm, fine=True).fissures[0]
+    x = anatomy.lung_caps[0][0]
+    candidates = [np.array([x, y, _fissure_height(oblique, x, y)[0]]) for y in np.linspace(-60.0, 60.0, 41)]
+    clear = [min(lung_depth_mm(anatomy, p[None])[0], vessel_distance_mm(anatomy, p[None])[0]) for p in candidates]
+    point = candidates[int(np.argmax(clear))]
+    assert max(clear) > 3.0  # inside the lung, away from vessels
+    spacing = (0.5, 0.5, 0.25)
+    block = render_anatomy(anatomy, (3, 3, 33), spacing, tuple(point - np.array([0.5, 0.5, 4.0])))
+    profile = np.median(block.reshape(33, -1), axis=1)  # along z, through the fissure at the middle
+    parenchyma = np.median(np.r_[profile[:8], profile[-8:]])
+    assert -900.0 < parenchyma < -780.0
+    assert (profile[14:19].max() - parenchyma > 150.0) == fine
 
 
 def test_screening_fates_are_mostly_stable_or_slow_and_intervals_span_1_to_3_years():

@@ -603,7 +603,7 @@ def exam_pair(config: CohortConfig, index: int, pixel_spacing: float, thickness:
     rows (exam_id "baseline" and "follow_up", for `truth_map_points`) and the anatomy.
     """
     rng = np.random.default_rng([config.seed, index])
-    anatomy = sample_anatomy(rng, config.fov_mm)
+    anatomy = sample_anatomy(rng, config.fov_mm, fine=config.preset == "screening")
     reference = _anatomy_image(anatomy, config)
     images, truth = [], []
     for position, exam_id in enumerate(("baseline", "follow_up")):
@@ -631,7 +631,7 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
     pattern = _TIMEPOINT_PATTERNS[int(rng.choice(len(_TIMEPOINT_PATTERNS), p=_TIMEPOINT_P))]
     all_days = _draw_days(rng, config)
     days = {tp: all_days[tp] for tp in pattern}
-    anatomy = sample_anatomy(rng, config.fov_mm)
+    anatomy = sample_anatomy(rng, config.fov_mm, fine=config.preset == "screening")
     tracks = _sample_nodules(rng, anatomy, config, days)
     reference = _anatomy_image(anatomy, config)
 
