@@ -382,15 +382,24 @@ def _fissure_height(row: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.n
 
 def _paint_fissures(a: ChestAnatomy, img: np.ndarray, x: np.ndarray, y: np.ndarray, z: float, lung: np.ndarray,
                     w: float) -> None:
-    """Thin denser sheets between the lobes, inside their own lung only."""
+    """Thin denser sheets between the lobes, inside their own lung only, painted in the rows they cross."""
     x_mid = a.mediastinum[0]
     for row in a.fissures:
-        height, slope = _fissure_height(row, x, y)
-        sd = np.maximum(np.abs(z - height) / slope - _FISSURE_MM, lung)
+        _, z0, gy, gx, curvature, xc, _ = row
+        across = gx * x + curvature * (x - xc) ** 2  # height change along x
+        steepest = float(np.abs(gx + 2.0 * curvature * (x - xc)).max())
+        reach = (_FISSURE_MM + 0.5 * w) * math.sqrt(1.0 + gy * gy + steepest**2)  # farthest |z - height| painted
+        level = z - z0 - gy * y[:, 0]
+        near = np.flatnonzero((level >= across.min() - reach) & (level <= across.max() + reach))
+        if not len(near):
+            continue
+        rows = slice(int(near[0]), int(near[-1]) + 1)
+        height, slope = _fissure_height(row, x, y[rows])
+        sd = np.maximum(np.abs(z - height) / slope - _FISSURE_MM, lung[rows])
         sd = np.maximum(sd, (x - x_mid) if row[0] == _RIGHT else (x_mid - x))
         if row[6] >= 0:  # only above the fissure it ends on
-            sd = np.maximum(sd, _fissure_height(a.fissures[int(row[6])], x, y)[0] - height)
-        _blend(img, _FISSURE_HU, sd, w)
+            sd = np.maximum(sd, _fissure_height(a.fissures[int(row[6])], x, y[rows])[0] - height)
+        _blend(img[rows], _FISSURE_HU, sd, w)
 
 
 def _paint_capsule(vol: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray], p0: np.ndarray,
