@@ -73,10 +73,14 @@ def _run(lib: Path, settings: dict, index: int, out: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _differences(old: Path, new: Path) -> tuple[float, float, int, int]:
-    """Largest and mean absolute HU difference over all images, and differing mask voxels out of all nodule voxels."""
+def _differences(old: Path, new: Path) -> tuple[float, float, int, int] | None:
+    """Largest and mean absolute HU difference over all images, and differing mask voxels out of all nodule voxels
+    (None: the two wrote different series, their random draws differ)."""
     largest, total, count, masks_differ, mask_voxels = 0.0, 0.0, 0, 0, 0
-    for path in sorted(old.rglob("*.nii.gz")):
+    paths = sorted(p.relative_to(old) for p in old.rglob("*.nii.gz"))
+    if paths != sorted(p.relative_to(new) for p in new.rglob("*.nii.gz")):
+        return None
+    for path in (old / p for p in paths):
         a = np.asarray(nib.load(path).dataobj, dtype=np.float32)
         b = np.asarray(nib.load(new / path.relative_to(old)).dataobj, dtype=np.float32)
         if "masks" in path.parts:
@@ -99,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = _settings(args.config, args.set)
     results: dict[str, list[dict]] = {"old": [], "new": []}
-    largest, total, masks_differ, mask_voxels = 0.0, 0.0, 0, 0
+    differences = []
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"old": _lib(args.baseline, Path(tmp) / "old"), "new": _lib(args.new, Path(tmp) / "new")}
         sides = {"old": settings, "new": _overridden(settings, args.new_set)}
@@ -107,10 +111,7 @@ def main() -> None:
             outs = {name: Path(tmp) / f"{name}{index}" for name in libs}
             for name, lib in libs.items():
                 results[name].append(_run(lib, sides[name], index, outs[name]))
-            if not args.new_set:
-                big, mean, differ, voxels = _differences(outs["old"], outs["new"])
-                largest, total = max(largest, big), total + mean
-                masks_differ, mask_voxels = masks_differ + differ, mask_voxels + voxels
+            differences.append(_differences(outs["old"], outs["new"]))
     print(f"synthetic settings: {json.dumps(settings)}; old {args.baseline}, new {args.new} {' '.join(args.new_set)}")
     print("| renderer | patients | wall s / patient | CPU s / patient | peak RSS MB | speed-up (CPU) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -119,9 +120,12 @@ def main() -> None:
         cpu = np.sum([r["cpu"] for r in rows])
         print(f"| {name} | {len(rows)} | {np.mean([r['wall'] for r in rows]):.1f} | {cpu / len(rows):.1f} | "
               f"{max(r['rss_mb'] for r in rows):.0f} | {cpu_old / cpu:.2f} |")
-    if not args.new_set:
-        print(f"new - old images: largest |difference| {largest:.0f} HU, mean {total / args.patients:.4f} HU; "
-              f"mask voxels that differ: {masks_differ} of {mask_voxels} nodule voxels")
+    if None in differences:
+        print("new - old images: not comparable (different series: the random draws differ)")
+    else:
+        largest, mean, differ, voxels = np.asarray(differences).T
+        print(f"new - old images: largest |difference| {largest.max():.0f} HU, mean {mean.mean():.4f} HU; "
+              f"mask voxels that differ: {differ.sum():.0f} of {voxels.sum():.0f} nodule voxels")
 
 
 if __name__ == "__main__":
