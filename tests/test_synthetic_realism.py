@@ -26,6 +26,7 @@ from noduleflow.synthetic import (
     _draw_days,
     _draw_fate,
     _exam_geometry,
+    _render_nodule,
     _sample_nodules,
     _screening_exam,
     _screening_look,
@@ -68,6 +69,26 @@ def test_noise_inside_a_nodule_matches_the_same_tissue_outside(anatomy):
     ratio = image[inside].std() / heart.std()
     assert 0.8 <= ratio <= 1.2
     assert heart.std() == pytest.approx(80.0, rel=0.2)
+
+
+def test_a_nodule_gets_the_slice_profile_and_keeps_its_excess_density(anatomy):
+    reference = _anatomy_image(anatomy, SCREENING)
+    candidates = np.random.default_rng(0).uniform(-60.0, 60.0, (4000, 3))
+    center = candidates[np.argmax(lung_depth_mm(anatomy, candidates))]
+    geometry = _exam_geometry(SCREENING, 0.75, 2.5)
+    pose, still = Pose(np.eye(3), np.zeros(3), np.ones(3)), Deformation(np.zeros((0, 7)))
+    track = _track(center, volume=300.0)
+    images = [_screening_exam(reference, geometry, pose, still, drawn, 0.0, np.random.default_rng(1), 0.0)
+              for drawn in ([(track, np.eye(4))], [])]
+    change, labels = images[0][0] - images[1][0], images[0][1]
+    # the blurs move the nodule's excess density around without losing or adding any: its sum is that of the
+    # nodule drawn straight into the exam grid
+    sharp = images[1][0].copy()
+    _render_nodule(sharp, np.zeros(sharp.shape, np.uint8), track, 0.0, geometry, np.eye(4))
+    assert change.sum() == pytest.approx((sharp - images[1][0]).sum(), rel=0.03)
+    slices = np.flatnonzero(np.abs(change).max(axis=(1, 2)) > 5.0)
+    labelled = np.flatnonzero(labels.any(axis=(1, 2)))
+    assert slices.min() < labelled.min() and slices.max() > labelled.max()  # spread along z by the slice profile
 
 
 def test_a_configured_fraction_of_nodules_touches_the_pleura_or_a_vessel(anatomy):

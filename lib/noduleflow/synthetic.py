@@ -399,11 +399,7 @@ def _render_nodule(volume: np.ndarray, labels: np.ndarray, track: NoduleTrack, d
     spacing = np.asarray(geometry.spacing)
     origin = np.asarray(geometry.origin)
     anatomy_from_exam = np.linalg.inv(exam_from_anatomy)
-    centre_exam = exam_from_anatomy[:3, :3] @ track.center + exam_from_anatomy[:3, 3]
-    centre_index = (centre_exam - origin) / spacing  # x, y, z (identity direction)
-    reach = (track.max_radius(scale) + spacing) / spacing
-    low = np.maximum(np.floor(centre_index - reach).astype(int), 0)
-    high = np.minimum(np.ceil(centre_index + reach).astype(int), np.asarray(geometry.shape) - 1)
+    centre_index, low, high = _nodule_box(track, scale, geometry, exam_from_anatomy)
     grid = np.stack(np.meshgrid(*[np.arange(lo, hi + 1) for lo, hi in zip(low, high, strict=True)], indexing="ij"), -1)
     grid = grid.reshape(-1, 3)
     outer, core = _voxel_fractions(track, scale, grid, spacing, origin, anatomy_from_exam)
@@ -420,6 +416,18 @@ def _render_nodule(volume: np.ndarray, labels: np.ndarray, track: NoduleTrack, d
     box = [int(iy.min()), int(iy.max()), int(ix.min()), int(ix.max()), int(iz.min()), int(iz.max())]
     centre = [int(round(centre_index[1])), int(round(centre_index[0])), int(round(centre_index[2]))]
     return int(inside.sum()), box, centre
+
+
+def _nodule_box(track: NoduleTrack, scale: float, geometry: Geometry,
+                exam_from_anatomy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A nodule's centre in exam voxel indices (x, y, z; identity direction) and the first and last voxel indices
+    of a box that holds it, clipped to the grid."""
+    spacing, origin = np.asarray(geometry.spacing), np.asarray(geometry.origin)
+    centre_index = (exam_from_anatomy[:3, :3] @ track.center + exam_from_anatomy[:3, 3] - origin) / spacing
+    reach = (track.max_radius(scale) + spacing) / spacing
+    low = np.maximum(np.floor(centre_index - reach).astype(int), 0)
+    high = np.minimum(np.ceil(centre_index + reach).astype(int), np.asarray(geometry.shape) - 1)
+    return centre_index, low, high
 
 
 def _voxel_fractions(track: NoduleTrack, scale: float, grid: np.ndarray, spacing: np.ndarray, origin: np.ndarray,
@@ -502,6 +510,15 @@ def _slice_profile_sigma_mm(reference: sitk.Image, thickness: float) -> float:
 def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
                  rng: np.random.Generator, noise_hu: float, deformation: Deformation | None = None) -> np.ndarray:
     """Anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness, noisy."""
+    array = _anatomy_exam(reference, geometry, pose, thickness, deformation)
+    noise = gaussian_filter(rng.normal(size=array.shape).astype(np.float32), sigma=(0.0, 0.7, 0.7))
+    noise *= noise_hu / max(float(noise.std()), 1e-6)
+    return array + noise
+
+
+def _anatomy_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
+                  deformation: Deformation | None) -> np.ndarray:
+    """Noise-free anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness."""
     blurred = reference
     sigma_mm = _slice_profile_sigma_mm(reference, thickness)
     if sigma_mm > 0:
@@ -509,10 +526,7 @@ def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thicknes
                                   mode="nearest")
         blurred = sitk.GetImageFromArray(array)
         blurred.CopyInformation(reference)
-    array = _resample_anatomy(blurred, geometry, pose, deformation)
-    noise = gaussian_filter(rng.normal(size=array.shape).astype(np.float32), sigma=(0.0, 0.7, 0.7))
-    noise *= noise_hu / max(float(noise.std()), 1e-6)
-    return array + noise
+    return _resample_anatomy(blurred, geometry, pose, deformation)
 
 
 def _resample_anatomy(reference: sitk.Image, geometry: Geometry, pose: Pose,
@@ -534,26 +548,35 @@ def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, defor
                     noise_hu: float) -> tuple[np.ndarray, np.ndarray, list[tuple[int, list[int], list[int]]]]:
     """Preset "screening": one exam imaged as a whole, nodules included.
 
-    Anatomy and nodules (each with its anatomy -> exam matrix) are drawn on a grid k times finer along z, then
-    everything gets the same slice profile, in-plane point spread and kernel-shaped noise of std `noise_hu`.
-    Returns the image, the label map on the exam grid and each nodule's voxel count, box and centre.
+    The anatomy gets the slice profile, then is seen on the exam grid (as in `_render_exam`); each nodule (with its
+    anatomy -> exam matrix) is drawn into the anatomy on a grid k times finer along z, only in its own box, and
+    what it changes there gets the same slice profile. Then everything gets the in-plane point spread and
+    kernel-shaped noise of std `noise_hu`. Returns the image, the label map on the exam grid and each nodule's
+    voxel count, box and centre.
     """
     thickness = geometry.spacing[2]
     k = max(1, math.ceil(thickness / reference.GetSpacing()[2] - 1e-6))
-    fine = Geometry((*geometry.shape[:2], (geometry.shape[2] - 1) * k + 1), (*geometry.spacing[:2], thickness / k),
-                    geometry.origin, geometry.direction)
-    array = _resample_anatomy(reference, fine, pose, deformation)
-    scratch = np.zeros(array.shape, np.uint8)
+    sigma = _slice_profile_sigma_mm(reference, thickness) / (thickness / k)  # in fine slices
+    margin = (int(4.0 * sigma + 0.5) + k - 1) // k  # exam slices that the slice profile spreads a nodule over
+    array = _anatomy_exam(reference, geometry, pose, thickness, deformation)
     labels, canvas = np.zeros(geometry.shape[::-1], np.uint8), np.zeros(geometry.shape[::-1], np.float32)
     found = []
     for track, exam_from_anatomy in nodules:
-        _render_nodule(array, scratch, track, day, fine, exam_from_anatomy)
         found.append(_render_nodule(canvas, labels, track, day, geometry, exam_from_anatomy))
-    sigma_mm = _slice_profile_sigma_mm(reference, thickness)
-    if sigma_mm > 0:
-        array = gaussian_filter1d(array, sigma_mm / fine.spacing[2], axis=0, mode="nearest", output=array)
-    array = gaussian_filter(array[::k], sigma=(0.0, _KERNEL_PSF_MM / geometry.spacing[1],
-                                               _KERNEL_PSF_MM / geometry.spacing[0]))
+        _, low, high = _nodule_box(track, track.scale(day), geometry, exam_from_anatomy)
+        low[2], high[2] = max(low[2] - margin, 0), min(high[2] + margin, geometry.shape[2] - 1)
+        size = high - low + 1
+        box = Geometry((int(size[0]), int(size[1]), int((size[2] - 1) * k + 1)), (*geometry.spacing[:2], thickness / k),
+                       tuple(np.asarray(geometry.origin) + low * np.asarray(geometry.spacing)), geometry.direction)
+        before = _resample_anatomy(reference, box, pose, deformation)
+        change = before.copy()
+        _render_nodule(change, np.zeros(change.shape, np.uint8), track, day, box, exam_from_anatomy)
+        change -= before
+        if sigma > 0:
+            change = gaussian_filter1d(change, sigma, axis=0, mode="constant")
+        array[low[2]:high[2] + 1, low[1]:high[1] + 1, low[0]:high[0] + 1] += change[::k]
+    array = gaussian_filter(array, sigma=(0.0, _KERNEL_PSF_MM / geometry.spacing[1],
+                                          _KERNEL_PSF_MM / geometry.spacing[0]))
     array += kernel_noise(rng, array.shape, geometry.spacing[0], noise_hu)
     return array, labels, found
 
