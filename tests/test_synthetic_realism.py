@@ -51,12 +51,17 @@ def anatomy():
     return sample_anatomy(np.random.default_rng(3), SCREENING.fov_mm)
 
 
-def test_noise_inside_a_nodule_matches_the_same_tissue_outside(anatomy):
-    reference = _anatomy_image(anatomy, SCREENING)
+@pytest.fixture(scope="module")
+def scene(anatomy):
+    """The noise-free reference of `anatomy`, the lung point farthest from its borders, and a still pose."""
     candidates = np.random.default_rng(0).uniform(-60.0, 60.0, (4000, 3))
-    center = candidates[np.argmax(lung_depth_mm(anatomy, candidates))]
+    return (_anatomy_image(anatomy, SCREENING), candidates[np.argmax(lung_depth_mm(anatomy, candidates))],
+            Pose(np.eye(3), np.zeros(3), np.ones(3)), Deformation(np.zeros((0, 7))))
+
+
+def test_noise_inside_a_nodule_matches_the_same_tissue_outside(anatomy, scene):
+    reference, center, pose, still = scene
     geometry = _exam_geometry(SCREENING, 0.75, 1.25)
-    pose, still = Pose(np.eye(3), np.zeros(3), np.ones(3)), Deformation(np.zeros((0, 7)))
     image, labels, [(count, _, _)] = _screening_exam(reference, geometry, pose, still, [(_track(center), np.eye(4))],
                                                      0.0, np.random.default_rng(1), 80.0)
     assert count * float(np.prod(geometry.spacing)) == pytest.approx(1500.0, rel=0.1)
@@ -71,12 +76,9 @@ def test_noise_inside_a_nodule_matches_the_same_tissue_outside(anatomy):
     assert heart.std() == pytest.approx(80.0, rel=0.2)
 
 
-def test_a_nodule_gets_the_slice_profile_and_keeps_its_excess_density(anatomy):
-    reference = _anatomy_image(anatomy, SCREENING)
-    candidates = np.random.default_rng(0).uniform(-60.0, 60.0, (4000, 3))
-    center = candidates[np.argmax(lung_depth_mm(anatomy, candidates))]
+def test_a_nodule_gets_the_slice_profile_and_keeps_its_excess_density(scene):
+    reference, center, pose, still = scene
     geometry = _exam_geometry(SCREENING, 0.75, 2.5)
-    pose, still = Pose(np.eye(3), np.zeros(3), np.ones(3)), Deformation(np.zeros((0, 7)))
     track = _track(center, volume=300.0)
     images = [_screening_exam(reference, geometry, pose, still, drawn, 0.0, np.random.default_rng(1), 0.0)
               for drawn in ([(track, np.eye(4))], [])]
