@@ -9,7 +9,14 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import binary_erosion
 
-from noduleflow.metadata.phantom import boundary_distances_mm, lung_depth_mm, sample_anatomy
+from noduleflow.metadata.phantom import (
+    _fissure_height,
+    boundary_distances_mm,
+    lung_depth_mm,
+    render_anatomy,
+    sample_anatomy,
+    vessel_distance_mm,
+)
 from noduleflow.metadata.synthetic import (
     CohortConfig,
     Deformation,
@@ -19,9 +26,12 @@ from noduleflow.metadata.synthetic import (
     _draw_days,
     _draw_fate,
     _exam_geometry,
+    _render_nodule,
     _sample_nodules,
     _screening_exam,
     _screening_look,
+    _uniform_rotation,
+    _voxel_fractions,
     generate_cohort,
     generate_patient,
 )
@@ -41,12 +51,17 @@ def anatomy():
     return sample_anatomy(np.random.default_rng(3), SCREENING.fov_mm)
 
 
-def test_noise_inside_a_nodule_matches_the_same_tissue_outside(anatomy):
-    reference = _anatomy_image(anatomy, SCREENING)
+@pytest.fixture(scope="module")
+def scene(anatomy):
+    """The noise-free reference of `anatomy`, the lung point farthest from its borders, and a still pose."""
     candidates = np.random.default_rng(0).uniform(-60.0, 60.0, (4000, 3))
-    center = candidates[np.argmax(lung_depth_mm(anatomy, candidates))]
+    return (_anatomy_image(anatomy, SCREENING), candidates[np.argmax(lung_depth_mm(anatomy, candidates))],
+            Pose(np.eye(3), np.zeros(3), np.ones(3)), Deformation(np.zeros((0, 7))))
+
+
+def test_noise_inside_a_nodule_matches_the_same_tissue_outside(anatomy, scene):
+    reference, center, pose, still = scene
     geometry = _exam_geometry(SCREENING, 0.75, 1.25)
-    pose, still = Pose(np.eye(3), np.zeros(3), np.ones(3)), Deformation(np.zeros((0, 7)))
     image, labels, [(count, _, _)] = _screening_exam(reference, geometry, pose, still, [(_track(center), np.eye(4))],
                                                      0.0, np.random.default_rng(1), 80.0)
     assert count * float(np.prod(geometry.spacing)) == pytest.approx(1500.0, rel=0.1)
@@ -59,6 +74,23 @@ def test_noise_inside_a_nodule_matches_the_same_tissue_outside(anatomy):
     ratio = image[inside].std() / heart.std()
     assert 0.8 <= ratio <= 1.2
     assert heart.std() == pytest.approx(80.0, rel=0.2)
+
+
+def test_a_nodule_gets_the_slice_profile_and_keeps_its_excess_density(scene):
+    reference, center, pose, still = scene
+    geometry = _exam_geometry(SCREENING, 0.75, 2.5)
+    track = _track(center, volume=300.0)
+    images = [_screening_exam(reference, geometry, pose, still, drawn, 0.0, np.random.default_rng(1), 0.0)
+              for drawn in ([(track, np.eye(4))], [])]
+    change, labels = images[0][0] - images[1][0], images[0][1]
+    # the blurs move the nodule's excess density around without losing or adding any: its sum is that of the
+    # nodule drawn straight into the exam grid
+    sharp = images[1][0].copy()
+    _render_nodule(sharp, np.zeros(sharp.shape, np.uint8), track, 0.0, geometry, np.eye(4))
+    assert change.sum() == pytest.approx((sharp - images[1][0]).sum(), rel=0.03)
+    slices = np.flatnonzero(np.abs(change).max(axis=(1, 2)) > 5.0)
+    labelled = np.flatnonzero(labels.any(axis=(1, 2)))
+    assert slices.min() < labelled.min() and slices.max() > labelled.max()  # spread along z by the slice profile
 
 
 def test_a_configured_fraction_of_nodules_touches_the_pleura_or_a_vessel(anatomy):
@@ -76,6 +108,39 @@ def test_a_configured_fraction_of_nodules_touches_the_pleura_or_a_vessel(anatomy
         measured[fraction] = np.mean(touching)
     assert measured[0.0] == 0.0
     assert 0.25 <= measured[0.4] <= 0.6
+
+
+def test_fine_anatomy_puts_a_vessel_within_5_mm_of_most_nodules():
+    config = CohortConfig(**{**SCREENING.__dict__, "nodules_per_patient": (4, 4)})
+    near, thinnest = {}, {}
+    for fine in (False, True):
+        gaps = []
+        for seed in range(3):
+            anatomy = sample_anatomy(np.random.default_rng(seed), config.fov_mm, fine=fine)
+            thinnest[fine] = 2.0 * anatomy.tube_radius[anatomy.tube_kind == 0].min()
+            for track in _sample_nodules(np.random.default_rng(seed), anatomy, config, {0: 0.0, 1: 400.0}):
+                radius = (3.0 * track.volume(0.0) / (4.0 * math.pi)) ** (1.0 / 3.0)
+                gaps.append(vessel_distance_mm(anatomy, track.center[None])[0] - radius)
+        near[fine] = np.mean(np.asarray(gaps) <= 5.0)
+    assert thinnest[True] <= 1.0 < thinnest[False]
+    assert near[True] >= 0.8
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_fine_anatomy_draws_the_fissures_as_thin_dense_sheets(fine):
+    anatomy = sample_anatomy(np.random.default_rng(3), SCREENING.fov_mm, fine=fine)
+    oblique = sample_anatomy(np.random.default_rng(3), SCREENING.fov_mm, fine=True).fissures[0]
+    x = anatomy.lung_caps[0][0]
+    candidates = [np.array([x, y, _fissure_height(oblique, x, y)[0]]) for y in np.linspace(-60.0, 60.0, 41)]
+    clear = [min(lung_depth_mm(anatomy, p[None])[0], vessel_distance_mm(anatomy, p[None])[0]) for p in candidates]
+    point = candidates[int(np.argmax(clear))]
+    assert max(clear) > 3.0  # inside the lung, away from vessels
+    spacing = (0.5, 0.5, 0.25)
+    block = render_anatomy(anatomy, (3, 3, 33), spacing, tuple(point - np.array([0.5, 0.5, 4.0])))
+    profile = np.median(block.reshape(33, -1), axis=1)  # along z, through the fissure at the middle
+    parenchyma = np.median(np.r_[profile[:8], profile[-8:]])
+    assert -900.0 < parenchyma < -780.0
+    assert (profile[14:19].max() - parenchyma > 150.0) == fine
 
 
 def test_screening_fates_are_mostly_stable_or_slow_and_intervals_span_1_to_3_years():
@@ -108,6 +173,32 @@ def test_the_look_hints_at_the_fate_without_giving_it_away():
             assert offset > 0 and offset + track.core_fraction <= 0.9  # off-centre, inside the nodule
         spiculated[fast] = np.mean(looks)
     assert 0.0 < spiculated[False] < spiculated[True] < 1.0
+
+
+@pytest.mark.parametrize("kind", ["solid", "part_solid", "calcified", "ground_glass"])
+def test_voxel_fractions_equal_sampling_every_voxel(kind):
+    # the bounds skip sampling only where all 27 samples of a voxel agree: the fractions are those of full sampling
+    rng = np.random.default_rng(5)
+    offsets = np.stack(np.meshgrid(*[np.array([-1, 0, 1]) / 3.0] * 3, indexing="ij"), -1).reshape(-1, 3)
+    for fast in (True, False, True):
+        track = _track(np.array([1.0, -2.0, 3.0]), kind=kind, volume=float(rng.uniform(20.0, 800.0)))
+        track.orientation, track.axes = _uniform_rotation(rng), np.array([0.8, 1.0, 1.25])
+        _screening_look(rng, track, fast)
+        if kind == "calcified" and fast:
+            track.core_offset = np.zeros(3)
+        pose = np.eye(4)
+        pose[:3, :3] = _uniform_rotation(rng) * 1.003
+        spacing, origin = np.array([0.7, 0.7, rng.choice([1.0, 2.5])]), np.array([-14.0, -16.0, -12.0])
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in (45, 45, 30 if spacing[2] < 2 else 12)],
+                                    indexing="ij"), -1).reshape(-1, 3)
+        outer, core = _voxel_fractions(track, track.scale(0.0), grid, spacing, origin, pose)
+        points = ((grid[:, None] + offsets) * spacing + origin).reshape(-1, 3) @ pose[:3, :3].T
+        level = track.level(points, track.scale(0.0))
+        assert np.array_equal(outer, (level <= 1.0).reshape(-1, 27).mean(axis=1))
+        assert 0 < (outer == 1.0).sum() and 0 < ((outer > 0) & (outer < 1)).sum()
+        if kind in ("part_solid", "calcified"):
+            expected = track.core(points, track.scale(0.0), level).reshape(-1, 27).mean(axis=1)
+            assert np.array_equal(core, expected) and core.max() == 1.0
 
 
 @pytest.mark.slow

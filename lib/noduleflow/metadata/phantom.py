@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
 
 _AIR, _FAT, _MEDIASTINAL_FAT, _MUSCLE = -1000.0, -100.0, -90.0, 40.0
+_FISSURE_HU, _FISSURE_MM = -400.0, 0.3  # fissure density and half thickness
 _PLEURA_MM = 2.5  # gap kept between the lungs and the mediastinal organs
 _SAFE_MM = 3.0  # lung_depth_mm: extra clearance from the mediastinum and from large vessels / airways
 _VESSEL, _AIRWAY, _GREAT, _RIB = 0, 1, 2, 3  # tube kinds
@@ -58,6 +59,9 @@ class ChestAnatomy:
     tube_hu: np.ndarray  # (N, 2) HU of the tube and of its core
     tube_core: np.ndarray  # (N,) core radius as a fraction of the radius (0: solid tube)
     tube_kind: np.ndarray  # (N,) 0 pulmonary vessel, 1 airway, 2 great vessel, 3 rib / cartilage
+    # (F, 7) interlobar fissures, surfaces z = z0 + gy y + gx x + c (x - xc)^2 inside one lung: side, z0, gy, gx, c,
+    # xc, and the row of a fissure above which this one lies (-1: none)
+    fissures: np.ndarray = field(default_factory=lambda: np.zeros((0, 7)))
 
 
 class _Organ(NamedTuple):
@@ -365,7 +369,37 @@ def _render_slice(a: ChestAnatomy, g: _Grid, z: float) -> np.ndarray:
     if lung.size and lung.min() < 0.5 * w:
         texture = ((g.tex_y[c_rows] * np.exp(1j * g.tex_kz * z).astype(np.complex64)) @ g.tex_x[:, c_cols]).real
         _blend(cavity_img, texture + g.lung[c_rows], lung, w)
+        _paint_fissures(a, cavity_img, x, y, z, lung, w)
     return img
+
+
+def _fissure_height(row: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Height z of a fissure over (x, y), and the factor that turns a height difference into a distance."""
+    _, z0, gy, gx, curvature, xc, _ = row
+    height = z0 + gy * y + gx * x + curvature * (x - xc) ** 2
+    return height, np.sqrt(1.0 + gy * gy + (gx + 2.0 * curvature * (x - xc)) ** 2)
+
+
+def _paint_fissures(a: ChestAnatomy, img: np.ndarray, x: np.ndarray, y: np.ndarray, z: float, lung: np.ndarray,
+                    w: float) -> None:
+    """Thin denser sheets between the lobes, inside their own lung only, painted in the rows they cross."""
+    x_mid = a.mediastinum[0]
+    for row in a.fissures:
+        _, z0, gy, gx, curvature, xc, _ = row
+        across = gx * x + curvature * (x - xc) ** 2  # height change along x
+        steepest = float(np.abs(gx + 2.0 * curvature * (x - xc)).max())
+        reach = (_FISSURE_MM + 0.5 * w) * math.sqrt(1.0 + gy * gy + steepest**2)  # farthest |z - height| painted
+        level = z - z0 - gy * y[:, 0]
+        near = np.flatnonzero((level >= across.min() - reach) & (level <= across.max() + reach))
+        if not len(near):
+            continue
+        rows = slice(int(near[0]), int(near[-1]) + 1)
+        height, slope = _fissure_height(row, x, y[rows])
+        sd = np.maximum(np.abs(z - height) / slope - _FISSURE_MM, lung[rows])
+        sd = np.maximum(sd, (x - x_mid) if row[0] == _RIGHT else (x_mid - x))
+        if row[6] >= 0:  # only above the fissure it ends on
+            sd = np.maximum(sd, _fissure_height(a.fissures[int(row[6])], x, y[rows])[0] - height)
+        _blend(img[rows], _FISSURE_HU, sd, w)
 
 
 def _paint_capsule(vol: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray], p0: np.ndarray,
@@ -429,10 +463,12 @@ def _lung_sd_points(a: ChestAnatomy, points: np.ndarray, extra: float) -> np.nda
     return sd
 
 
-def _tube_clearance(a: ChestAnatomy, points: np.ndarray) -> np.ndarray:
-    """Distance from each point to the surface of the nearest large (radius > 2 mm) vessel or airway."""
-    big = (a.tube_kind != _RIB) & (a.tube_radius.max(axis=1) > 2.0)
-    p0, d, radius = a.tube_p0[big], a.tube_p1[big] - a.tube_p0[big], a.tube_radius[big]
+def _tube_clearance(a: ChestAnatomy, points: np.ndarray, chosen: np.ndarray | None = None) -> np.ndarray:
+    """Distance from each point to the surface of the nearest chosen tube (default: the large (radius > 2 mm)
+    vessels and airways)."""
+    if chosen is None:
+        chosen = (a.tube_kind != _RIB) & (a.tube_radius.max(axis=1) > 2.0)
+    p0, d, radius = a.tube_p0[chosen], a.tube_p1[chosen] - a.tube_p0[chosen], a.tube_radius[chosen]
     out = np.full(len(points), np.inf)
     for start in range(0, len(points), 2048):
         rel = points[start:start + 2048, None, :] - p0[None]
@@ -460,6 +496,12 @@ def boundary_distances_mm(anatomy: ChestAnatomy, points_xyz: np.ndarray) -> np.n
     the surface of the nearest large (radius > 2 mm) vessel or airway; the first is negative outside the lungs."""
     points = np.asarray(points_xyz, dtype=float).reshape(-1, 3)
     return np.column_stack([-_lung_sd_points(anatomy, points, 0.0).min(axis=1), _tube_clearance(anatomy, points)])
+
+
+def vessel_distance_mm(anatomy: ChestAnatomy, points_xyz: np.ndarray) -> np.ndarray:
+    """Distance in mm from (N, 3) points to the surface of the nearest pulmonary vessel, whatever its size."""
+    points = np.asarray(points_xyz, dtype=float).reshape(-1, 3)
+    return _tube_clearance(anatomy, points, anatomy.tube_kind == _VESSEL)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -582,8 +624,11 @@ def _dome_curvature(cav_a: float, half: float, y_mid: float, xd: float, yd: floa
     return float(q[inside].max())
 
 
-def sample_anatomy(rng: np.random.Generator, fov_mm: tuple[float, float, float]) -> ChestAnatomy:
-    """Random patient anatomy that fits inside a field of view of fov_mm (x, y, z extent, centred at 0)."""
+def sample_anatomy(rng: np.random.Generator, fov_mm: tuple[float, float, float], fine: bool = False) -> ChestAnatomy:
+    """Random patient anatomy that fits inside a field of view of fov_mm (x, y, z extent, centred at 0).
+
+    fine: denser pulmonary vessel trees whose smallest branches are about 1 mm across, and interlobar fissures
+    (without it, the sparser anatomy of the demo cohort, unchanged)."""
     fx, fy, fz = (float(v) for v in fov_mm)
     u = rng.uniform
     # body outline of an adult, then one scale factor so that body and table fit the field of view
@@ -671,12 +716,31 @@ def sample_anatomy(rng: np.random.Generator, fov_mm: tuple[float, float, float])
         table=(b_post * grow + gap, thickness, u(0.0, 8.0) / 150.0**2),
         **empty, tube_radius=np.zeros((0, 2)), tube_hu=np.zeros((0, 2)), tube_core=np.zeros(0),
         tube_kind=np.zeros(0, np.int8))
-    return replace(shape, **_sample_tubes(rng, shape, s, height, z_carina, arch_top, fz))
+    shape = replace(shape, **_sample_tubes(rng, shape, s, height, z_carina, arch_top, fz, fine))
+    return replace(shape, fissures=_sample_fissures(rng, shape, z_base, height, dome_top)) if fine else shape
+
+
+def _sample_fissures(rng: np.random.Generator, a: ChestAnatomy, z_base: float, height: float,
+                     dome_top: tuple[float, float]) -> np.ndarray:
+    """An oblique fissure in each lung (high at the back, down to the diaphragm in front) and the right lung's
+    horizontal fissure, which ends on the oblique one."""
+    u = rng.uniform
+    y_mid, half = a.lung_hu[2:4]
+    rows = []
+    for side in (_RIGHT, _LEFT):
+        z_back, z_front = z_base + u(0.68, 0.78) * height, dome_top[side] + u(0.0, 0.06) * height
+        gy = (z_back - z_front) / (2.0 * half)
+        rows.append((side, z_front - gy * (y_mid - half), gy, u(-0.1, 0.1), u(0.0005, 0.002), a.lung_caps[side][0], -1))
+    rows.append((_RIGHT, z_base + u(0.48, 0.56) * height, u(-0.05, 0.05), u(-0.05, 0.05), 0.0, 0.0, 0))
+    out = np.asarray(rows, dtype=float)
+    out.setflags(write=False)
+    return out
 
 
 def _sample_tubes(rng: np.random.Generator, a: ChestAnatomy, s: float, height: float, z_carina: float,
-                  arch_top: float, fz: float) -> dict[str, np.ndarray]:
-    """Great vessels, pulmonary vessel trees, airways and ribs, in painting order."""
+                  arch_top: float, fz: float, fine: bool = False) -> dict[str, np.ndarray]:
+    """Great vessels, pulmonary vessel trees (fine: denser, down to about 1 mm), airways and ribs, in painting
+    order."""
     u = rng.uniform
     tubes = _Tubes()
     asc_x, asc_y, desc_x, desc_y, r_ao, _, z_arch = a.aorta
@@ -701,18 +765,20 @@ def _sample_tubes(rng: np.random.Generator, a: ChestAnatomy, s: float, height: f
     tubes.add(np.array([hx + 0.2 * ha, hy - 0.45 * hb, hz + 0.55 * hc]), fork, r_pa, r_pa, 45.0, 45.0, 0.0, _GREAT)
     atrium = np.array([hx - 0.15 * ha, hy + 0.5 * hb, hz + 0.15 * hc])
     bronchi = []
+    # branches per tree (arteries, veins), their length and the radius of the finest ones
+    count, step, r_leaf = ((1000, 800), 5.0 * math.sqrt(s), 0.45) if fine else ((160, 130), 9.0 * math.sqrt(s), 0.7)
     for side, sign in ((_RIGHT, -1.0), (_LEFT, 1.0)):
         z_a = z_carina - (0.09 if side == _RIGHT else 0.03) * height
         hilum_a = np.array([x_mid + sign * (hw(z_a)[side] + 6.0 * s), ty + (-3.0 if side == _RIGHT else 6.0) * s, z_a])
         root = _push_into_lung(a, hilum_a, side, 6.0)
         tubes.path(np.stack([fork, hilum_a, root]), np.full(3, (0.8 if side == _RIGHT else 0.75) * r_pa),
                    45.0, 45.0, 0.0, _GREAT)
-        arteries = _grow_tree(rng, a, side, root, 160, 9.0 * math.sqrt(s), 0.7, u(4.8, 5.5), 160)
+        arteries = _grow_tree(rng, a, side, root, count[0], step, r_leaf, u(4.8, 5.5), count[0])
         z_v = hz + (0.35 if side == _RIGHT else 0.2) * hc
         hilum_v = np.array([x_mid + sign * (hw(z_v)[side] + 6.0 * s), hy + 0.45 * hb, z_v])
         root = _push_into_lung(a, hilum_v, side, 6.0)
         tubes.path(np.stack([atrium, hilum_v, root]), np.full(3, s * 7.0), 45.0, 45.0, 0.0, _GREAT)
-        veins = _grow_tree(rng, a, side, root, 130, 9.0 * math.sqrt(s), 0.7, u(4.4, 5.1), 130)
+        veins = _grow_tree(rng, a, side, root, count[1], step, r_leaf, u(4.4, 5.1), count[1])
         for tree in (arteries, veins):
             tubes.add(tree[:, 0:3], tree[:, 3:6], tree[:, 6], tree[:, 7], vessel_hu, vessel_hu, 0.0, _VESSEL)
         z_b = z_carina - (0.1 if side == _RIGHT else 0.13) * height

@@ -219,6 +219,16 @@ class NoduleTrack:
         direction = local / np.maximum(rho, 1e-9)[:, None]
         return rho / (scale * _lobulation(direction, self))
 
+    def level_bounds(self, points: np.ndarray, scale: float, reach: float) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bounds of `level` over balls around (N, 3) anatomy-frame points whose radius, in the
+        nodule's own axis-scaled coordinates, is `reach`."""
+        local = (points - self.center) @ self.orientation / self.axes
+        rho = np.linalg.norm(local, axis=1)
+        direction = local / np.maximum(rho, 1e-9)[:, None]
+        spread = np.where(rho > reach, np.arcsin(np.minimum(reach / np.maximum(rho, 1e-9), 1.0)), np.pi)
+        low, high = _lobulation_bounds(direction, spread, self)
+        return np.maximum(rho - reach, 0.0) / (scale * high), (rho + reach) / (scale * low)
+
     def core(self, points: np.ndarray, scale: float, level: np.ndarray) -> np.ndarray:
         """Whether (N, 3) points (whose `level` is given) lie in the solid core, centred at core_offset."""
         if not self.core_offset.any():
@@ -228,13 +238,32 @@ class NoduleTrack:
                                  <= self.core_fraction * scale)
 
 
+def _bumps(track: NoduleTrack) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """The terms of L(d) = 1 + sum a exp((d . b - 1) / width): (directions b, amplitudes a, width) of the smooth
+    lobes and, if any, of the narrow spiculae (about 5 degrees wide)."""
+    terms = [(track.lobe_directions, track.lobe_amplitudes, 0.15)]
+    if len(track.spike_amplitudes):
+        terms.append((track.spike_directions, track.spike_amplitudes, 0.004))
+    return terms
+
+
 def _lobulation(direction: np.ndarray, track: NoduleTrack) -> np.ndarray:
     """Radial factor L(d) >= 1: smooth bumps around the lobe directions."""
-    cosines = direction @ track.lobe_directions.T
-    factor = 1.0 + np.exp((cosines - 1.0) / 0.15) @ track.lobe_amplitudes
-    if len(track.spike_amplitudes):  # narrow spiculae, about 5 degrees wide
-        factor += np.exp((direction @ track.spike_directions.T - 1.0) / 0.004) @ track.spike_amplitudes
+    factor = 1.0
+    for directions, amplitudes, width in _bumps(track):
+        factor = factor + np.exp((direction @ directions.T - 1.0) / width) @ amplitudes
     return factor
+
+
+def _lobulation_bounds(direction: np.ndarray, spread: np.ndarray, track: NoduleTrack) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounds of L over the directions within angle `spread` (radians) of each unit direction."""
+    low, high = np.ones(len(direction)), np.ones(len(direction))
+    for directions, amplitudes, width in _bumps(track):
+        angle = np.arccos(np.clip(direction @ directions.T, -1.0, 1.0))
+        spread_k = spread[:, None]
+        low += np.exp((np.cos(np.minimum(angle + spread_k, np.pi)) - 1.0) / width) @ amplitudes
+        high += np.exp((np.cos(np.maximum(angle - spread_k, 0.0)) - 1.0) / width) @ amplitudes
+    return low, high
 
 
 @functools.cache
@@ -371,32 +400,66 @@ def _render_nodule(volume: np.ndarray, labels: np.ndarray, track: NoduleTrack, d
     spacing = np.asarray(geometry.spacing)
     origin = np.asarray(geometry.origin)
     anatomy_from_exam = np.linalg.inv(exam_from_anatomy)
-    centre_exam = exam_from_anatomy[:3, :3] @ track.center + exam_from_anatomy[:3, 3]
-    centre_index = (centre_exam - origin) / spacing  # x, y, z (identity direction)
-    reach = (track.max_radius(scale) + spacing) / spacing
-    low = np.maximum(np.floor(centre_index - reach).astype(int), 0)
-    high = np.minimum(np.ceil(centre_index + reach).astype(int), np.asarray(geometry.shape) - 1)
+    centre_index, low, high = _nodule_box(track, scale, geometry, exam_from_anatomy)
     grid = np.stack(np.meshgrid(*[np.arange(lo, hi + 1) for lo, hi in zip(low, high, strict=True)], indexing="ij"), -1)
-    offsets = np.stack(np.meshgrid(*[np.array([-1, 0, 1]) / 3.0] * 3, indexing="ij"), -1).reshape(-1, 3)
-    samples = (grid.reshape(-1, 1, 3) + offsets) * spacing + origin
-    points = samples.reshape(-1, 3) @ anatomy_from_exam[:3, :3].T + anatomy_from_exam[:3, 3]
-    level = track.level(points, scale).reshape(-1, len(offsets))
-    outer = (level <= 1.0).mean(axis=1)  # fraction of each voxel inside the nodule
+    grid = grid.reshape(-1, 3)
+    outer, core = _voxel_fractions(track, scale, grid, spacing, origin, anatomy_from_exam)
     core_hu = _CORE_HU.get(track.kind, 0.0)
-    in_core = track.core(points, scale, level.ravel()).reshape(level.shape) if track.kind in _CORE_HU else None
-    core = in_core.mean(axis=1) if in_core is not None else np.zeros_like(outer)
-    xs, ys, zs = grid.reshape(-1, 3).T
+    xs, ys, zs = grid.T
     background = volume[zs, ys, xs]
     tissue = np.maximum(background, track.hu)  # vessels stay visible through ground glass
     volume[zs, ys, xs] = background * (1 - outer) + (outer - core) * tissue + core * np.maximum(background, core_hu)
     inside = outer >= 0.5
     if not inside.any():  # a tiny nodule in thick slices: mark at least the centre voxel
-        inside[np.argmin(np.linalg.norm(grid.reshape(-1, 3) - centre_index, axis=1))] = True
+        inside[np.argmin(np.linalg.norm(grid - centre_index, axis=1))] = True
     labels[zs[inside], ys[inside], xs[inside]] = track.group
     ix, iy, iz = xs[inside], ys[inside], zs[inside]
     box = [int(iy.min()), int(iy.max()), int(ix.min()), int(ix.max()), int(iz.min()), int(iz.max())]
     centre = [int(round(centre_index[1])), int(round(centre_index[0])), int(round(centre_index[2]))]
     return int(inside.sum()), box, centre
+
+
+def _nodule_box(track: NoduleTrack, scale: float, geometry: Geometry,
+                exam_from_anatomy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A nodule's centre in exam voxel indices (x, y, z; identity direction) and the first and last voxel indices
+    of a box that holds it, clipped to the grid."""
+    spacing, origin = np.asarray(geometry.spacing), np.asarray(geometry.origin)
+    centre_index = (exam_from_anatomy[:3, :3] @ track.center + exam_from_anatomy[:3, 3] - origin) / spacing
+    reach = (track.max_radius(scale) + spacing) / spacing
+    low = np.maximum(np.floor(centre_index - reach).astype(int), 0)
+    high = np.minimum(np.ceil(centre_index + reach).astype(int), np.asarray(geometry.shape) - 1)
+    return centre_index, low, high
+
+
+def _voxel_fractions(track: NoduleTrack, scale: float, grid: np.ndarray, spacing: np.ndarray, origin: np.ndarray,
+                     anatomy_from_exam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fraction of each voxel (rows of `grid`, exam indices x, y, z) inside the nodule and inside its solid core,
+    from 3 x 3 x 3 samples per voxel.
+
+    Only voxels near a boundary are sampled: bounds of the nodule's level over a ball holding a voxel's samples
+    decide the others (all samples inside or all outside), with the same result as sampling them.
+    """
+    offsets = np.stack(np.meshgrid(*[np.array([-1, 0, 1]) / 3.0] * 3, indexing="ij"), -1).reshape(-1, 3)
+    linear = anatomy_from_exam[:3, :3]
+    reach = (np.linalg.norm(spacing / 3.0) * np.linalg.norm(linear, 2) / float(track.axes.min())) * (1 + 1e-6) + 1e-9
+    low, high = track.level_bounds((grid * spacing + origin) @ linear.T + anatomy_from_exam[:3, 3], scale, reach)
+    eps = 1e-6
+    outer = (high < 1.0 - eps).astype(float)
+    core = np.zeros(len(grid))
+    todo = low <= 1.0 + eps  # not every sample outside
+    if track.kind not in _CORE_HU:
+        todo &= outer < 1.0
+    elif not track.core_offset.any():  # a centred core is a level set too (off-centre ones: sample every voxel)
+        in_core = high < track.core_fraction - eps
+        core[in_core] = 1.0
+        todo &= ~(in_core | ((low > track.core_fraction + eps) & (outer == 1.0)))
+    samples = (grid[todo].reshape(-1, 1, 3) + offsets) * spacing + origin
+    points = samples.reshape(-1, 3) @ linear.T + anatomy_from_exam[:3, 3]
+    level = track.level(points, scale).reshape(-1, len(offsets))
+    outer[todo] = (level <= 1.0).mean(axis=1)
+    if track.kind in _CORE_HU:
+        core[todo] = track.core(points, scale, level.ravel()).reshape(level.shape).mean(axis=1)
+    return outer, core
 
 
 def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> sitk.Image:
@@ -448,6 +511,15 @@ def _slice_profile_sigma_mm(reference: sitk.Image, thickness: float) -> float:
 def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
                  rng: np.random.Generator, noise_hu: float, deformation: Deformation | None = None) -> np.ndarray:
     """Anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness, noisy."""
+    array = _anatomy_exam(reference, geometry, pose, thickness, deformation)
+    noise = gaussian_filter(rng.normal(size=array.shape).astype(np.float32), sigma=(0.0, 0.7, 0.7))
+    noise *= noise_hu / max(float(noise.std()), 1e-6)
+    return array + noise
+
+
+def _anatomy_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
+                  deformation: Deformation | None) -> np.ndarray:
+    """Noise-free anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness."""
     blurred = reference
     sigma_mm = _slice_profile_sigma_mm(reference, thickness)
     if sigma_mm > 0:
@@ -455,10 +527,7 @@ def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thicknes
                                   mode="nearest")
         blurred = sitk.GetImageFromArray(array)
         blurred.CopyInformation(reference)
-    array = _resample_anatomy(blurred, geometry, pose, deformation)
-    noise = gaussian_filter(rng.normal(size=array.shape).astype(np.float32), sigma=(0.0, 0.7, 0.7))
-    noise *= noise_hu / max(float(noise.std()), 1e-6)
-    return array + noise
+    return _resample_anatomy(blurred, geometry, pose, deformation)
 
 
 def _resample_anatomy(reference: sitk.Image, geometry: Geometry, pose: Pose,
@@ -480,39 +549,53 @@ def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, defor
                     noise_hu: float) -> tuple[np.ndarray, np.ndarray, list[tuple[int, list[int], list[int]]]]:
     """Preset "screening": one exam imaged as a whole, nodules included.
 
-    Anatomy and nodules (each with its anatomy -> exam matrix) are drawn on a grid k times finer along z, then
-    everything gets the same slice profile, in-plane point spread and kernel-shaped noise of std `noise_hu`.
-    Returns the image, the label map on the exam grid and each nodule's voxel count, box and centre.
+    The anatomy gets the slice profile, then is seen on the exam grid (as in `_render_exam`); each nodule (with its
+    anatomy -> exam matrix) is drawn into the anatomy on a grid k times finer along z, only in its own box, and
+    what it changes there gets the same slice profile. Then everything gets the in-plane point spread and
+    kernel-shaped noise of std `noise_hu`. Returns the image, the label map on the exam grid and each nodule's
+    voxel count, box and centre.
     """
     thickness = geometry.spacing[2]
     k = max(1, math.ceil(thickness / reference.GetSpacing()[2] - 1e-6))
-    fine = Geometry((*geometry.shape[:2], (geometry.shape[2] - 1) * k + 1), (*geometry.spacing[:2], thickness / k),
-                    geometry.origin, geometry.direction)
-    array = _resample_anatomy(reference, fine, pose, deformation)
-    scratch = np.zeros(array.shape, np.uint8)
+    sigma = _slice_profile_sigma_mm(reference, thickness) / (thickness / k)  # in fine slices
+    margin = (int(4.0 * sigma + 0.5) + k - 1) // k  # exam slices that the slice profile spreads a nodule over
+    array = _anatomy_exam(reference, geometry, pose, thickness, deformation)
     labels, canvas = np.zeros(geometry.shape[::-1], np.uint8), np.zeros(geometry.shape[::-1], np.float32)
     found = []
     for track, exam_from_anatomy in nodules:
-        _render_nodule(array, scratch, track, day, fine, exam_from_anatomy)
         found.append(_render_nodule(canvas, labels, track, day, geometry, exam_from_anatomy))
-    sigma_mm = _slice_profile_sigma_mm(reference, thickness)
-    if sigma_mm > 0:
-        array = gaussian_filter1d(array, sigma_mm / fine.spacing[2], axis=0, mode="nearest")
-    array = gaussian_filter(array[::k], sigma=(0.0, _KERNEL_PSF_MM / geometry.spacing[1],
-                                               _KERNEL_PSF_MM / geometry.spacing[0]))
-    return array + kernel_noise(rng, array.shape, geometry.spacing[0], noise_hu), labels, found
+        _, low, high = _nodule_box(track, track.scale(day), geometry, exam_from_anatomy)
+        low[2], high[2] = max(low[2] - margin, 0), min(high[2] + margin, geometry.shape[2] - 1)
+        size = high - low + 1
+        box = Geometry((int(size[0]), int(size[1]), int((size[2] - 1) * k + 1)), (*geometry.spacing[:2], thickness / k),
+                       tuple(np.asarray(geometry.origin) + low * np.asarray(geometry.spacing)), geometry.direction)
+        before = _resample_anatomy(reference, box, pose, deformation)
+        change = before.copy()
+        _render_nodule(change, np.zeros(change.shape, np.uint8), track, day, box, exam_from_anatomy)
+        change -= before
+        if sigma > 0:
+            change = gaussian_filter1d(change, sigma, axis=0, mode="constant")
+        array[low[2]:high[2] + 1, low[1]:high[1] + 1, low[0]:high[0] + 1] += change[::k]
+    array = gaussian_filter(array, sigma=(0.0, _KERNEL_PSF_MM / geometry.spacing[1],
+                                          _KERNEL_PSF_MM / geometry.spacing[0]))
+    array += kernel_noise(rng, array.shape, geometry.spacing[0], noise_hu)
+    return array, labels, found
 
 
 def kernel_noise(rng: np.random.Generator, shape: tuple[int, ...], pixel_mm: float, std: float) -> np.ndarray:
     """float32 noise of a sharp reconstruction kernel: independent slices, in-plane power spectrum
-    f exp(-(f / f0)^2) peaking at _KERNEL_NPS_PEAK cycles/mm (the ramp filter times the kernel's roll-off)."""
-    white = rng.normal(size=shape).astype(np.float32)
+    f exp(-(f / f0)^2) peaking at _KERNEL_NPS_PEAK cycles/mm (the ramp filter times the kernel's roll-off).
+
+    Drawn in the frequency domain: complex white noise shaped by the kernel, one inverse FFT per slice."""
     fy = np.fft.fftfreq(shape[-2], pixel_mm)[:, None]
     fx = np.fft.rfftfreq(shape[-1], pixel_mm)[None, :]
     radial = np.sqrt(fx * fx + fy * fy)
     gain = np.sqrt(radial * np.exp(-((radial / (_KERNEL_NPS_PEAK * math.sqrt(2.0))) ** 2))).astype(np.float32)
-    noise = fft.irfft2(fft.rfft2(white, axes=(-2, -1)) * gain, s=shape[-2:], axes=(-2, -1))
-    return noise * np.float32(std / max(float(noise.std()), 1e-6))
+    spectrum = rng.standard_normal((*shape[:-1], fx.size, 2), dtype=np.float32).view(np.complex64)[..., 0]
+    spectrum *= gain
+    noise = fft.irfft2(spectrum, s=shape[-2:], axes=(-2, -1), overwrite_x=True)
+    noise *= np.float32(std / max(float(noise.std()), 1e-6))
+    return noise
 
 
 def _exam_pose(config: CohortConfig, rng: np.random.Generator, index: int,
@@ -544,7 +627,7 @@ def exam_pair(config: CohortConfig, index: int, pixel_spacing: float, thickness:
     rows (exam_id "baseline" and "follow_up", for `truth_map_points`) and the anatomy.
     """
     rng = np.random.default_rng([config.seed, index])
-    anatomy = sample_anatomy(rng, config.fov_mm)
+    anatomy = sample_anatomy(rng, config.fov_mm, fine=config.preset == "screening")
     reference = _anatomy_image(anatomy, config)
     images, truth = [], []
     for position, exam_id in enumerate(("baseline", "follow_up")):
@@ -572,7 +655,7 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
     pattern = _TIMEPOINT_PATTERNS[int(rng.choice(len(_TIMEPOINT_PATTERNS), p=_TIMEPOINT_P))]
     all_days = _draw_days(rng, config)
     days = {tp: all_days[tp] for tp in pattern}
-    anatomy = sample_anatomy(rng, config.fov_mm)
+    anatomy = sample_anatomy(rng, config.fov_mm, fine=config.preset == "screening")
     tracks = _sample_nodules(rng, anatomy, config, days)
     reference = _anatomy_image(anatomy, config)
 
