@@ -108,14 +108,22 @@ def test_a_run_reads_back_from_its_model_file_record():
 
 @pytest.mark.parametrize("cls, key", [(PatchSettings, "patch"), (SummarySettings, "evaluation"),
                                       (ForecastSettings, "evaluation"), (HalfMaximumSegmenter, "segmentation"),
-                                      (SeriesFilter, "series_filter")])
+                                      (SeriesFilter, "series_filter"), (RegistrationSettings, "registration.method"),
+                                      (QualityThresholds, "registration.qc")])
 def test_settings_have_no_defaults_for_keys_the_schema_requires(cls, key):
     """config.yaml is the one source of defaults: a required key left out is an error, never a silent default."""
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    required = set(schema["properties"][key]["required"])
+    for part in key.split("."):
+        schema = schema["properties"][part]
+    required = set(schema["required"])
     defaults = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     assert required & {f.name for f in dataclasses.fields(cls)}, "the class reads the section"
     assert not required & defaults
+
+
+def test_the_cohort_defaults_are_the_demo_cohort_of_the_config():
+    """Tests and benchmarks build small cohorts from CohortConfig's defaults: they are config.yaml's demo cohort."""
+    assert CohortConfig() == from_config(CohortConfig, CONFIG["synthetic"])
 
 
 def test_the_segmentation_section_builds_the_segmenter_it_names(tmp_path):

@@ -75,9 +75,12 @@ _MIN_VOLUME, _MAX_VOLUME = 8.0, 6000.0
 
 @dataclass(frozen=True)
 class CohortConfig:
-    """Parameters of the synthetic cohort (config key `synthetic`)."""
+    """Parameters of the synthetic cohort (config key `synthetic`, built with `settings.from_config`).
 
-    n_patients: int = 24
+    The defaults are the demo cohort of config/config.yaml (tests and benchmarks build small cohorts by changing a
+    few of them); the fields without a config key are the generator's internal constants."""
+
+    n_patients: int = 16
     seed: int = 2026
     first_pid: int = 100001
     fov_mm: tuple[float, float, float] = (260.0, 210.0, 130.0)
