@@ -83,8 +83,8 @@ class CohortConfig:
     n_patients: int = 16
     seed: int = 2026
     first_pid: int = 100001
-    fov_mm: tuple[float, float, float] = (260.0, 210.0, 130.0)
-    pixel_spacing_mm: tuple[float, float] = (0.6, 0.8)
+    fov_mm: tuple[float, float, float] = (220.0, 180.0, 130.0)
+    pixel_spacing_mm: tuple[float, float] = (0.7, 0.8)
     slice_thicknesses_mm: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 2.5)
     second_series_fraction: float = 0.2
     reference_spacing_mm: tuple[float, float, float] = (0.75, 0.75, 1.0)
