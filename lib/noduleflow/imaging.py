@@ -8,7 +8,6 @@ NIfTI stores RAS; the conversion happens here and nowhere else.
 
 from __future__ import annotations
 
-import gzip
 import os
 import struct
 import zlib
@@ -20,11 +19,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from isal import igzip, isal_zlib
 
 from noduleflow.io import atomic_path
 from noduleflow.limits import MAX_PIXEL_MM, MAX_POSITION_MM, MAX_SLICE_MM, MAX_VOXELS_PER_AXIS
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+GZIP_LEVEL = 1  # nibabel's default level too; isal compresses at it about 4x faster than zlib
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,12 @@ def write_nifti(array_zyx: np.ndarray, geometry: Geometry, path: str | os.PathLi
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
     with atomic_path(path) as tmp:
-        nib.save(image, tmp)
+        if os.fspath(path).endswith(".gz"):  # isal's gzip: about 4x faster than zlib at the same level
+            with open(tmp, "wb") as handle, igzip.IGzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL,
+                                                            fileobj=handle, mtime=0) as stream:
+                image.to_stream(stream)  # no name or time in the gzip header: same image, same bytes
+        else:
+            nib.save(image, tmp)
 
 
 QFORM_SFORM_TOLERANCE_MM = 1.0  # qform and sform may place a corner of the volume this far apart
@@ -209,10 +215,10 @@ def _check_data_size(path: str, expected: int) -> None:
             return
         actual = 0
         try:
-            with gzip.open(path, "rb") as stream:
+            with igzip.open(path, "rb") as stream:
                 while chunk := stream.read(1 << 22):
                     actual += len(chunk)
-        except (EOFError, OSError, zlib.error) as error:
+        except (EOFError, OSError, zlib.error, isal_zlib.error) as error:
             raise ImageHeaderError(f"compressed data is truncated or corrupt ({error})") from error
     if actual < expected:
         raise ImageHeaderError(f"image data truncated: {actual} of {expected} bytes")
@@ -221,45 +227,35 @@ def _check_data_size(path: str, expected: int) -> None:
 def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     """Read a NIfTI file as a SimpleITK image on its LPS geometry; raise ImageHeaderError if it is unusable.
 
-    The header is checked once (`read_geometry`) and the data decompressed once. Native-endian integer images
-    without intensity scaling (CT exports) are decoded by ITK, whose zlib is faster than Python's,
-    and a .nii.gz's voxels are then checked against its gzip checksum (ITK's reader returns damaged compressed
-    data without complaint). Other images are decoded by nibabel (ITK turns NaN into 0): a .nii.gz in one call
-    that checks the checksum, and non-finite voxels are reported.
+    The header is checked once (`read_geometry`). A .nii.gz is decompressed once, by isal (about twice as fast as
+    zlib), which checks the gzip checksum: damaged data is refused, where ITK's own reader returns it without
+    complaint. Voxels keep their stored type unless the header scales them (then float32); NaN or infinite
+    voxels are refused (ITK would turn NaN into 0).
     """
     geometry = read_geometry(path)
     path = os.fspath(path)
-    header = nib.load(path)
-    proxy = header.dataobj
-    dtype = header.get_data_dtype()
-    trailer = _gzip_trailer(path) if path.endswith(".gz") else None
-    single_member = trailer is None or trailer[1] == (proxy.offset + int(np.prod(proxy.shape)) * dtype.itemsize) % 2**32
-    if dtype.kind in "iu" and dtype.isnative and proxy.slope == 1 and proxy.inter == 0 and single_member:
+    image = nib.load(path)
+    data = Path(path).read_bytes()
+    if path.endswith(".gz"):
         try:
-            image = sitk.ReadImage(path)
-        except RuntimeError as error:  # the header passed, so the data is damaged
-            raise ImageHeaderError(f"image data unreadable ({str(error).strip().splitlines()[-1][:200]})") from error
-        if trailer is not None:
-            with gzip.open(path, "rb") as stream:
-                checksum = zlib.crc32(sitk.GetArrayViewFromImage(image), zlib.crc32(stream.read(proxy.offset)))
-            if checksum != trailer[0]:
-                raise ImageHeaderError("compressed data is corrupt (its gzip checksum does not match)")
+            data = igzip.decompress(data)
+        except (EOFError, OSError, isal_zlib.error) as error:
+            raise ImageHeaderError(f"compressed data is truncated or corrupt ({error})") from error
+    proxy = image.dataobj
+    if proxy.slope == 1 and proxy.inter == 0:  # the stored voxels as they are, without a copy
+        array = np.frombuffer(data, image.get_data_dtype(), int(np.prod(proxy.shape)), proxy.offset)
+        array = array.reshape(proxy.shape, order="F")
     else:
-        if trailer is not None:
-            try:
-                header = type(header).from_bytes(gzip.decompress(Path(path).read_bytes()))
-            except (EOFError, OSError, zlib.error) as error:
-                raise ImageHeaderError(f"compressed data is truncated or corrupt ({error})") from error
-        array = np.asanyarray(header.dataobj)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise ImageHeaderError(f"image contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
-        if array.dtype == np.float64 and dtype != np.float64:  # scaled integers: float32 holds them
-            array = array.astype(np.float32)
-        image = sitk.GetImageFromArray(array.astype(array.dtype.newbyteorder("="), copy=False).T)
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction)
-    return image
+        array = np.asanyarray(type(image).from_bytes(data).dataobj)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ImageHeaderError(f"image contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
+    if array.dtype == np.float64 and image.get_data_dtype() != np.float64:  # scaled integers: float32 holds them
+        array = array.astype(np.float32)
+    result = sitk.GetImageFromArray(array.astype(array.dtype.newbyteorder("="), copy=False).T)
+    result.SetSpacing(geometry.spacing)
+    result.SetOrigin(geometry.origin)
+    result.SetDirection(geometry.direction)
+    return result
 
 
 def _gzip_trailer(path: str) -> tuple[int, int]:
