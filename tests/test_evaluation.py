@@ -175,6 +175,29 @@ def test_the_kind_growth_reference_scales_each_prior_by_its_kinds_rate():
     assert metrics.KIND_GROWTH not in set(metrics.with_baselines(_hand_table(), 1.2, {"solid": 2.0})["method"])
 
 
+def test_segmenter_accuracy_is_reported_overall_per_kind_and_per_attachment():
+    truth = pd.DataFrame({"exam_id": ["a"] * 5 + ["b"], "nodule_group": [1, 2, 3, 4, 5, 1],
+                          "primary_series": [True] * 5 + [False],
+                          "true_volume_mm3": [100.0, 200.0, 400.0, 30.0, 100.0, 9.0],
+                          "kind": ["solid", "solid", "ground_glass", "solid", "ground_glass", "solid"],
+                          "attached_to": ["", "pleura", "vessel", "", "", ""]})
+    measured = pd.DataFrame({"exam_id": ["a"] * 5 + ["b"], "nodule_group": [1, 2, 3, 4, 5, 1],
+                             "nodule_volume": [110.0, 140.0, 400.0, 90.0, 80.0, 1.0]})
+    table = metrics.segmenter_accuracy(measured, truth, min_volume=50.0).set_index(["group", "value"])
+    # errors of the 4 nodules above 50 mm^3 (the 30 mm^3 one and the second series are left out): +0.1, -0.3, 0, -0.2
+    assert table.loc[("all", "all"), "nodules"] == 4
+    assert table.loc[("all", "all"), "median_abs_relative_error"] == pytest.approx(0.15)
+    assert table.loc[("all", "all"), "median_relative_error"] == pytest.approx(-0.1)
+    assert table.loc[("all", "all"), "fraction_within_15_percent"] == pytest.approx(0.5)
+    assert table.loc[("kind", "solid"), "median_abs_relative_error"] == pytest.approx(0.2)
+    assert table.loc[("kind", "ground_glass"), "fraction_within_25_percent"] == pytest.approx(1.0)
+    assert list(table.loc["attached_to"].index) == ["none", "pleura", "vessel"]
+    assert table.loc[("attached_to", "pleura"), "median_relative_error"] == pytest.approx(-0.3)
+    assert table.loc[("attached_to", "none"), "nodules"] == 2
+    without = metrics.segmenter_accuracy(measured, truth.drop(columns="attached_to"), min_volume=50.0)
+    assert set(without["group"]) == {"all", "kind"}
+
+
 def test_direction_of_the_hand_table():
     table = _hand_table()
     run = table[table["method"] == "run"]

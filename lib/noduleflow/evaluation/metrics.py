@@ -296,16 +296,24 @@ def with_truth(measured: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     return measured.merge(truth[truth["primary_series"]], on=["exam_id", "nodule_group"])
 
 
-def segmenter_accuracy(measured: pd.DataFrame, truth: pd.DataFrame, min_volume: float) -> dict[str, float]:
-    """How close the segmented volumes of cached nodules come to the true volumes (synthetic cohort).
+def segmenter_accuracy(measured: pd.DataFrame, truth: pd.DataFrame, min_volume: float) -> pd.DataFrame:
+    """How close the segmented volumes of cached nodules above `min_volume` come to the true volumes (synthetic
+    cohort): a row for all of them (group "all"), then one per kind and, where the truth records it (preset
+    screening), one per attachment (group "attached_to": "none", "pleura" or "vessel").
 
     `measured`: small boxes (exam_id, nodule_group, nodule_volume); `truth`: the cohort's nodule truth.
     """
     merged = with_truth(measured, truth)
     large = merged[merged["true_volume_mm3"] > min_volume]
     error = (large["nodule_volume"] - large["true_volume_mm3"]) / large["true_volume_mm3"]
-    return {"nodules": float(len(large)), "min_true_volume_mm3": float(min_volume),
-            "median_relative_error": float(error.median()), "median_abs_relative_error": float(error.abs().median()),
-            "fraction_within_15_percent": float((error.abs() <= 0.15).mean()),
-            "fraction_within_25_percent": float((error.abs() <= 0.25).mean())}
-
+    parts = [("all", "all", error)]
+    for column in ("kind", "attached_to"):
+        if column in large:
+            labels = large[column].replace("", "none") if column == "attached_to" else large[column]
+            parts += [(column, str(value), part) for value, part in error.groupby(labels, sort=True)]
+    return pd.DataFrame([{"group": group, "value": value, "nodules": len(part), "min_true_volume_mm3": min_volume,
+                          "median_relative_error": float(part.median()),
+                          "median_abs_relative_error": float(part.abs().median()),
+                          "fraction_within_15_percent": float((part.abs() <= 0.15).mean()),
+                          "fraction_within_25_percent": float((part.abs() <= 0.25).mean())}
+                         for group, value, part in parts])

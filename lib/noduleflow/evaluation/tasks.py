@@ -108,11 +108,11 @@ def cross_run_table(summary_paths: list[str], path: str) -> None:
 
 def segmenter_report(*, small_boxes: list[str], truth: str, min_volume: float, table_path: str,
                      plot_path: str) -> None:
-    """The segmenter's volumes of every cached nodule against the synthetic truth."""
+    """The segmenter's volumes of every cached nodule against the synthetic truth, overall, per kind and per
+    attachment (`metrics.segmenter_accuracy`)."""
     measured = pd.concat([pd.read_parquet(p) for p in small_boxes], ignore_index=True)
     true = pd.read_parquet(truth)
-    accuracy = metrics.segmenter_accuracy(measured, true, min_volume)
-    write_csv(pd.DataFrame([accuracy]), table_path)
+    write_csv(metrics.segmenter_accuracy(measured, true, min_volume), table_path)
     merged = metrics.with_truth(measured, true)
     figures.measured_vs_true(merged["nodule_volume"].to_numpy(), merged["true_volume_mm3"].to_numpy(),
                              "segmented vs true nodule volume", plot_path)
