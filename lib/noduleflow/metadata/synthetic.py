@@ -159,6 +159,10 @@ class Deformation:
         """Anatomy points seen at the exam's (pre-pose) points."""
         return np.asarray(points, dtype=float) + self.displacement(points)
 
+    def reach_mm(self) -> float:
+        """An upper bound of |u| (mm): the sum of the waves' amplitudes."""
+        return float(np.linalg.norm(self.waves[:, 3:6], axis=1).sum())
+
     def from_anatomy(self, points: np.ndarray) -> np.ndarray:
         """Pre-pose exam points that show the given anatomy points (inverse of `to_anatomy`)."""
         points = np.asarray(points, dtype=float)
@@ -473,8 +477,8 @@ def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> sitk.Image:
     extent = np.asarray(config.fov_mm) + 2 * margins
     size = np.ceil(extent / spacing).astype(int)
     origin = -(size - 1) * spacing / 2.0
-    array = render_anatomy(anatomy, tuple(int(v) for v in size), tuple(spacing), tuple(origin))
-    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image = sitk.GetImageFromArray(render_anatomy(anatomy, tuple(int(v) for v in size), tuple(spacing),
+                                                  tuple(origin)))
     image.SetSpacing(tuple(float(v) for v in spacing))
     image.SetOrigin(tuple(float(v) for v in origin))
     return image
@@ -515,22 +519,45 @@ def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thicknes
                  rng: np.random.Generator, noise_hu: float, deformation: Deformation | None = None) -> np.ndarray:
     """Anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness, noisy."""
     array = _anatomy_exam(reference, geometry, pose, thickness, deformation)
-    noise = gaussian_filter(rng.normal(size=array.shape).astype(np.float32), sigma=(0.0, 0.7, 0.7))
+    noise = rng.normal(size=array.shape).astype(np.float32)
+    gaussian_filter(noise, sigma=(0.0, 0.7, 0.7), output=noise)
     noise *= noise_hu / max(float(noise.std()), 1e-6)
-    return array + noise
+    array += noise
+    return array
 
 
 def _anatomy_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
                   deformation: Deformation | None) -> np.ndarray:
-    """Noise-free anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness."""
-    blurred = reference
-    sigma_mm = _slice_profile_sigma_mm(reference, thickness)
-    if sigma_mm > 0:
-        array = gaussian_filter1d(sitk.GetArrayViewFromImage(reference), sigma_mm / reference.GetSpacing()[2], axis=0,
-                                  mode="nearest")
-        blurred = sitk.GetImageFromArray(array)
-        blurred.CopyInformation(reference)
+    """Noise-free anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness.
+
+    Only the part of the reference that the exam's samples can reach gets the slice profile (cropped with as many
+    slices more on each side as the blur reaches, so that the samples see the same values as if it all had)."""
+    sigma = _slice_profile_sigma_mm(reference, thickness) / reference.GetSpacing()[2]
+    if sigma == 0:
+        return _resample_anatomy(reference, geometry, pose, deformation)
+    low, high = _footprint(reference, geometry, pose, deformation, int(4.0 * sigma + 0.5))  # scipy's blur radius
+    crop = sitk.GetArrayViewFromImage(reference)[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
+    blurred = sitk.GetImageFromArray(gaussian_filter1d(crop, sigma, axis=0, mode="nearest"))
+    blurred.SetSpacing(reference.GetSpacing())
+    blurred.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in low]))
     return _resample_anatomy(blurred, geometry, pose, deformation)
+
+
+def _footprint(reference: sitk.Image, geometry: Geometry, pose: Pose, deformation: Deformation | None,
+               z_margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and past-the-last voxel indices (x, y, z) of the part of the (axis-aligned) reference that linear
+    interpolation reads for the exam's samples through `pose` and `deformation`, with `z_margin` more slices on
+    each side, clipped to the reference."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in geometry.shape], indexing="ij")).reshape(3, -1).T
+    matrix = np.linalg.inv(pose.matrix()) @ geometry.matrix()
+    points = corners @ matrix[:3, :3].T + matrix[:3, 3]
+    spacing, origin = np.asarray(reference.GetSpacing()), np.asarray(reference.GetOrigin())
+    reach = (deformation.reach_mm() if deformation is not None else 0.0) / spacing
+    margin = np.array([1, 1, 1 + z_margin])
+    low = np.floor((points.min(axis=0) - origin) / spacing - reach).astype(int) - margin
+    high = np.ceil((points.max(axis=0) - origin) / spacing + reach).astype(int) + 1 + margin
+    size = np.asarray(reference.GetSize())
+    return np.clip(low, 0, size), np.clip(high, 0, size)
 
 
 def _resample_anatomy(reference: sitk.Image, geometry: Geometry, pose: Pose,
@@ -579,26 +606,46 @@ def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, defor
         if sigma > 0:
             change = gaussian_filter1d(change, sigma, axis=0, mode="constant")
         array[low[2]:high[2] + 1, low[1]:high[1] + 1, low[0]:high[0] + 1] += change[::k]
-    array = gaussian_filter(array, sigma=(0.0, _KERNEL_PSF_MM / geometry.spacing[1],
-                                          _KERNEL_PSF_MM / geometry.spacing[0]))
-    array += kernel_noise(rng, array.shape, geometry.spacing[0], noise_hu)
+    _kernel_image(array, rng, geometry.spacing[0], noise_hu)
     return array, labels, found
 
 
-def kernel_noise(rng: np.random.Generator, shape: tuple[int, ...], pixel_mm: float, std: float) -> np.ndarray:
-    """float32 noise of a sharp reconstruction kernel: independent slices, in-plane power spectrum
-    f exp(-(f / f0)^2) peaking at _KERNEL_NPS_PEAK cycles/mm (the ramp filter times the kernel's roll-off).
+def _kernel_image(array: np.ndarray, rng: np.random.Generator, pixel_mm: float, std: float,
+                  chunk: int = 8) -> np.ndarray:
+    """In place, `chunk` slices at a time: the in-plane point spread (Gaussian, _KERNEL_PSF_MM), then the float32
+    noise of a sharp reconstruction kernel with standard deviation `std`: independent slices, in-plane power
+    spectrum f exp(-(f / f0)^2) peaking at _KERNEL_NPS_PEAK cycles/mm (the ramp filter times the kernel's roll-off).
 
-    Drawn in the frequency domain: complex white noise shaped by the kernel, one inverse FFT per slice."""
-    fy = np.fft.fftfreq(shape[-2], pixel_mm)[:, None]
-    fx = np.fft.rfftfreq(shape[-1], pixel_mm)[None, :]
+    The noise is drawn in the frequency domain: complex white noise shaped by the kernel, one inverse FFT per slice,
+    scaled by the standard deviation this gives in expectation (so no pass over the whole volume is needed)."""
+    ny, nx = array.shape[1:]
+    fy = np.fft.fftfreq(ny, pixel_mm)[:, None]
+    fx = np.fft.rfftfreq(nx, pixel_mm)[None, :]
     radial = np.sqrt(fx * fx + fy * fy)
-    gain = np.sqrt(radial * np.exp(-((radial / (_KERNEL_NPS_PEAK * math.sqrt(2.0))) ** 2))).astype(np.float32)
-    spectrum = rng.standard_normal((*shape[:-1], fx.size, 2), dtype=np.float32).view(np.complex64)[..., 0]
-    spectrum *= gain
-    noise = fft.irfft2(spectrum, s=shape[-2:], axes=(-2, -1), overwrite_x=True)
-    noise *= np.float32(std / max(float(noise.std()), 1e-6))
-    return noise
+    power = radial * np.exp(-((radial / (_KERNEL_NPS_PEAK * math.sqrt(2.0))) ** 2))
+    # irfft2 of a half spectrum with standard complex normal entries (variance 2 |gain|^2 each): a column with a
+    # mirror image (0 < fx < Nyquist) adds 4 |gain|^2 / (ny nx)^2 to every voxel's variance, the others |gain|^2
+    weights = np.full(fx.size, 4.0)
+    weights[0] = 1.0
+    if nx % 2 == 0:
+        weights[-1] = 1.0
+    expected = math.sqrt(float((power * weights).sum())) / (ny * nx)
+    gain = (np.sqrt(power) * (std / max(expected, 1e-12))).astype(np.float32)
+    psf = (0.0, _KERNEL_PSF_MM / pixel_mm, _KERNEL_PSF_MM / pixel_mm)
+    for start in range(0, len(array), chunk):
+        part = array[start:start + chunk]
+        gaussian_filter(part, sigma=psf, output=part)
+        spectrum = rng.standard_normal((len(part), *gain.shape, 2), dtype=np.float32).view(np.complex64)[..., 0]
+        spectrum *= gain
+        part += fft.irfft2(spectrum, s=(ny, nx), axes=(-2, -1), overwrite_x=True)
+    return array
+
+
+def _hu(volume: np.ndarray) -> np.ndarray:
+    """int16 HU of a float image (rounded and clipped in place, then converted)."""
+    np.round(volume, out=volume)
+    np.clip(volume, -1024, 3071, out=volume)
+    return volume.astype(np.int16)
 
 
 def _exam_pose(config: CohortConfig, rng: np.random.Generator, index: int,
@@ -641,7 +688,7 @@ def exam_pair(config: CohortConfig, index: int, pixel_spacing: float, thickness:
         geometry = _exam_geometry(config, pixel_spacing, thickness, start_offset)
         volume = _render_exam(reference, geometry, pose, thickness, rng, float(rng.uniform(*config.noise_hu)),
                               deformation)
-        image = sitk.GetImageFromArray(np.clip(np.round(volume), -1024, 3071).astype(np.int16))
+        image = sitk.GetImageFromArray(_hu(volume))
         image.SetSpacing(geometry.spacing)
         image.SetOrigin(geometry.origin)
         images.append(image)
@@ -718,7 +765,7 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
                         "coords_in_past_exam_ijk_space": None, "abn_prexist": days[tp] > track.first_day,
                         "screen_detected": track.screen_detected,
                     }
-            hu = np.clip(np.round(volume), -1024, 3071).astype(np.int16)
+            hu = _hu(volume)
             image_path = Path("images") / pid / f"{exam_id}.nii.gz"
             write_nifti(hu, geometry, out / image_path)
             write_nifti(labels, geometry, out / "truth" / "masks" / f"{exam_id}.nii.gz")
