@@ -94,7 +94,12 @@ def _ellipsoid_sd(dx: np.ndarray, dy: np.ndarray, dz: np.ndarray | float, a: flo
 
 def _oval_sd(dx: np.ndarray, dy: np.ndarray, a: float, b_ant: float, b_post: float) -> np.ndarray:
     """Signed distance to an ellipse whose anterior (y < 0) and posterior semi-axes differ."""
-    return _ellipsoid_sd(dx, dy, 0.0, a, np.where(dy < 0, b_ant, b_post))
+    return _ellipsoid_sd(dx, dy, 0.0, a, _either(dy < 0, b_ant, b_post, dy))
+
+
+def _either(condition: np.ndarray, a: np.ndarray | float, b: np.ndarray | float, like: np.ndarray) -> np.ndarray:
+    """np.where in the dtype of `like` (float32 slices stay float32 when a and b are Python floats)."""
+    return np.where(condition, a, b).astype(like.dtype, copy=False)
 
 
 def _circle_sd(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
@@ -138,7 +143,7 @@ def _lung_sds(a: ChestAnatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray | flo
     x_mid, junction = a.mediastinum[:2]
     y_c, hw_right, hw_left, b = _mediastinal_oval(a, z)
     dx = x - x_mid
-    oval = extra - _ellipsoid_sd(dx, y - y_c, 0.0, np.where(dx < 0, hw_right, hw_left), b)
+    oval = extra - _ellipsoid_sd(dx, y - y_c, 0.0, _either(dx < 0, hw_right, hw_left, dx), b)
     medial = (np.maximum(dx + (junction + extra), oval), np.maximum((junction + extra) - dx, oval))
     out = []
     for side in (_RIGHT, _LEFT):
@@ -302,8 +307,9 @@ class _Grid(NamedTuple):
     fat: np.ndarray  # (ny, 1) subcutaneous fat thickness
     abdomen: np.ndarray  # (1, nx) HU below the diaphragm (liver on the right)
     lung: np.ndarray  # (ny, 1) parenchyma HU without texture
-    tex_x: np.ndarray  # (K, nx) complex texture factors
-    tex_y: np.ndarray  # (ny, K)
+    tex_cos: np.ndarray  # (K, nx) real and imaginary parts of the texture factors along x
+    tex_sin: np.ndarray
+    tex_y: np.ndarray  # (ny, K) complex texture factors along y
     tex_kz: np.ndarray  # (K,)
     organs: list[_Organ]
 
@@ -321,10 +327,10 @@ def _make_grid(a: ChestAnatomy, xs: np.ndarray, ys: np.ndarray, w: float) -> _Gr
     mean, amplitude, y_mid, half = a.lung_hu
     lung = mean + amplitude * np.clip((y - y_mid) / half, -1.0, 1.0)
     kx, ky, kz, amp, phase = a.texture.T
-    tex_x = np.exp(1j * np.outer(kx, xs)).astype(np.complex64)
+    angle = np.outer(kx, xs)
     tex_y = (amp * np.exp(1j * (np.outer(ys, ky) + phase))).astype(np.complex64)
     return _Grid(xs, ys, w, base, fat.astype(np.float32), abdomen.astype(np.float32), lung.astype(np.float32),
-                 tex_x, tex_y, kz, _organs(a))
+                 np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32), tex_y, kz, _organs(a))
 
 
 def _window(xs: np.ndarray, ys: np.ndarray, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice]:
@@ -370,11 +376,24 @@ def _render_slice(a: ChestAnatomy, g: _Grid, z: float) -> np.ndarray:
                 np.maximum(view, _PLEURA_MM - cut, out=view)
     _paint_spine(a, img, xs, ys, z, w)
     if lung.size and lung.min() < 0.5 * w:
-        waves = np.ascontiguousarray(g.tex_x[:, c_cols])  # a strided operand would miss BLAS (10x slower)
-        texture = ((g.tex_y[c_rows] * np.exp(1j * g.tex_kz * z).astype(np.complex64)) @ waves).real
-        _blend(cavity_img, texture + g.lung[c_rows], lung, w)
+        _blend(cavity_img, _lung_hu(g, c_rows, c_cols, z), lung, w)
         _paint_fissures(a, cavity_img, x, y, z, lung, w)
     return img
+
+
+def _lung_hu(g: _Grid, rows: slice, cols: slice, z: float) -> np.ndarray:
+    """Parenchyma HU with its texture, the real part of sum_k tex_y[:, k] exp(i kz_k z) exp(i kx_k x), on a window
+    of a slice. Summed term by term: as a complex matrix product it would go through BLAS, whose threads spin
+    for this small product on a busy machine (up to 80 x slower)."""
+    factors = g.tex_y[rows] * np.exp(1j * g.tex_kz * z).astype(np.complex64)
+    out = np.repeat(g.lung[rows], cols.stop - cols.start, axis=1)
+    term = np.empty_like(out)
+    for k in range(len(g.tex_kz)):
+        np.multiply(factors[:, k:k + 1].real, g.tex_cos[k:k + 1, cols], out=term)
+        out += term
+        np.multiply(factors[:, k:k + 1].imag, g.tex_sin[k:k + 1, cols], out=term)
+        out -= term
+    return out
 
 
 def _fissure_height(row: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
