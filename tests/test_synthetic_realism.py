@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from scipy.ndimage import binary_erosion
+from scipy.ndimage import binary_erosion, gaussian_filter1d
 
 from noduleflow.metadata.phantom import (
     _fissure_height,
@@ -22,14 +22,19 @@ from noduleflow.metadata.synthetic import (
     Deformation,
     NoduleTrack,
     Pose,
+    _anatomy_exam,
     _anatomy_image,
     _draw_days,
     _draw_fate,
     _exam_geometry,
+    _kernel_image,
+    _random_rotation,
     _render_nodule,
+    _resample_anatomy,
     _sample_nodules,
     _screening_exam,
     _screening_look,
+    _slice_profile_sigma_mm,
     _uniform_rotation,
     _voxel_fractions,
     generate_cohort,
@@ -91,6 +96,39 @@ def test_a_nodule_gets_the_slice_profile_and_keeps_its_excess_density(scene):
     slices = np.flatnonzero(np.abs(change).max(axis=(1, 2)) > 5.0)
     labelled = np.flatnonzero(labels.any(axis=(1, 2)))
     assert slices.min() < labelled.min() and slices.max() > labelled.max()  # spread along z by the slice profile
+
+
+def test_an_exam_sees_the_anatomy_as_if_the_whole_reference_had_the_slice_profile(scene):
+    # only the part of the reference an exam can see is blurred: a tilted, shifted, deformed exam gets the same
+    # values as from the whole reference blurred (a reference of white noise: an error anywhere would show)
+    rng = np.random.default_rng(4)
+    reference = sitk.GetImageFromArray(rng.normal(0.0, 100.0, scene[0].GetSize()[::-1]).astype(np.float32))
+    reference.CopyInformation(scene[0])
+    pose = Pose(_random_rotation(rng, 5.0), np.array([12.0, -9.0, 4.0]), np.array([1.0, 1.003, 0.997]))
+    for thickness, deformation in ((2.5, Deformation(np.zeros((0, 7)))), (1.5, Deformation.sample(rng, 4.0))):
+        geometry = _exam_geometry(SCREENING, 0.8, thickness, start_offset=-5.0)
+        sigma = _slice_profile_sigma_mm(reference, thickness) / reference.GetSpacing()[2]
+        whole = sitk.GetImageFromArray(gaussian_filter1d(sitk.GetArrayViewFromImage(reference), sigma, axis=0,
+                                                         mode="nearest"))
+        whole.CopyInformation(reference)
+        expected = _resample_anatomy(whole, geometry, pose, deformation)
+        seen = _anatomy_exam(reference, geometry, pose, thickness, deformation)
+        assert (expected != -1000.0).mean() > 0.9  # the exam lies (almost) inside the reference
+        assert np.abs(seen - expected).max() < 0.01
+
+
+def test_the_kernel_noise_has_the_requested_level_and_a_sharp_kernel_texture():
+    image = np.zeros((24, 240, 288), np.float32)
+    _kernel_image(image, np.random.default_rng(2), 0.75, 50.0)
+    assert image.std() == pytest.approx(50.0, rel=0.02)  # the expected level, no pass over the volume needed
+    assert abs(image.mean()) < 0.5
+    assert abs(np.corrcoef(image[:-1].ravel(), image[1:].ravel())[0, 1]) < 0.02  # independent slices
+    power = (np.abs(np.fft.rfft2(image)) ** 2).mean(axis=0)  # in-plane power spectrum, peaking at 0.5 cycles/mm
+    fy, fx = np.fft.fftfreq(240, 0.75)[:, None], np.fft.rfftfreq(288, 0.75)[None, :]
+    radial = np.hypot(fx, fy)
+    bins = np.round(radial / 0.05).astype(int)
+    profile = np.bincount(bins.ravel(), power.ravel()) / np.maximum(np.bincount(bins.ravel()), 1)
+    assert 0.4 <= 0.05 * np.argmax(profile[:14]) <= 0.6
 
 
 def test_a_configured_fraction_of_nodules_touches_the_pleura_or_a_vessel(anatomy):
