@@ -425,14 +425,11 @@ def _paint_fissures(a: ChestAnatomy, img: np.ndarray, x: np.ndarray, y: np.ndarr
         _blend(img[rows], _FISSURE_HU, sd, w)
 
 
-def _paint_capsule(vol: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray], p0: np.ndarray,
+def _paint_capsule(vol: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray], box: np.ndarray, p0: np.ndarray,
                    p1: np.ndarray, r0: float, r1: float, hu: float, w: float) -> None:
-    """Paint a tapered capsule p0 -> p1 into vol, only inside its bounding box."""
-    reach = max(r0, r1) + w
-    lo, hi = np.minimum(p0, p1) - reach, np.maximum(p0, p1) + reach
-    (i0, i1), (j0, j1), (k0, k1) = (_span(c, lo[d], hi[d]) for d, c in enumerate(axes))
-    if i1 <= i0 or j1 <= j0 or k1 <= k0:
-        return
+    """Paint a tapered capsule p0 -> p1 into vol, only inside its bounding box (index ranges i0, i1, j0, j1, k0, k1
+    along x, y, z)."""
+    i0, i1, j0, j1, k0, k1 = (int(v) for v in box)
     d = (p1 - p0).astype(np.float32)
     x = axes[0][i0:i1] - np.float32(p0[0])
     y = axes[1][j0:j1, None] - np.float32(p0[1])
@@ -445,18 +442,26 @@ def _paint_capsule(vol: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarr
 def _paint_tubes(a: ChestAnatomy, vol: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray],
                  w: float) -> None:
     """Rasterise every tube, then every tube core (so chained pieces keep open lumens); long tubes are split
-    into short pieces so that oblique ones keep tight bounding boxes."""
+    into short pieces so that oblique ones keep tight bounding boxes (all pieces and their boxes found at once)."""
     for core_pass in (False, True):
-        for p0, p1, (r0, r1), (hu, core_hu), core in zip(a.tube_p0, a.tube_p1, a.tube_radius, a.tube_hu,
-                                                          a.tube_core, strict=True):
-            if core_pass and core <= 0.0:
-                continue
-            scale, value = (float(core), float(core_hu)) if core_pass else (1.0, float(hu))
-            pieces = max(1, math.ceil(float(np.linalg.norm(p1 - p0)) / max(3.0 * max(r0, r1), 6.0)))
-            for k in range(pieces):
-                t0, t1 = k / pieces, (k + 1) / pieces
-                _paint_capsule(vol, axes, p0 + t0 * (p1 - p0), p0 + t1 * (p1 - p0), scale * (r0 + t0 * (r1 - r0)),
-                               scale * (r0 + t1 * (r1 - r0)), value, w)
+        chosen = np.flatnonzero(a.tube_core > 0.0) if core_pass else np.arange(len(a.tube_core))
+        scale = a.tube_core[chosen] if core_pass else np.ones(len(chosen))
+        p0, p1, radius = a.tube_p0[chosen], a.tube_p1[chosen], a.tube_radius[chosen]
+        pieces = np.maximum(1, np.ceil(np.linalg.norm(p1 - p0, axis=1) / np.maximum(3.0 * radius.max(axis=1), 6.0)))
+        tube = np.repeat(np.arange(len(chosen)), pieces.astype(int))
+        k = np.arange(len(tube)) - np.repeat(np.cumsum(pieces) - pieces, pieces.astype(int))
+        t0, t1 = k / pieces[tube], (k + 1) / pieces[tube]
+        step, r_step = p1[tube] - p0[tube], radius[tube, 1] - radius[tube, 0]
+        starts, stops = p0[tube] + t0[:, None] * step, p0[tube] + t1[:, None] * step
+        r_start = scale[tube] * (radius[tube, 0] + t0 * r_step)
+        r_stop = scale[tube] * (radius[tube, 0] + t1 * r_step)
+        reach = np.maximum(r_start, r_stop)[:, None] + w
+        lo, hi = np.minimum(starts, stops) - reach, np.maximum(starts, stops) + reach
+        boxes = np.column_stack([np.searchsorted(c, bound[:, d], side) for d, c in enumerate(axes)
+                                 for bound, side in ((lo, "left"), (hi, "right"))])
+        values = a.tube_hu[chosen, int(core_pass)]
+        for n in np.flatnonzero((boxes[:, 1::2] > boxes[:, 0::2]).all(axis=1)):
+            _paint_capsule(vol, axes, boxes[n], starts[n], stops[n], r_start[n], r_stop[n], float(values[tube[n]]), w)
 
 
 def render_anatomy(anatomy: ChestAnatomy, size_xyz: tuple[int, int, int], spacing_xyz: tuple[float, float, float],
