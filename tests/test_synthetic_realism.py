@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from scipy.ndimage import binary_erosion, gaussian_filter1d
+from scipy.ndimage import binary_erosion
 
 from noduleflow.metadata.phantom import (
     _fissure_height,
@@ -22,6 +22,7 @@ from noduleflow.metadata.synthetic import (
     Deformation,
     NoduleTrack,
     Pose,
+    Reference,
     _anatomy_exam,
     _anatomy_image,
     _draw_days,
@@ -102,15 +103,13 @@ def test_an_exam_sees_the_anatomy_as_if_the_whole_reference_had_the_slice_profil
     # only the part of the reference an exam can see is blurred: a tilted, shifted, deformed exam gets the same
     # values as from the whole reference blurred (a reference of white noise: an error anywhere would show)
     rng = np.random.default_rng(4)
-    reference = sitk.GetImageFromArray(rng.normal(0.0, 100.0, scene[0].GetSize()[::-1]).astype(np.float32))
-    reference.CopyInformation(scene[0])
+    reference = Reference(rng.normal(0.0, 100.0, scene[0].array.shape).astype(np.float32), scene[0].spacing,
+                          scene[0].origin)
     pose = Pose(_random_rotation(rng, 5.0), np.array([12.0, -9.0, 4.0]), np.array([1.0, 1.003, 0.997]))
     for thickness, deformation in ((2.5, Deformation(np.zeros((0, 7)))), (1.5, Deformation.sample(rng, 4.0))):
         geometry = _exam_geometry(SCREENING, 0.8, thickness, start_offset=-5.0)
-        sigma = _slice_profile_sigma_mm(reference, thickness) / reference.GetSpacing()[2]
-        whole = sitk.GetImageFromArray(gaussian_filter1d(sitk.GetArrayViewFromImage(reference), sigma, axis=0,
-                                                         mode="nearest"))
-        whole.CopyInformation(reference)
+        sigma = _slice_profile_sigma_mm(reference, thickness) / reference.spacing[2]
+        whole = reference.image(np.zeros(3, int), np.asarray(reference.array.shape[::-1]), sigma)
         expected = _resample_anatomy(whole, geometry, pose, deformation)
         seen = _anatomy_exam(reference, geometry, pose, thickness, deformation)
         assert (expected != -1000.0).mean() > 0.9  # the exam lies (almost) inside the reference

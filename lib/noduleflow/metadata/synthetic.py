@@ -469,7 +469,26 @@ def _voxel_fractions(track: NoduleTrack, scale: float, grid: np.ndarray, spacing
     return outer, core
 
 
-def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> sitk.Image:
+@dataclass(frozen=True)
+class Reference:
+    """A patient's noise-free anatomy, rendered once on an axis-aligned grid larger than every exam's field of view:
+    float32 HU [z, y, x], spacing and origin (x, y, z, mm). Exams see it through `image`, only the part they reach."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+
+    def image(self, low: np.ndarray, high: np.ndarray, sigma: float = 0.0) -> sitk.Image:
+        """Voxels low to high - 1 (x, y, z indices) as a SimpleITK image, blurred along z by a Gaussian of `sigma`
+        slices (continued with its end slices)."""
+        part = self.array[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
+        image = sitk.GetImageFromArray(gaussian_filter1d(part, sigma, axis=0, mode="nearest") if sigma > 0 else part)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(tuple(float(o + s * i) for o, s, i in zip(self.origin, self.spacing, low, strict=True)))
+        return image
+
+
+def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> Reference:
     """Noise-free anatomy rendered once per patient on a grid larger than every exam's field of view."""
     spacing = np.asarray(config.reference_spacing_mm)
     reach = config.max_translation_mm + config.deformation_mm + 10.0
@@ -477,11 +496,8 @@ def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> sitk.Image:
     extent = np.asarray(config.fov_mm) + 2 * margins
     size = np.ceil(extent / spacing).astype(int)
     origin = -(size - 1) * spacing / 2.0
-    image = sitk.GetImageFromArray(render_anatomy(anatomy, tuple(int(v) for v in size), tuple(spacing),
-                                                  tuple(origin)))
-    image.SetSpacing(tuple(float(v) for v in spacing))
-    image.SetOrigin(tuple(float(v) for v in origin))
-    return image
+    return Reference(render_anatomy(anatomy, tuple(int(v) for v in size), tuple(spacing), tuple(origin)),
+                     tuple(float(v) for v in spacing), tuple(float(v) for v in origin))
 
 
 def _exam_geometry(config: CohortConfig, pixel_spacing: float, thickness: float, start_offset: float = 0.0) -> Geometry:
@@ -494,12 +510,12 @@ def _exam_geometry(config: CohortConfig, pixel_spacing: float, thickness: float,
                     (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
 
-def _deformation_field(reference: sitk.Image, deformation: Deformation) -> sitk.Transform:
-    """The deformation as an ITK displacement field over the reference (exact to ~0.02 mm), its nodes on a fixed
-    4 mm lattice (multiples of 4 mm), so that any part of the reference cut out of it gets the same field."""
+def _deformation_field(part: sitk.Image, deformation: Deformation) -> sitk.Transform:
+    """The deformation as an ITK displacement field over an image (exact to ~0.02 mm), its nodes on a fixed
+    4 mm lattice (multiples of 4 mm), so that any part of the reference gets the same field as the whole."""
     spacing = 4.0
-    start = np.asarray(reference.GetOrigin())
-    stop = start + (np.asarray(reference.GetSize()) - 1) * np.asarray(reference.GetSpacing())
+    start = np.asarray(part.GetOrigin())
+    stop = start + (np.asarray(part.GetSize()) - 1) * np.asarray(part.GetSpacing())
     origin = np.floor(start / spacing) * spacing - spacing
     size = [int(v) for v in np.ceil((stop - origin) / spacing) + 2]
     axes = [origin[i] + spacing * np.arange(size[i]) for i in range(3)]
@@ -511,13 +527,13 @@ def _deformation_field(reference: sitk.Image, deformation: Deformation) -> sitk.
     return sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
 
 
-def _slice_profile_sigma_mm(reference: sitk.Image, thickness: float) -> float:
+def _slice_profile_sigma_mm(reference: Reference, thickness: float) -> float:
     """Gaussian sigma (mm) along z that turns the reference's slice profile into one of `thickness`."""
-    ref_dz = reference.GetSpacing()[2]
+    ref_dz = reference.spacing[2]
     return math.sqrt(thickness**2 - ref_dz**2) / 2.355 if thickness > ref_dz else 0.0
 
 
-def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
+def _render_exam(reference: Reference, geometry: Geometry, pose: Pose, thickness: float,
                  rng: np.random.Generator, noise_hu: float, deformation: Deformation | None = None) -> np.ndarray:
     """Anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness, noisy."""
     array = _anatomy_exam(reference, geometry, pose, thickness, deformation)
@@ -530,24 +546,19 @@ def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thicknes
     return array
 
 
-def _anatomy_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
+def _anatomy_exam(reference: Reference, geometry: Geometry, pose: Pose, thickness: float,
                   deformation: Deformation | None) -> np.ndarray:
     """Noise-free anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness.
 
-    Only the part of the reference that the exam's samples can reach gets the slice profile (cropped with as many
-    slices more on each side as the blur reaches, so that the samples see the same values as if it all had)."""
-    sigma = _slice_profile_sigma_mm(reference, thickness) / reference.GetSpacing()[2]
-    if sigma == 0:
-        return _resample_anatomy(reference, geometry, pose, deformation)
-    low, high = _footprint(reference, geometry, pose, deformation, int(4.0 * sigma + 0.5))  # scipy's blur radius
-    crop = sitk.GetArrayViewFromImage(reference)[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
-    blurred = sitk.GetImageFromArray(gaussian_filter1d(crop, sigma, axis=0, mode="nearest"))
-    blurred.SetSpacing(reference.GetSpacing())
-    blurred.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in low]))
-    return _resample_anatomy(blurred, geometry, pose, deformation)
+    Only the part of the reference that the exam's samples can reach is cut out and gets the slice profile (with as
+    many slices more on each side as the blur reaches, so that the samples see the same values as if it all had)."""
+    sigma = _slice_profile_sigma_mm(reference, thickness) / reference.spacing[2]
+    radius = int(4.0 * sigma + 0.5) if sigma > 0 else 0  # scipy's blur radius
+    part = reference.image(*_footprint(reference, geometry, pose, deformation, radius), sigma)
+    return _resample_anatomy(part, geometry, pose, deformation)
 
 
-def _footprint(reference: sitk.Image, geometry: Geometry, pose: Pose, deformation: Deformation | None,
+def _footprint(reference: Reference, geometry: Geometry, pose: Pose, deformation: Deformation | None,
                z_margin: int) -> tuple[np.ndarray, np.ndarray]:
     """First and past-the-last voxel indices (x, y, z) of the part of the (axis-aligned) reference that linear
     interpolation reads for the exam's samples through `pose` and `deformation`, with `z_margin` more slices on
@@ -555,30 +566,31 @@ def _footprint(reference: sitk.Image, geometry: Geometry, pose: Pose, deformatio
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in geometry.shape], indexing="ij")).reshape(3, -1).T
     matrix = np.linalg.inv(pose.matrix()) @ geometry.matrix()
     points = corners @ matrix[:3, :3].T + matrix[:3, 3]
-    spacing, origin = np.asarray(reference.GetSpacing()), np.asarray(reference.GetOrigin())
+    spacing, origin = np.asarray(reference.spacing), np.asarray(reference.origin)
     reach = (deformation.reach_mm() if deformation is not None else 0.0) / spacing
     margin = np.array([1, 1, 1 + z_margin])
     low = np.floor((points.min(axis=0) - origin) / spacing - reach).astype(int) - margin
     high = np.ceil((points.max(axis=0) - origin) / spacing + reach).astype(int) + 1 + margin
-    size = np.asarray(reference.GetSize())
+    size = np.asarray(reference.array.shape[::-1])
     return np.clip(low, 0, size), np.clip(high, 0, size)
 
 
-def _resample_anatomy(reference: sitk.Image, geometry: Geometry, pose: Pose,
+def _resample_anatomy(part: sitk.Image, geometry: Geometry, pose: Pose,
                       deformation: Deformation | None) -> np.ndarray:
-    """The (noise-free) reference seen through `pose` and `deformation` on an exam grid."""
+    """A (noise-free) part of the reference (`Reference.image`) seen through `pose` and `deformation` on an exam
+    grid."""
     anatomy_from_exam = np.linalg.inv(pose.matrix())
     transform: sitk.Transform = sitk.AffineTransform(3)
     transform.SetMatrix(anatomy_from_exam[:3, :3].ravel().tolist())
     transform.SetTranslation(anatomy_from_exam[:3, 3].tolist())
     if deformation is not None and len(deformation.waves):
-        transform = sitk.CompositeTransform([_deformation_field(reference, deformation), transform])
-    resampled = sitk.Resample(reference, geometry.reference_image(), transform, sitk.sitkLinear, -1000.0,
+        transform = sitk.CompositeTransform([_deformation_field(part, deformation), transform])
+    resampled = sitk.Resample(part, geometry.reference_image(), transform, sitk.sitkLinear, -1000.0,
                               sitk.sitkFloat32)
     return sitk.GetArrayFromImage(resampled)
 
 
-def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, deformation: Deformation,
+def _screening_exam(reference: Reference, geometry: Geometry, pose: Pose, deformation: Deformation,
                     nodules: list[tuple[NoduleTrack, np.ndarray]], day: float, rng: np.random.Generator,
                     noise_hu: float) -> tuple[np.ndarray, np.ndarray, list[tuple[int, list[int], list[int]]]]:
     """Preset "screening": one exam imaged as a whole, nodules included.
@@ -590,7 +602,7 @@ def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, defor
     voxel count, box and centre.
     """
     thickness = geometry.spacing[2]
-    k = max(1, math.ceil(thickness / reference.GetSpacing()[2] - 1e-6))
+    k = max(1, math.ceil(thickness / reference.spacing[2] - 1e-6))
     sigma = _slice_profile_sigma_mm(reference, thickness) / (thickness / k)  # in fine slices
     margin = (int(4.0 * sigma + 0.5) + k - 1) // k  # exam slices that the slice profile spreads a nodule over
     array = _anatomy_exam(reference, geometry, pose, thickness, deformation)
@@ -603,7 +615,7 @@ def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, defor
         size = high - low + 1
         box = Geometry((int(size[0]), int(size[1]), int((size[2] - 1) * k + 1)), (*geometry.spacing[:2], thickness / k),
                        tuple(np.asarray(geometry.origin) + low * np.asarray(geometry.spacing)), geometry.direction)
-        before = _resample_anatomy(reference, box, pose, deformation)
+        before = _anatomy_exam(reference, box, pose, 0.0, deformation)
         change = before.copy()
         _render_nodule(change, np.zeros(change.shape, np.uint8), track, day, box, exam_from_anatomy)
         change -= before
