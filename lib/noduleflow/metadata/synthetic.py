@@ -477,12 +477,20 @@ class Reference:
     array: np.ndarray
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
+    # where blurred parts are written, reused by every exam: fresh memory costs more to fault in than to blur
+    scratch: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scratch", np.empty(self.array.size, np.float32))
 
     def image(self, low: np.ndarray, high: np.ndarray, sigma: float = 0.0) -> sitk.Image:
         """Voxels low to high - 1 (x, y, z indices) as a SimpleITK image, blurred along z by a Gaussian of `sigma`
         slices (continued with its end slices)."""
         part = self.array[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
-        image = sitk.GetImageFromArray(gaussian_filter1d(part, sigma, axis=0, mode="nearest") if sigma > 0 else part)
+        if sigma > 0:
+            blurred = self.scratch[:part.size].reshape(part.shape)
+            part = gaussian_filter1d(part, sigma, axis=0, output=blurred, mode="nearest")
+        image = sitk.GetImageFromArray(part)
         image.SetSpacing(self.spacing)
         image.SetOrigin(tuple(float(o + s * i) for o, s, i in zip(self.origin, self.spacing, low, strict=True)))
         return image
