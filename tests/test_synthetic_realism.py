@@ -121,6 +121,7 @@ def test_the_kernel_noise_has_the_requested_level_and_a_sharp_kernel_texture():
     _kernel_image(image, np.random.default_rng(2), 0.75, 50.0)
     assert image.std() == pytest.approx(50.0, rel=0.02)  # the expected level, no pass over the volume needed
     assert abs(image.mean()) < 0.5
+    assert abs(np.mean((image / image.std()) ** 4) - 3.0) < 0.05  # Gaussian (kurtosis 3), whatever the draws
     assert abs(np.corrcoef(image[:-1].ravel(), image[1:].ravel())[0, 1]) < 0.02  # independent slices
     power = (np.abs(np.fft.rfft2(image)) ** 2).mean(axis=0)  # in-plane power spectrum, peaking at 0.5 cycles/mm
     fy, fx = np.fft.fftfreq(240, 0.75)[:, None], np.fft.rfftfreq(288, 0.75)[None, :]

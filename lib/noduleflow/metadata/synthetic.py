@@ -641,25 +641,29 @@ def _kernel_image(array: np.ndarray, rng: np.random.Generator, pixel_mm: float, 
     spectrum f exp(-(f / f0)^2) peaking at _KERNEL_NPS_PEAK cycles/mm (the ramp filter times the kernel's roll-off).
 
     The noise is drawn in the frequency domain: complex white noise shaped by the kernel, one inverse FFT per slice,
-    scaled by the standard deviation this gives in expectation (so no pass over the whole volume is needed)."""
+    scaled by the standard deviation this gives in expectation (so no pass over the whole volume is needed). The
+    white noise's real and imaginary parts are uniform with unit variance (4 x cheaper to draw than normal ones);
+    every voxel sums some 10^5 of them, so its noise is Gaussian all the same."""
     ny, nx = array.shape[1:]
     fy = np.fft.fftfreq(ny, pixel_mm)[:, None]
     fx = np.fft.rfftfreq(nx, pixel_mm)[None, :]
     radial = np.sqrt(fx * fx + fy * fy)
     power = radial * np.exp(-((radial / (_KERNEL_NPS_PEAK * math.sqrt(2.0))) ** 2))
-    # irfft2 of a half spectrum with standard complex normal entries (variance 2 |gain|^2 each): a column with a
-    # mirror image (0 < fx < Nyquist) adds 4 |gain|^2 / (ny nx)^2 to every voxel's variance, the others |gain|^2
+    # irfft2 of a half spectrum of gain x (unit-variance real and imaginary parts): a column with a mirror image
+    # (0 < fx < Nyquist) adds 4 |gain|^2 / (ny nx)^2 to every voxel's variance, the others |gain|^2 / (ny nx)^2
     weights = np.full(fx.size, 4.0)
     weights[0] = 1.0
     if nx % 2 == 0:
         weights[-1] = 1.0
     expected = math.sqrt(float((power * weights).sum())) / (ny * nx)
-    gain = (np.sqrt(power) * (std / max(expected, 1e-12))).astype(np.float32)
+    gain = (np.sqrt(power) * (std / max(expected, 1e-12) * math.sqrt(12.0))).astype(np.float32)  # U(-1/2, 1/2)
     psf = (0.0, _KERNEL_PSF_MM / pixel_mm, _KERNEL_PSF_MM / pixel_mm)
     for start in range(0, len(array), chunk):
         part = array[start:start + chunk]
         gaussian_filter(part, sigma=psf, output=part, truncate=2.5)  # 3 taps at 0.7-0.8 mm: the next weigh < 1e-4
-        spectrum = rng.standard_normal((len(part), *gain.shape, 2), dtype=np.float32).view(np.complex64)[..., 0]
+        spectrum = rng.random((len(part), *gain.shape, 2), dtype=np.float32)
+        spectrum -= 0.5
+        spectrum = spectrum.view(np.complex64)[..., 0]
         spectrum *= gain
         part += fft.irfft2(spectrum, s=(ny, nx), axes=(-2, -1), overwrite_x=True)
     return array
