@@ -543,14 +543,20 @@ def _slice_profile_sigma_mm(reference: Reference, thickness: float) -> float:
 
 def _render_exam(reference: Reference, geometry: Geometry, pose: Pose, thickness: float,
                  rng: np.random.Generator, noise_hu: float, deformation: Deformation | None = None) -> np.ndarray:
-    """Anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness, noisy."""
+    """Anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness, noisy.
+
+    The noise is white noise smoothed in-plane (Gaussian, 0.7 pixels), scaled by the standard deviation that the
+    smoothing gives in expectation, and added a few slices at a time (the draws are those of one volume)."""
     array = _anatomy_exam(reference, geometry, pose, thickness, deformation)
-    noise = np.empty(array.shape, np.float32)
-    for start in range(0, len(noise), 8):  # the same draws as all at once, without a float64 volume
-        noise[start:start + 8] = rng.normal(size=noise[start:start + 8].shape)
-    gaussian_filter(noise, sigma=(0.0, 0.7, 0.7), output=noise)
-    noise *= noise_hu / max(float(noise.std()), 1e-6)
-    array += noise
+    impulse = np.zeros(15)
+    impulse[7] = 1.0
+    expected = float((gaussian_filter1d(impulse, 0.7) ** 2).sum())  # the std of white noise smoothed along y and x
+    for start in range(0, len(array), 8):
+        part = array[start:start + 8]
+        noise = rng.normal(size=part.shape).astype(np.float32)
+        gaussian_filter(noise, sigma=(0.0, 0.7, 0.7), output=noise)
+        noise *= noise_hu / expected
+        part += noise
     return array
 
 
