@@ -94,7 +94,12 @@ def _ellipsoid_sd(dx: np.ndarray, dy: np.ndarray, dz: np.ndarray | float, a: flo
 
 def _oval_sd(dx: np.ndarray, dy: np.ndarray, a: float, b_ant: float, b_post: float) -> np.ndarray:
     """Signed distance to an ellipse whose anterior (y < 0) and posterior semi-axes differ."""
-    return _ellipsoid_sd(dx, dy, 0.0, a, np.where(dy < 0, b_ant, b_post))
+    return _ellipsoid_sd(dx, dy, 0.0, a, _either(dy < 0, b_ant, b_post, dy))
+
+
+def _either(condition: np.ndarray, a: np.ndarray | float, b: np.ndarray | float, like: np.ndarray) -> np.ndarray:
+    """np.where in the dtype of `like` (float32 slices stay float32 when a and b are Python floats)."""
+    return np.where(condition, a, b).astype(like.dtype, copy=False)
 
 
 def _circle_sd(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
@@ -138,7 +143,7 @@ def _lung_sds(a: ChestAnatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray | flo
     x_mid, junction = a.mediastinum[:2]
     y_c, hw_right, hw_left, b = _mediastinal_oval(a, z)
     dx = x - x_mid
-    oval = extra - _ellipsoid_sd(dx, y - y_c, 0.0, np.where(dx < 0, hw_right, hw_left), b)
+    oval = extra - _ellipsoid_sd(dx, y - y_c, 0.0, _either(dx < 0, hw_right, hw_left, dx), b)
     medial = (np.maximum(dx + (junction + extra), oval), np.maximum((junction + extra) - dx, oval))
     out = []
     for side in (_RIGHT, _LEFT):
@@ -242,10 +247,13 @@ def _organs(a: ChestAnatomy) -> list[_Organ]:
 
 def _blend(img: np.ndarray, hu: np.ndarray | float, sd: np.ndarray, w: float, weight: float = 1.0) -> None:
     """Paint hu over img in place where sd < 0, with a linear partial-volume edge of width w."""
-    alpha = np.clip(0.5 - sd * (1.0 / w), 0.0, 1.0)
+    alpha = sd * (-1.0 / w)  # in place from here on: the same values as 0.5 - sd / w, clipped, without temporaries
+    alpha += 0.5
+    np.clip(alpha, 0.0, 1.0, out=alpha)
     if weight != 1.0:
         alpha *= weight
-    img += alpha * (hu - img)
+    alpha *= hu - img
+    img += alpha
 
 
 def _span(coords: np.ndarray, lo: float, hi: float) -> tuple[int, int]:
@@ -299,8 +307,9 @@ class _Grid(NamedTuple):
     fat: np.ndarray  # (ny, 1) subcutaneous fat thickness
     abdomen: np.ndarray  # (1, nx) HU below the diaphragm (liver on the right)
     lung: np.ndarray  # (ny, 1) parenchyma HU without texture
-    tex_x: np.ndarray  # (K, nx) complex texture factors
-    tex_y: np.ndarray  # (ny, K)
+    tex_cos: np.ndarray  # (K, nx) real and imaginary parts of the texture factors along x
+    tex_sin: np.ndarray
+    tex_y: np.ndarray  # (ny, K) complex texture factors along y
     tex_kz: np.ndarray  # (K,)
     organs: list[_Organ]
 
@@ -318,10 +327,10 @@ def _make_grid(a: ChestAnatomy, xs: np.ndarray, ys: np.ndarray, w: float) -> _Gr
     mean, amplitude, y_mid, half = a.lung_hu
     lung = mean + amplitude * np.clip((y - y_mid) / half, -1.0, 1.0)
     kx, ky, kz, amp, phase = a.texture.T
-    tex_x = np.exp(1j * np.outer(kx, xs)).astype(np.complex64)
+    angle = np.outer(kx, xs)
     tex_y = (amp * np.exp(1j * (np.outer(ys, ky) + phase))).astype(np.complex64)
     return _Grid(xs, ys, w, base, fat.astype(np.float32), abdomen.astype(np.float32), lung.astype(np.float32),
-                 tex_x, tex_y, kz, _organs(a))
+                 np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32), tex_y, kz, _organs(a))
 
 
 def _window(xs: np.ndarray, ys: np.ndarray, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice]:
@@ -367,10 +376,24 @@ def _render_slice(a: ChestAnatomy, g: _Grid, z: float) -> np.ndarray:
                 np.maximum(view, _PLEURA_MM - cut, out=view)
     _paint_spine(a, img, xs, ys, z, w)
     if lung.size and lung.min() < 0.5 * w:
-        texture = ((g.tex_y[c_rows] * np.exp(1j * g.tex_kz * z).astype(np.complex64)) @ g.tex_x[:, c_cols]).real
-        _blend(cavity_img, texture + g.lung[c_rows], lung, w)
+        _blend(cavity_img, _lung_hu(g, c_rows, c_cols, z), lung, w)
         _paint_fissures(a, cavity_img, x, y, z, lung, w)
     return img
+
+
+def _lung_hu(g: _Grid, rows: slice, cols: slice, z: float) -> np.ndarray:
+    """Parenchyma HU with its texture, the real part of sum_k tex_y[:, k] exp(i kz_k z) exp(i kx_k x), on a window
+    of a slice. Summed term by term: as a complex matrix product it would go through BLAS, whose threads spin
+    for this small product on a busy machine (up to 80 x slower)."""
+    factors = g.tex_y[rows] * np.exp(1j * g.tex_kz * z).astype(np.complex64)
+    out = np.repeat(g.lung[rows], cols.stop - cols.start, axis=1)
+    term = np.empty_like(out)
+    for k in range(len(g.tex_kz)):
+        np.multiply(factors[:, k:k + 1].real, g.tex_cos[k:k + 1, cols], out=term)
+        out += term
+        np.multiply(factors[:, k:k + 1].imag, g.tex_sin[k:k + 1, cols], out=term)
+        out -= term
+    return out
 
 
 def _fissure_height(row: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -402,14 +425,11 @@ def _paint_fissures(a: ChestAnatomy, img: np.ndarray, x: np.ndarray, y: np.ndarr
         _blend(img[rows], _FISSURE_HU, sd, w)
 
 
-def _paint_capsule(vol: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray], p0: np.ndarray,
+def _paint_capsule(vol: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray], box: np.ndarray, p0: np.ndarray,
                    p1: np.ndarray, r0: float, r1: float, hu: float, w: float) -> None:
-    """Paint a tapered capsule p0 -> p1 into vol, only inside its bounding box."""
-    reach = max(r0, r1) + w
-    lo, hi = np.minimum(p0, p1) - reach, np.maximum(p0, p1) + reach
-    (i0, i1), (j0, j1), (k0, k1) = (_span(c, lo[d], hi[d]) for d, c in enumerate(axes))
-    if i1 <= i0 or j1 <= j0 or k1 <= k0:
-        return
+    """Paint a tapered capsule p0 -> p1 into vol, only inside its bounding box (index ranges i0, i1, j0, j1, k0, k1
+    along x, y, z)."""
+    i0, i1, j0, j1, k0, k1 = (int(v) for v in box)
     d = (p1 - p0).astype(np.float32)
     x = axes[0][i0:i1] - np.float32(p0[0])
     y = axes[1][j0:j1, None] - np.float32(p0[1])
@@ -422,18 +442,26 @@ def _paint_capsule(vol: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarr
 def _paint_tubes(a: ChestAnatomy, vol: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray],
                  w: float) -> None:
     """Rasterise every tube, then every tube core (so chained pieces keep open lumens); long tubes are split
-    into short pieces so that oblique ones keep tight bounding boxes."""
+    into short pieces so that oblique ones keep tight bounding boxes (all pieces and their boxes found at once)."""
     for core_pass in (False, True):
-        for p0, p1, (r0, r1), (hu, core_hu), core in zip(a.tube_p0, a.tube_p1, a.tube_radius, a.tube_hu,
-                                                          a.tube_core, strict=True):
-            if core_pass and core <= 0.0:
-                continue
-            scale, value = (float(core), float(core_hu)) if core_pass else (1.0, float(hu))
-            pieces = max(1, math.ceil(float(np.linalg.norm(p1 - p0)) / max(3.0 * max(r0, r1), 6.0)))
-            for k in range(pieces):
-                t0, t1 = k / pieces, (k + 1) / pieces
-                _paint_capsule(vol, axes, p0 + t0 * (p1 - p0), p0 + t1 * (p1 - p0), scale * (r0 + t0 * (r1 - r0)),
-                               scale * (r0 + t1 * (r1 - r0)), value, w)
+        chosen = np.flatnonzero(a.tube_core > 0.0) if core_pass else np.arange(len(a.tube_core))
+        scale = a.tube_core[chosen] if core_pass else np.ones(len(chosen))
+        p0, p1, radius = a.tube_p0[chosen], a.tube_p1[chosen], a.tube_radius[chosen]
+        pieces = np.maximum(1, np.ceil(np.linalg.norm(p1 - p0, axis=1) / np.maximum(3.0 * radius.max(axis=1), 6.0)))
+        tube = np.repeat(np.arange(len(chosen)), pieces.astype(int))
+        k = np.arange(len(tube)) - np.repeat(np.cumsum(pieces) - pieces, pieces.astype(int))
+        t0, t1 = k / pieces[tube], (k + 1) / pieces[tube]
+        step, r_step = p1[tube] - p0[tube], radius[tube, 1] - radius[tube, 0]
+        starts, stops = p0[tube] + t0[:, None] * step, p0[tube] + t1[:, None] * step
+        r_start = scale[tube] * (radius[tube, 0] + t0 * r_step)
+        r_stop = scale[tube] * (radius[tube, 0] + t1 * r_step)
+        reach = np.maximum(r_start, r_stop)[:, None] + w
+        lo, hi = np.minimum(starts, stops) - reach, np.maximum(starts, stops) + reach
+        boxes = np.column_stack([np.searchsorted(c, bound[:, d], side) for d, c in enumerate(axes)
+                                 for bound, side in ((lo, "left"), (hi, "right"))])
+        values = a.tube_hu[chosen, int(core_pass)]
+        for n in np.flatnonzero((boxes[:, 1::2] > boxes[:, 0::2]).all(axis=1)):
+            _paint_capsule(vol, axes, boxes[n], starts[n], stops[n], r_start[n], r_stop[n], float(values[tube[n]]), w)
 
 
 def render_anatomy(anatomy: ChestAnatomy, size_xyz: tuple[int, int, int], spacing_xyz: tuple[float, float, float],

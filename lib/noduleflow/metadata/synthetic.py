@@ -159,6 +159,10 @@ class Deformation:
         """Anatomy points seen at the exam's (pre-pose) points."""
         return np.asarray(points, dtype=float) + self.displacement(points)
 
+    def reach_mm(self) -> float:
+        """An upper bound of |u| (mm): the sum of the waves' amplitudes."""
+        return float(np.linalg.norm(self.waves[:, 3:6], axis=1).sum())
+
     def from_anatomy(self, points: np.ndarray) -> np.ndarray:
         """Pre-pose exam points that show the given anatomy points (inverse of `to_anatomy`)."""
         points = np.asarray(points, dtype=float)
@@ -465,7 +469,34 @@ def _voxel_fractions(track: NoduleTrack, scale: float, grid: np.ndarray, spacing
     return outer, core
 
 
-def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> sitk.Image:
+@dataclass(frozen=True)
+class Reference:
+    """A patient's noise-free anatomy, rendered once on an axis-aligned grid larger than every exam's field of view:
+    float32 HU [z, y, x], spacing and origin (x, y, z, mm). Exams see it through `image`, only the part they reach."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    # where blurred parts are written, reused by every exam: fresh memory costs more to fault in than to blur
+    scratch: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scratch", np.empty(self.array.size, np.float32))
+
+    def image(self, low: np.ndarray, high: np.ndarray, sigma: float = 0.0) -> sitk.Image:
+        """Voxels low to high - 1 (x, y, z indices) as a SimpleITK image, blurred along z by a Gaussian of `sigma`
+        slices (continued with its end slices)."""
+        part = self.array[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
+        if sigma > 0:
+            blurred = self.scratch[:part.size].reshape(part.shape)
+            part = gaussian_filter1d(part, sigma, axis=0, output=blurred, mode="nearest")
+        image = sitk.GetImageFromArray(part)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(tuple(float(o + s * i) for o, s, i in zip(self.origin, self.spacing, low, strict=True)))
+        return image
+
+
+def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> Reference:
     """Noise-free anatomy rendered once per patient on a grid larger than every exam's field of view."""
     spacing = np.asarray(config.reference_spacing_mm)
     reach = config.max_translation_mm + config.deformation_mm + 10.0
@@ -473,11 +504,8 @@ def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> sitk.Image:
     extent = np.asarray(config.fov_mm) + 2 * margins
     size = np.ceil(extent / spacing).astype(int)
     origin = -(size - 1) * spacing / 2.0
-    array = render_anatomy(anatomy, tuple(int(v) for v in size), tuple(spacing), tuple(origin))
-    image = sitk.GetImageFromArray(array.astype(np.float32))
-    image.SetSpacing(tuple(float(v) for v in spacing))
-    image.SetOrigin(tuple(float(v) for v in origin))
-    return image
+    return Reference(render_anatomy(anatomy, tuple(int(v) for v in size), tuple(spacing), tuple(origin)),
+                     tuple(float(v) for v in spacing), tuple(float(v) for v in origin))
 
 
 def _exam_geometry(config: CohortConfig, pixel_spacing: float, thickness: float, start_offset: float = 0.0) -> Geometry:
@@ -490,12 +518,14 @@ def _exam_geometry(config: CohortConfig, pixel_spacing: float, thickness: float,
                     (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
 
-def _deformation_field(reference: sitk.Image, deformation: Deformation) -> sitk.Transform:
-    """The deformation as an ITK displacement field on a 4 mm grid over the reference (exact to ~0.02 mm)."""
+def _deformation_field(part: sitk.Image, deformation: Deformation) -> sitk.Transform:
+    """The deformation as an ITK displacement field over an image (exact to ~0.02 mm), its nodes on a fixed
+    4 mm lattice (multiples of 4 mm), so that any part of the reference gets the same field as the whole."""
     spacing = 4.0
-    size = [int(math.ceil(n * s / spacing)) + 3 for n, s in zip(reference.GetSize(), reference.GetSpacing(),
-                                                                 strict=True)]
-    origin = np.asarray(reference.GetOrigin()) - spacing
+    start = np.asarray(part.GetOrigin())
+    stop = start + (np.asarray(part.GetSize()) - 1) * np.asarray(part.GetSpacing())
+    origin = np.floor(start / spacing) * spacing - spacing
+    size = [int(v) for v in np.ceil((stop - origin) / spacing) + 2]
     axes = [origin[i] + spacing * np.arange(size[i]) for i in range(3)]
     z, y, x = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
     field = deformation.displacement(np.stack([x, y, z], -1).reshape(-1, 3)).reshape(*x.shape, 3)
@@ -505,49 +535,76 @@ def _deformation_field(reference: sitk.Image, deformation: Deformation) -> sitk.
     return sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
 
 
-def _slice_profile_sigma_mm(reference: sitk.Image, thickness: float) -> float:
+def _slice_profile_sigma_mm(reference: Reference, thickness: float) -> float:
     """Gaussian sigma (mm) along z that turns the reference's slice profile into one of `thickness`."""
-    ref_dz = reference.GetSpacing()[2]
+    ref_dz = reference.spacing[2]
     return math.sqrt(thickness**2 - ref_dz**2) / 2.355 if thickness > ref_dz else 0.0
 
 
-def _render_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
+def _render_exam(reference: Reference, geometry: Geometry, pose: Pose, thickness: float,
                  rng: np.random.Generator, noise_hu: float, deformation: Deformation | None = None) -> np.ndarray:
-    """Anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness, noisy."""
+    """Anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness, noisy.
+
+    The noise is white noise smoothed in-plane (Gaussian, 0.7 pixels), scaled by the standard deviation that the
+    smoothing gives in expectation, and added a few slices at a time (the draws are those of one volume)."""
     array = _anatomy_exam(reference, geometry, pose, thickness, deformation)
-    noise = gaussian_filter(rng.normal(size=array.shape).astype(np.float32), sigma=(0.0, 0.7, 0.7))
-    noise *= noise_hu / max(float(noise.std()), 1e-6)
-    return array + noise
+    impulse = np.zeros(15)
+    impulse[7] = 1.0
+    expected = float((gaussian_filter1d(impulse, 0.7) ** 2).sum())  # the std of white noise smoothed along y and x
+    for start in range(0, len(array), 8):
+        part = array[start:start + 8]
+        noise = rng.normal(size=part.shape).astype(np.float32)
+        gaussian_filter(noise, sigma=(0.0, 0.7, 0.7), output=noise)
+        noise *= noise_hu / expected
+        part += noise
+    return array
 
 
-def _anatomy_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, thickness: float,
+def _anatomy_exam(reference: Reference, geometry: Geometry, pose: Pose, thickness: float,
                   deformation: Deformation | None) -> np.ndarray:
-    """Noise-free anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness."""
-    blurred = reference
-    sigma_mm = _slice_profile_sigma_mm(reference, thickness)
-    if sigma_mm > 0:
-        array = gaussian_filter1d(sitk.GetArrayViewFromImage(reference), sigma_mm / reference.GetSpacing()[2], axis=0,
-                                  mode="nearest")
-        blurred = sitk.GetImageFromArray(array)
-        blurred.CopyInformation(reference)
-    return _resample_anatomy(blurred, geometry, pose, deformation)
+    """Noise-free anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness.
+
+    Only the part of the reference that the exam's samples can reach is cut out and gets the slice profile (with as
+    many slices more on each side as the blur reaches, so that the samples see the same values as if it all had)."""
+    sigma = _slice_profile_sigma_mm(reference, thickness) / reference.spacing[2]
+    radius = int(4.0 * sigma + 0.5) if sigma > 0 else 0  # scipy's blur radius
+    part = reference.image(*_footprint(reference, geometry, pose, deformation, radius), sigma)
+    return _resample_anatomy(part, geometry, pose, deformation)
 
 
-def _resample_anatomy(reference: sitk.Image, geometry: Geometry, pose: Pose,
+def _footprint(reference: Reference, geometry: Geometry, pose: Pose, deformation: Deformation | None,
+               z_margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and past-the-last voxel indices (x, y, z) of the part of the (axis-aligned) reference that linear
+    interpolation reads for the exam's samples through `pose` and `deformation`, with `z_margin` more slices on
+    each side, clipped to the reference."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in geometry.shape], indexing="ij")).reshape(3, -1).T
+    matrix = np.linalg.inv(pose.matrix()) @ geometry.matrix()
+    points = corners @ matrix[:3, :3].T + matrix[:3, 3]
+    spacing, origin = np.asarray(reference.spacing), np.asarray(reference.origin)
+    reach = (deformation.reach_mm() if deformation is not None else 0.0) / spacing
+    margin = np.array([1, 1, 1 + z_margin])
+    low = np.floor((points.min(axis=0) - origin) / spacing - reach).astype(int) - margin
+    high = np.ceil((points.max(axis=0) - origin) / spacing + reach).astype(int) + 1 + margin
+    size = np.asarray(reference.array.shape[::-1])
+    return np.clip(low, 0, size), np.clip(high, 0, size)
+
+
+def _resample_anatomy(part: sitk.Image, geometry: Geometry, pose: Pose,
                       deformation: Deformation | None) -> np.ndarray:
-    """The (noise-free) reference seen through `pose` and `deformation` on an exam grid."""
+    """A (noise-free) part of the reference (`Reference.image`) seen through `pose` and `deformation` on an exam
+    grid."""
     anatomy_from_exam = np.linalg.inv(pose.matrix())
     transform: sitk.Transform = sitk.AffineTransform(3)
     transform.SetMatrix(anatomy_from_exam[:3, :3].ravel().tolist())
     transform.SetTranslation(anatomy_from_exam[:3, 3].tolist())
     if deformation is not None and len(deformation.waves):
-        transform = sitk.CompositeTransform([_deformation_field(reference, deformation), transform])
-    resampled = sitk.Resample(reference, geometry.reference_image(), transform, sitk.sitkLinear, -1000.0,
+        transform = sitk.CompositeTransform([_deformation_field(part, deformation), transform])
+    resampled = sitk.Resample(part, geometry.reference_image(), transform, sitk.sitkLinear, -1000.0,
                               sitk.sitkFloat32)
     return sitk.GetArrayFromImage(resampled)
 
 
-def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, deformation: Deformation,
+def _screening_exam(reference: Reference, geometry: Geometry, pose: Pose, deformation: Deformation,
                     nodules: list[tuple[NoduleTrack, np.ndarray]], day: float, rng: np.random.Generator,
                     noise_hu: float) -> tuple[np.ndarray, np.ndarray, list[tuple[int, list[int], list[int]]]]:
     """Preset "screening": one exam imaged as a whole, nodules included.
@@ -559,7 +616,7 @@ def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, defor
     voxel count, box and centre.
     """
     thickness = geometry.spacing[2]
-    k = max(1, math.ceil(thickness / reference.GetSpacing()[2] - 1e-6))
+    k = max(1, math.ceil(thickness / reference.spacing[2] - 1e-6))
     sigma = _slice_profile_sigma_mm(reference, thickness) / (thickness / k)  # in fine slices
     margin = (int(4.0 * sigma + 0.5) + k - 1) // k  # exam slices that the slice profile spreads a nodule over
     array = _anatomy_exam(reference, geometry, pose, thickness, deformation)
@@ -572,33 +629,57 @@ def _screening_exam(reference: sitk.Image, geometry: Geometry, pose: Pose, defor
         size = high - low + 1
         box = Geometry((int(size[0]), int(size[1]), int((size[2] - 1) * k + 1)), (*geometry.spacing[:2], thickness / k),
                        tuple(np.asarray(geometry.origin) + low * np.asarray(geometry.spacing)), geometry.direction)
-        before = _resample_anatomy(reference, box, pose, deformation)
+        before = _anatomy_exam(reference, box, pose, 0.0, deformation)
         change = before.copy()
         _render_nodule(change, np.zeros(change.shape, np.uint8), track, day, box, exam_from_anatomy)
         change -= before
         if sigma > 0:
             change = gaussian_filter1d(change, sigma, axis=0, mode="constant")
         array[low[2]:high[2] + 1, low[1]:high[1] + 1, low[0]:high[0] + 1] += change[::k]
-    array = gaussian_filter(array, sigma=(0.0, _KERNEL_PSF_MM / geometry.spacing[1],
-                                          _KERNEL_PSF_MM / geometry.spacing[0]))
-    array += kernel_noise(rng, array.shape, geometry.spacing[0], noise_hu)
+    _kernel_image(array, rng, geometry.spacing[0], noise_hu)
     return array, labels, found
 
 
-def kernel_noise(rng: np.random.Generator, shape: tuple[int, ...], pixel_mm: float, std: float) -> np.ndarray:
-    """float32 noise of a sharp reconstruction kernel: independent slices, in-plane power spectrum
-    f exp(-(f / f0)^2) peaking at _KERNEL_NPS_PEAK cycles/mm (the ramp filter times the kernel's roll-off).
+def _kernel_image(array: np.ndarray, rng: np.random.Generator, pixel_mm: float, std: float,
+                  chunk: int = 8) -> np.ndarray:
+    """In place, `chunk` slices at a time: the in-plane point spread (Gaussian, _KERNEL_PSF_MM), then the float32
+    noise of a sharp reconstruction kernel with standard deviation `std`: independent slices, in-plane power
+    spectrum f exp(-(f / f0)^2) peaking at _KERNEL_NPS_PEAK cycles/mm (the ramp filter times the kernel's roll-off).
 
-    Drawn in the frequency domain: complex white noise shaped by the kernel, one inverse FFT per slice."""
-    fy = np.fft.fftfreq(shape[-2], pixel_mm)[:, None]
-    fx = np.fft.rfftfreq(shape[-1], pixel_mm)[None, :]
+    The noise is drawn in the frequency domain: complex white noise shaped by the kernel, one inverse FFT per slice,
+    scaled by the standard deviation this gives in expectation (so no pass over the whole volume is needed). The
+    white noise's real and imaginary parts are uniform with unit variance (4 x cheaper to draw than normal ones);
+    every voxel sums some 10^5 of them, so its noise is Gaussian all the same."""
+    ny, nx = array.shape[1:]
+    fy = np.fft.fftfreq(ny, pixel_mm)[:, None]
+    fx = np.fft.rfftfreq(nx, pixel_mm)[None, :]
     radial = np.sqrt(fx * fx + fy * fy)
-    gain = np.sqrt(radial * np.exp(-((radial / (_KERNEL_NPS_PEAK * math.sqrt(2.0))) ** 2))).astype(np.float32)
-    spectrum = rng.standard_normal((*shape[:-1], fx.size, 2), dtype=np.float32).view(np.complex64)[..., 0]
-    spectrum *= gain
-    noise = fft.irfft2(spectrum, s=shape[-2:], axes=(-2, -1), overwrite_x=True)
-    noise *= np.float32(std / max(float(noise.std()), 1e-6))
-    return noise
+    power = radial * np.exp(-((radial / (_KERNEL_NPS_PEAK * math.sqrt(2.0))) ** 2))
+    # irfft2 of a half spectrum of gain x (unit-variance real and imaginary parts): a column with a mirror image
+    # (0 < fx < Nyquist) adds 4 |gain|^2 / (ny nx)^2 to every voxel's variance, the others |gain|^2 / (ny nx)^2
+    weights = np.full(fx.size, 4.0)
+    weights[0] = 1.0
+    if nx % 2 == 0:
+        weights[-1] = 1.0
+    expected = math.sqrt(float((power * weights).sum())) / (ny * nx)
+    gain = (np.sqrt(power) * (std / max(expected, 1e-12) * math.sqrt(12.0))).astype(np.float32)  # U(-1/2, 1/2)
+    psf = (0.0, _KERNEL_PSF_MM / pixel_mm, _KERNEL_PSF_MM / pixel_mm)
+    for start in range(0, len(array), chunk):
+        part = array[start:start + chunk]
+        gaussian_filter(part, sigma=psf, output=part, truncate=2.5)  # 3 taps at 0.7-0.8 mm: the next weigh < 1e-4
+        spectrum = rng.random((len(part), *gain.shape, 2), dtype=np.float32)
+        spectrum -= 0.5
+        spectrum = spectrum.view(np.complex64)[..., 0]
+        spectrum *= gain
+        part += fft.irfft2(spectrum, s=(ny, nx), axes=(-2, -1), overwrite_x=True)
+    return array
+
+
+def _hu(volume: np.ndarray) -> np.ndarray:
+    """int16 HU of a float image (rounded and clipped in place, then converted)."""
+    np.round(volume, out=volume)
+    np.clip(volume, -1024, 3071, out=volume)
+    return volume.astype(np.int16)
 
 
 def _exam_pose(config: CohortConfig, rng: np.random.Generator, index: int,
@@ -641,7 +722,7 @@ def exam_pair(config: CohortConfig, index: int, pixel_spacing: float, thickness:
         geometry = _exam_geometry(config, pixel_spacing, thickness, start_offset)
         volume = _render_exam(reference, geometry, pose, thickness, rng, float(rng.uniform(*config.noise_hu)),
                               deformation)
-        image = sitk.GetImageFromArray(np.clip(np.round(volume), -1024, 3071).astype(np.int16))
+        image = sitk.GetImageFromArray(_hu(volume))
         image.SetSpacing(geometry.spacing)
         image.SetOrigin(geometry.origin)
         images.append(image)
@@ -718,7 +799,7 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
                         "coords_in_past_exam_ijk_space": None, "abn_prexist": days[tp] > track.first_day,
                         "screen_detected": track.screen_detected,
                     }
-            hu = np.clip(np.round(volume), -1024, 3071).astype(np.int16)
+            hu = _hu(volume)
             image_path = Path("images") / pid / f"{exam_id}.nii.gz"
             write_nifti(hu, geometry, out / image_path)
             write_nifti(labels, geometry, out / "truth" / "masks" / f"{exam_id}.nii.gz")
