@@ -144,6 +144,25 @@ def test_half_maximum_segmenter_measures_solid_and_ground_glass_spheres():
     assert not segmenter(np.full((8, 8, 8), -850.0), [2, 4, 2, 4, 2, 4]).any()
 
 
+@pytest.mark.parametrize("depth", [1.0, 0.6])  # the wall's distance from the centre, in radii (< 1: sunk into it)
+def test_a_nodule_against_the_chest_wall_is_measured_without_the_wall(depth):
+    """A solid sphere against a wall of the same density: the component alone takes the wall in."""
+    zz, yy, xx = np.meshgrid(np.arange(32) * 2.5, np.arange(64) * 0.7, np.arange(64) * 0.7, indexing="ij")
+    distance = np.sqrt((zz - 40) ** 2 + (yy - 22.4) ** 2 + (xx - 22.4) ** 2)
+    wall = 22.4 + depth * 4.5
+    inside = np.maximum(np.clip(4.5 - distance + 0.5, 0, 1), np.clip(xx - wall + 0.5, 0, 1))
+    patch = -850.0 + inside * (40.0 + 850.0) + np.random.default_rng(3).normal(0, 15, distance.shape)
+    corners = np.argwhere((distance <= 4.5) & (xx < wall))
+    low, high = corners.min(0), corners.max(0)
+    box = [int(v) for v in (low[1], high[1], low[2], high[2], low[0], high[0])]
+    cap = 4.5 * (1 - depth)
+    visible = 4 / 3 * np.pi * 4.5**3 - np.pi * cap**2 * (3 * 4.5 - cap) / 3  # the sphere on the lung's side
+    assert SEGMENTER(patch, box).sum() * 0.7 * 0.7 * 2.5 == pytest.approx(visible, rel=0.2)
+    if depth < 1:
+        with_wall = dataclasses.replace(SEGMENTER, pleura_disk=0.0)(patch, box).sum() * 0.7 * 0.7 * 2.5
+        assert with_wall > 1.25 * visible
+
+
 def test_a_loose_box_measures_a_small_nodule_as_its_own_box_does():
     """A nodule that shrank is measured in the union of its two boxes: most of that box is parenchyma."""
     zz, yy, xx = np.meshgrid(np.arange(16) * 2.5, np.arange(48) * 0.7, np.arange(48) * 0.7, indexing="ij")

@@ -80,7 +80,7 @@ def write_nifti(array_zyx: np.ndarray, geometry: Geometry, path: str | os.PathLi
         raise ValueError(f"array shape {array_zyx.shape} does not match geometry shape {geometry.shape} (x, y, z)")
     affine = np.eye(4)
     affine[:3, :] = _LPS_FROM_RAS @ geometry.matrix()[:3, :]
-    image = nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(*reversed(range(array_zyx.ndim)))), affine)
+    image = nib.Nifti1Image(array_zyx.transpose(*reversed(range(array_zyx.ndim))), affine)  # F-ordered: no copy
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")

@@ -10,13 +10,20 @@ then given back. Tiny nodules that the opening would remove entirely keep their 
 threshold follows each nodule's own contrast, so solid, part-solid and ground-glass nodules are measured alike
 and partial-volume voxels count half in, half out.
 
-A loose box needs one more step. Forecasts are measured in the union of the prior's and the follow-up's boxes,
-so a nodule that shrank (or the prior of one that grew) fills a small part of its box; the box's 90th
+A loose box needs one more step. A forecast is measured in the prior's box grown by the most growth its interval
+allows, so a nodule that did not grow that much fills a small part of its box; the box's 90th
 percentile then lies near the parenchyma and the threshold low enough to take in noise and the partial-volume
 voxels around the nodule. Where the nodule found fills less than `loose_fill` of the box, the bright end is
 re-estimated from the nodule itself (its `peak_percentile` percentile) and the nodule found again, until the
 threshold settles (`refinements` at most). Tight boxes, where the first estimate is good, are left alone: there
 the re-estimate would follow the bright core of a part-solid or calcified nodule and cut its fainter rest off.
+
+A nodule against the pleura, the mediastinum or the diaphragm touches tissue as bright as itself, and the
+component would take in the chest wall behind it. Only voxels on the lung's side of the lung border count: the
+border is drawn past such a nodule by closing the dark (below-threshold) voxels, slice by slice, with a disk of
+`pleura_disk` times the box's in-plane half-size (the rolling ball of juxtapleural nodule segmentation). A disk
+that size cannot fit in the nodule, so the nodule falls inside the closed lung; the wall, wider than the disk,
+stays outside. Free nodules are unchanged.
 
 Users with a learned segmenter give its file instead (`segmentation.model`): a `torch.export` program (`.pt2`)
 or a TorchScript file (what a MONAI bundle's `ckpt_export` writes) that maps a (1, 1, Z, Y, X) float HU tensor to
@@ -64,6 +71,16 @@ def _component_at_box(above: np.ndarray, box: Sequence[int], inner: tuple[slice,
     return labels == label
 
 
+def _lung_side(dark: np.ndarray, box: Sequence[int], size: float) -> np.ndarray:
+    """The lung with the nodules in it: `dark` (Z, Y, X) closed slice by slice with a disk of `size` times the
+    box's in-plane half-size (the patch's edge continued outwards, so the disk rolls past it too)."""
+    radius = int(np.ceil(size * max(box[1] - box[0], box[3] - box[2]) / 2.0)) + 1
+    y, x = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    padded = np.pad(dark, ((0, 0), (radius, radius), (radius, radius)), mode="edge")
+    closed = ndimage.binary_closing(padded, structure=(y * y + x * x <= radius * radius)[None])
+    return closed[:, radius:-radius, radius:-radius]
+
+
 @dataclass(frozen=True)
 class HalfMaximumSegmenter:
     """Adaptive threshold + connected component around a known box (config key `segmentation`)."""
@@ -75,6 +92,7 @@ class HalfMaximumSegmenter:
     loose_fill: float = 0.25  # a nodule filling less of its box than this gets its bright end re-estimated
     peak_percentile: float = 60.0  # the re-estimate: this percentile of the nodule's HU
     refinements: int = 3  # re-estimates at most (0: never)
+    pleura_disk: float = 2.0  # the rolling disk that draws the lung border past a nodule, in box half-sizes (0: none)
 
     def __call__(self, patch_hu: np.ndarray, box: Sequence[int]) -> np.ndarray:
         """Boolean mask (Z, Y, X) of the nodule in a HU patch; `box` is (i0, i1, j0, j1, k0, k1) = (y, x, z)."""
@@ -103,6 +121,8 @@ class HalfMaximumSegmenter:
         """The component above `threshold` at the box, opened to cut vessels off, with its rim given back."""
         above = np.zeros(patch_hu.shape, dtype=bool)
         above[region] = patch_hu[region] > threshold
+        if self.pleura_disk > 0:
+            above &= _lung_side(patch_hu <= threshold, box, self.pleura_disk)
         opened = ndimage.binary_opening(above, structure=np.ones(tuple(reversed(self.opening_voxels)), dtype=bool))
         if not opened[inner].any():
             return _component_at_box(above, box, inner)
