@@ -134,10 +134,12 @@ def _noise(priors: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
 
 def forecast_batch(net: VelocityNet, run: RunSettings, priors: torch.Tensor, delta_days: torch.Tensor,
                    seeds: Sequence[int], settings: ForecastSettings) -> torch.Tensor:
-    """Generated follow-ups (in the run's space) for a batch of priors and intervals."""
+    """Generated follow-ups (in the run's space) for a batch of priors and intervals; a run with a growth head
+    draws each sample's log volume ratio from the head (noduleflow.models.growth)."""
     x0, condition = paired_start(run.formulation, run.start_noise, priors, _noise(priors, seeds))
     delta = delta_days if run.interval else None
-    return sample(net, x0, settings.steps, settings.sampler, condition, delta)
+    ratio = None if net.growth_head is None else net.growth_head.draw(priors, delta_days, seeds)
+    return sample(net, x0, settings.steps, settings.sampler, condition, delta, ratio)
 
 
 def growth_region(prior_box: Sequence[int], delta_days: float, spacing_mm: Sequence[float], shape: Sequence[int],

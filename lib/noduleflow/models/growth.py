@@ -1,0 +1,117 @@
+"""The growth head of a paired run (config `models.runs.<name>.growth`): a forecast of the nodule's log volume
+ratio that conditions the flow.
+
+The head is a small CNN on the prior patch (in the run's space). It reads the interval through a growth law:
+the log ratio of follow-up to prior volume is a yearly rate times the interval in years, plus a measurement
+error, with the rate's mean and spread and the error's spread read from the image. Its output is a Gaussian,
+mean = rate * years and variance = (rate spread * years)^2 + error spread^2, fitted by its negative
+log-likelihood.
+
+The target is the ratio as the pipeline measures it: the segmenter's volume of each cached nodule in its own box
+(`small_boxes.parquet` of the raw cache), never a synthetic truth. The flow is trained with the measured ratio
+and sampled with ratios drawn from the head, one per forecast sample, so its samples spread as the head is
+unsure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+from torch.nn import functional
+from torch.utils.data import Dataset
+
+from noduleflow.cache.datasets import NodulePairs
+from noduleflow.models.training import derived_seed
+
+DAYS_PER_YEAR = 365.25
+_LOG_STD_RANGE = (-7.0, 3.0)  # the head's log standard deviations are clamped to this range
+
+
+class RatioEmbedding(nn.Module):
+    """A log volume ratio (B,) -> (B, dim), added to the velocity net's timestep embedding."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        return self.mlp(log_ratio.float()[:, None])
+
+
+class GrowthHead(nn.Module):
+    """Prior patch (B, C, *spatial) and interval (B,) days -> mean and standard deviation (B,) of the log ratio."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip([in_channels, *channels[:-1]], channels, strict=True):
+            layers.append(Convolution(spatial_dims, c_in, c_out, strides=2, kernel_size=3, act="SWISH", norm=None))
+        pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
+        self.features = nn.Sequential(*layers, pool, nn.Flatten())
+        width = channels[-1]
+        self.out = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 3))
+
+    def forward(self, prior: torch.Tensor, delta_days: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rate, log_rate_std, log_error_std = self.out(self.features(prior)).float().unbind(dim=1)
+        years = delta_days.float() / DAYS_PER_YEAR
+        variance = ((log_rate_std.clamp(*_LOG_STD_RANGE).exp() * years) ** 2
+                    + log_error_std.clamp(*_LOG_STD_RANGE).exp() ** 2)
+        return rate * years, variance.sqrt()
+
+    def nll(self, prior: torch.Tensor, delta_days: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+        """Mean Gaussian negative log-likelihood of the measured log ratios (B,)."""
+        mean, std = self(prior, delta_days)
+        return functional.gaussian_nll_loss(mean, log_ratio.float(), std**2, full=True)
+
+    @torch.no_grad()
+    def draw(self, prior: torch.Tensor, delta_days: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """One log ratio per sample from the head's Gaussian, each from its forecast sample's seed."""
+        mean, std = self(prior, delta_days)
+        normal = torch.stack([torch.randn((), generator=torch.Generator().manual_seed(derived_seed(s, "growth")))
+                              for s in seeds])
+        return mean + std * normal.to(mean)
+
+
+def log_ratio(prior_mm3: np.ndarray | float, follow_up_mm3: np.ndarray | float, floor_mm3: float) -> np.ndarray:
+    """log((follow-up + floor) / (prior + floor)): finite for a nodule that vanished or was not found."""
+    return np.log((np.asarray(follow_up_mm3, dtype=float) + floor_mm3) / (np.asarray(prior_mm3, dtype=float)
+                                                                          + floor_mm3))
+
+
+def measured_volumes(small_boxes: pd.DataFrame) -> dict[str, float]:
+    """nodule_key -> the segmenter's volume (mm^3) in its own box, from a cache's small_boxes table."""
+    return dict(zip(small_boxes["nodule_key"], small_boxes["nodule_volume"].astype(float), strict=True))
+
+
+class WithLogRatio(Dataset):
+    """A pairs dataset whose items also carry `log_ratio`, the measured log volume ratio (follow-up to prior)."""
+
+    def __init__(self, pairs: NodulePairs, volumes: Mapping[str, float], floor_mm3: float) -> None:
+        missing = sorted({k for k in (*pairs.pairs["key_a"], *pairs.pairs["key_b"]) if k not in volumes})
+        if missing:
+            raise ValueError(f"no measured volume for {len(missing)} cached nodule(s), e.g. {missing[:3]}")
+        self.pairs = pairs
+        self.ratios = log_ratio([volumes[k] for k in pairs.pairs["key_a"]],
+                                [volumes[k] for k in pairs.pairs["key_b"]], floor_mm3)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return {**self.pairs[item], "log_ratio": torch.tensor(float(self.ratios[item]))}
+
+
+def ratio_summary(ratios: np.ndarray) -> str:
+    """A log line on the targets: count, median and spread of the measured log ratios."""
+    if len(ratios) == 0:
+        return "no pairs"
+    quartiles = np.quantile(ratios, [0.25, 0.5, 0.75])
+    return (f"{len(ratios)} pairs, log volume ratio median {quartiles[1]:+.2f} (quartiles {quartiles[0]:+.2f}, "
+            f"{quartiles[2]:+.2f}; x{math.exp(quartiles[1]):.2f})")
