@@ -200,16 +200,17 @@ def test_a_growth_run_trains_on_the_measured_volumes_of_its_splits(tmp_path):
     config["models"]["runs"]["raw3d_bridge"]["growth"] = GROWTH
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(tmp_path, "results/models/runs/raw3d_bridge/model.pt", "-n", "-p")
+    result = snakemake(tmp_path, "results/models/runs/raw3d_bridge/model.pt",
+                       "results/models/runs/slices2d_bridge/model.pt", "-n")
     assert planned_jobs(result)["small_boxes"] == 2  # train and val
-    block = (result.stdout + result.stderr).split("rule fm_paired:")[1].split("\n\n")[0]
-    assert "results/cache/raw/train/small_boxes.parquet" in block
-    assert "results/cache/raw/val/small_boxes.parquet" in block
-    plain = snakemake(tmp_path, "results/models/runs/latent3d_noise/model.pt", "-n")
-    assert "small_boxes" not in planned_jobs(plain)
+    blocks = {block.split("wildcards: run=")[1].split()[0]: block
+              for block in (result.stdout + result.stderr).split("rule fm_paired:")[1:]}
+    volumes = [f"results/cache/raw/{split}/small_boxes.parquet" for split in ("train", "val")]
+    assert all(path in blocks["raw3d_bridge"].split("output:")[0] for path in volumes)
+    assert "small_boxes" not in blocks["slices2d_bridge"].split("output:")[0]
 
 
-def test_a_growth_run_needs_its_measured_volumes():
+def test_a_growth_run_needs_its_measured_volumes_and_samples_several_forecasts():
     from noduleflow.models.tasks import growth_dataset
 
     with pytest.raises(ValueError, match="needs the measured volumes"):
@@ -217,3 +218,5 @@ def test_a_growth_run_needs_its_measured_volumes():
     plain = growth_run(growth=None)
     pairs = object()
     assert growth_dataset(pairs, plain, None) is pairs
+    # a bridge's forecasts are random with a head (its ratios are drawn), so it is sampled several times
+    assert growth_run("bridge").random_forecasts and not growth_run("bridge", growth=None).random_forecasts

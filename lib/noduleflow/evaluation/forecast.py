@@ -21,8 +21,9 @@ prior's box). Dice compares the forecast's and the real segmentation, SSIM and P
 whole patch and on the nodule region (the union of the two boxes grown by a margin; an image comparison with
 the reference, not a measurement of the forecast). The copy-the-prior baseline is the prior image measured by
 `forecast_size` like any forecast; the growth baselines scale that size (`metrics.with_baselines`).
-Runs whose sampling is random (every formulation but the bridge) are sampled `samples` times per pair; a pair's
-row keeps the median size, the 10 / 90 % quantiles and the CRPS of its samples, and their mean image scores.
+Runs whose sampling is random (every formulation but the bridge, and any run with a growth head) are sampled
+`samples` times per pair; a pair's row keeps the median size, the 10 / 90 % quantiles and the CRPS of its
+samples, and their mean image scores.
 """
 
 from __future__ import annotations
@@ -321,7 +322,7 @@ def evaluate_run(*, model_path: str | os.PathLike[str], raw: NodulePairs, model_
     device = distributed.device()
     net, run = load_run(model_path, device)
     slices = run.space == "slices"
-    samples = 1 if run.formulation == "bridge" else settings.samples
+    samples = settings.samples if run.random_forecasts else 1
     rows, examples = [], []
     for start in range(0, len(raw), settings.batch_size):
         items = range(start, min(start + settings.batch_size, len(raw)))

@@ -79,6 +79,12 @@ class RunSettings:
         """Plain data for a model file (read back with from_config)."""
         return dataclasses.asdict(self)
 
+    @property
+    def random_forecasts(self) -> bool:
+        """Whether its forecasts are random (a start with noise, or ratios drawn from a growth head): such a run
+        is sampled several times per forecast, any other once."""
+        return self.formulation != "bridge" or self.growth is not None
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
