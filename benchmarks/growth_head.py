@@ -2,16 +2,17 @@
 
 A flow conditioned on the head's ratios can at best carry the head's forecast into its images, so the head alone
 shows, in minutes instead of a whole run's training, whether the look of a prior tells its growth on a cohort.
-This trains only the head of `--run` (a run of `--config` with a `growth` block, raw space) on the train pairs of
-a workflow's results folder that has its patch cache (`results/cache/raw/{train,val}/`, with `small_boxes.parquet`)
-and pairs (`results/registration/{split}/paired_nodules.parquet`), with the run's training settings (steps:
-`--steps`, default the run's) and `models.seed`. Then, on the val pairs, each pair gets `evaluation.samples`
-ratios drawn as a forecast draws them, turned into follow-up volumes (prior + floor) x exp(ratio) - floor, and the
-evaluation's metrics (`noduleflow.evaluation.metrics.summarise`: MAE, direction accuracy, CRPS, 80 % coverage
-and the paired differences with `copy_prior` and `median_growth`, whose rate is the train pairs' median) are
-printed. Volumes are the segmenter's in each nodule's own box for the prior, the follow-up and the baselines
-alike (the evaluation measures forecasts and the baselines' prior in the prior's box grown for the interval),
-so the numbers compare the head with the baselines, not with a run's summary.
+This trains only the head of `--run` (a run of `--config` with a `growth` block, raw or slices space) on the
+train pairs of a workflow's results folder (`--results`, the folder holding `results/`) that has its patch cache
+(`results/cache/raw/{train,val}/`; volumes from its `small_boxes.parquet`, measured here where that is not
+written yet) and pairs (`results/registration/{split}/paired_nodules.parquet`), with the run's training
+settings (steps: `--steps`, default the run's) and `models.seed`. Then, on the val pairs, each pair gets
+`evaluation.samples` ratios drawn as a forecast draws them, turned into follow-up volumes (prior + floor) x
+exp(ratio) - floor, and the evaluation's metrics (`noduleflow.evaluation.metrics.summarise`: MAE, direction
+accuracy, CRPS, 80 % coverage and the paired differences with `copy_prior` and `median_growth`, whose rate is
+the train pairs' median) are printed. Volumes are the segmenter's in each nodule's own box for the prior, the
+follow-up and the baselines alike (the evaluation measures forecasts and the baselines' prior in the prior's box
+grown for the interval), so the numbers compare the head with the baselines, not with a run's summary.
 
     .venv/bin/python benchmarks/growth_head.py --results RESULTS_PARENT --config config/quality.yaml \
         --run raw3d_growth [--steps 500] [--threads 2]
@@ -24,6 +25,7 @@ import dataclasses
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +33,8 @@ import torch
 import yaml
 
 from noduleflow.cache.datasets import NodulePairs
+from noduleflow.cache.patches import PatchSettings, small_boxes
+from noduleflow.cache.segmenter import build_segmenter
 from noduleflow.evaluation import metrics
 from noduleflow.models.growth import GrowthHead, WithLogRatio, measured_volumes
 from noduleflow.models.settings import RunSettings
@@ -38,12 +42,19 @@ from noduleflow.models.training import derived_seed, seeded_model, train
 from noduleflow.settings import from_config, section
 
 
-def split_data(results: Path, split: str, run: RunSettings) -> tuple[WithLogRatio, dict[str, float]]:
-    """A split's pairs with their measured log ratios, and the measured volumes by nodule key."""
+def split_data(results: Path, split: str, run: RunSettings,
+               config: dict[str, Any]) -> tuple[WithLogRatio, dict[str, float]]:
+    """A split's pairs with their measured log ratios, and the measured volumes by nodule key (the small_boxes
+    table, or where the workflow has not written it yet, the same measurement made here)."""
     folder = results / "results" / "cache" / "raw" / split
     pairs = NodulePairs(folder, pd.read_parquet(results / "results" / "registration" / split
                                                 / "paired_nodules.parquet"), slices=run.space == "slices")
-    volumes = measured_volumes(pd.read_parquet(folder / "small_boxes.parquet"))
+    if (folder / "small_boxes.parquet").is_file():
+        table = pd.read_parquet(folder / "small_boxes.parquet")
+    else:
+        table = small_boxes(pd.read_parquet(folder / "index.parquet"), folder,
+                            from_config(PatchSettings, config["patch"]), build_segmenter(config["segmentation"]))
+    volumes = measured_volumes(table)
     return WithLogRatio(pairs, volumes, run.growth.floor_mm3), volumes
 
 
@@ -67,8 +78,8 @@ def main() -> None:
     seed = models["seed"]
     training = dataclasses.replace(run.training, seed=seed, steps=args.steps or run.training.steps,
                                    checkpoint_every=args.steps or run.training.steps)
-    train_set, train_volumes = split_data(args.results, "train", run)
-    val_set, val_volumes = split_data(args.results, "val", run)
+    train_set, train_volumes = split_data(args.results, "train", run, config)
+    val_set, val_volumes = split_data(args.results, "val", run, config)
 
     head = seeded_model(lambda: GrowthHead(2 if run.space == "slices" else 3, 1, run.growth.channels), seed)
     started = time.perf_counter()
