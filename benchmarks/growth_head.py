@@ -81,7 +81,8 @@ def main() -> None:
     train_set, train_volumes = split_data(args.results, "train", run, config)
     val_set, val_volumes = split_data(args.results, "val", run, config)
 
-    head = seeded_model(lambda: GrowthHead(2 if run.space == "slices" else 3, 1, run.growth.channels), seed)
+    head = seeded_model(lambda: GrowthHead(2 if run.space == "slices" else 3, 1, run.growth.channels,
+                                          run.growth.crop), seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         result = train(head, lambda m, b, g: m.nll(b["prior"], b["delta_days"], b["log_ratio"]), train_set,

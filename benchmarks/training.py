@@ -85,7 +85,7 @@ QUALITY_NET: dict[str, Any] = {"spatial_dims": 3, "data_channels": 1, "prior_cha
                                "attention_levels": [False, False, True], "num_res_blocks": 1, "num_head_channels": 16,
                                "norm_num_groups": 8, "interval_dim": 64}
 QUALITY_PATCH, QUALITY_BATCH = (1, 12, 36, 36), 8
-QUALITY_GROWTH: dict[str, Any] = {"channels": [16, 32, 64]}  # config/quality.yaml's raw3d_growth head
+QUALITY_GROWTH: dict[str, Any] = {"channels": [16, 32], "crop": [18, 18, 6]}  # quality.yaml's raw3d_growth head
 ERROR_NET: dict[str, Any] = {"spatial_dims": 3, "data_channels": LATENT_CHANNELS, "prior_channels": 0,
                              "channels": [16, 32], "attention_levels": [False, True], "num_res_blocks": 1,
                              "num_head_channels": 16, "norm_num_groups": 8, "interval_dim": 32}

@@ -17,7 +17,7 @@ from noduleflow.models.training import TrainSettings, save_model, train
 
 NET = {"channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
        "norm_num_groups": 4}
-GROWTH = {"channels": [8, 16], "weight": 1.0, "floor_mm3": 10.0}
+GROWTH = {"channels": [8, 16], "crop": [12, 12, 6], "weight": 1.0, "floor_mm3": 10.0}
 SHAPE = (8, 16, 16)  # z, y, x
 
 
@@ -81,7 +81,7 @@ def planted(count: int, seed: int) -> list[dict]:
 
 def test_the_growth_head_learns_a_planted_relation_between_look_interval_and_growth(tmp_path, one_thread):
     torch.manual_seed(0)
-    head = GrowthHead(3, 1, [8, 16])
+    head = GrowthHead(3, 1, [8, 16], [12, 12, 6])
     items = planted(64, 0)
     settings = TrainSettings(steps=200, batch_size=16, lr=1e-2, ema_decay=0.9, checkpoint_every=200, log_every=100)
     result = train(head, lambda m, b, g: m.nll(b["prior"], b["delta_days"], b["log_ratio"]),

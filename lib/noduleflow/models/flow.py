@@ -44,8 +44,8 @@ class VelocityNet(nn.Module):
 
     hparams: spatial_dims, data_channels, prior_channels (0 for the bridge, else data_channels),
     channels, attention_levels, num_res_blocks, num_head_channels, norm_num_groups, interval_dim (0: none), and
-    optionally growth ({"channels": [...]}: a growth head, `growth_head`, with those CNN channels; absent or
-    None: none).
+    optionally growth ({"channels": [...], "crop": [x, y, z]}: a growth head, `growth_head`; absent or None:
+    none).
 
     With a growth head the network also takes the log volume ratio, through MONAI's class-conditioning path: its
     embedding (RatioEmbedding, in place of the class table) is added to the timestep embedding of every block.
@@ -67,7 +67,8 @@ class VelocityNet(nn.Module):
         self.growth_head = None
         if growth:
             self.unet.class_embedding = RatioEmbedding(4 * hparams["channels"][0])  # MONAI's timestep embedding width
-            self.growth_head = GrowthHead(hparams["spatial_dims"], hparams["data_channels"], growth["channels"])
+            self.growth_head = GrowthHead(hparams["spatial_dims"], hparams["data_channels"], growth["channels"],
+                                          growth["crop"])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, prior: torch.Tensor | None = None,
                 delta_days: torch.Tensor | None = None, log_ratio: torch.Tensor | None = None) -> torch.Tensor:

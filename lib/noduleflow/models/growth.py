@@ -1,9 +1,9 @@
 """The growth head of a paired run (config `models.runs.<name>.growth`): a forecast of the nodule's log volume
 ratio that conditions the flow.
 
-The head is a small CNN on the prior patch (in the run's space). It reads the interval through a growth law:
-the log ratio of follow-up to prior volume is a yearly rate times the interval in years, plus a measurement
-error, with the rate's mean and spread and the error's spread read from the image. Its output is a Gaussian,
+The head is a small CNN on the centre of the prior patch (in the run's space). It reads the interval through a
+growth law: the log ratio of follow-up to prior volume is a yearly rate times the interval in years, plus a
+measurement error, with the rate's mean and spread and the error's spread read from the image. Its output is a Gaussian,
 mean = rate * years and variance = (rate spread * years)^2 + error spread^2, fitted by its negative
 log-likelihood.
 
@@ -46,20 +46,36 @@ class RatioEmbedding(nn.Module):
 
 
 class GrowthHead(nn.Module):
-    """Prior patch (B, C, *spatial) and interval (B,) days -> mean and standard deviation (B,) of the log ratio."""
+    """Prior patch (B, C, *spatial) and interval (B,) days -> mean and standard deviation (B,) of the log ratio.
 
-    def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int]) -> None:
+    The head sees the centre of the prior, `crop` (x, y, z; 2D: x, y) voxels of the run's grid, where the cache
+    centres the nodule; its convolutions' features are flattened, not pooled, so it knows where in the crop a
+    feature lies (the nodule, its margin or the parenchyma around it).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int], crop: Sequence[int]) -> None:
         super().__init__()
+        self.crop = tuple(int(c) for c in reversed(crop[:spatial_dims]))  # (Z,) Y, X
         layers: list[nn.Module] = []
         for c_in, c_out in zip([in_channels, *channels[:-1]], channels, strict=True):
             layers.append(Convolution(spatial_dims, c_in, c_out, strides=2, kernel_size=3, act="SWISH", norm=None))
-        pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
-        self.features = nn.Sequential(*layers, pool, nn.Flatten())
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        grid = [int(n) for n in self.crop]
+        for _ in channels:  # each stride-2 convolution (kernel 3, padding 1) halves the grid, rounding up
+            grid = [(n + 1) // 2 for n in grid]
         width = channels[-1]
-        self.out = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 3))
+        self.out = nn.Sequential(nn.Linear(width * math.prod(grid), width), nn.SiLU(), nn.Linear(width, 3))
+
+    def centre(self, prior: torch.Tensor) -> torch.Tensor:
+        """The central `crop` of a batch of priors."""
+        shape = prior.shape[2:]
+        if any(c > n for c, n in zip(self.crop, shape, strict=True)):
+            raise ValueError(f"growth crop {list(reversed(self.crop))} (x, y, z) is larger than the prior "
+                             f"{list(reversed(shape))}")
+        return prior[(..., *(slice((n - c) // 2, (n - c) // 2 + c) for c, n in zip(self.crop, shape, strict=True)))]
 
     def forward(self, prior: torch.Tensor, delta_days: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rate, log_rate_std, log_error_std = self.out(self.features(prior)).float().unbind(dim=1)
+        rate, log_rate_std, log_error_std = self.out(self.features(self.centre(prior))).float().unbind(dim=1)
         years = delta_days.float() / DAYS_PER_YEAR
         variance = ((log_rate_std.clamp(*_LOG_STD_RANGE).exp() * years) ** 2
                     + log_error_std.clamp(*_LOG_STD_RANGE).exp() ** 2)

@@ -49,12 +49,13 @@ class GrowthSettings:
     """A paired run's growth head (`models.runs.<name>.growth`; noduleflow.models.growth)."""
 
     channels: tuple[int, ...]  # the head's CNN: one stride-2 convolution per entry
+    crop: tuple[int, int, int]  # x, y, z voxels (of the run's grid) at the prior's centre that the head sees
     weight: float  # of the head's negative log-likelihood in the run's loss
     floor_mm3: float  # added to both measured volumes before their ratio (a vanished nodule stays finite)
 
     def hparams(self) -> dict[str, Any]:
         """What builds the head (VelocityNet's `growth` hyper-parameter)."""
-        return {"channels": list(self.channels)}
+        return {"channels": list(self.channels), "crop": list(self.crop)}
 
 
 @dataclass(frozen=True)
