@@ -20,10 +20,12 @@ an accurate sampler can come to it.
 
 The precision part times training steps of `config/quality.yaml`'s forecaster (1 x 12 x 36 x 36 patches, batch 8)
 in float32 and with bf16 autocast on the chosen device, and prints the ratio (what `training.bf16_cpu` buys on a
-CPU; a CPU without bf16 units, AVX512-BF16 or AMX, may be slower with it).
+CPU; a CPU without bf16 units, AVX512-BF16 or AMX, may be slower with it). The growth part times the same
+forecaster without and with `raw3d_growth`'s growth head (the flow conditioned on a log ratio, plus the head's
+loss) and prints the ratio.
 
     .venv/bin/python benchmarks/training.py [--device cuda|cpu] [--quick] [--batch 2] [--seed 0] [--budget 30]
-        [--threads N] [--parts vae latent raw error precision]
+        [--threads N] [--parts vae latent raw error precision growth]
 
 On a free 2-core CPU the full sizes take about 5 minutes (the raw flow net needs about 30 s per training step and
 at least 3 are run); on a busy CPU two threads can be many times slower than one (`--threads 1`). `--quick`
@@ -83,6 +85,7 @@ QUALITY_NET: dict[str, Any] = {"spatial_dims": 3, "data_channels": 1, "prior_cha
                                "attention_levels": [False, False, True], "num_res_blocks": 1, "num_head_channels": 16,
                                "norm_num_groups": 8, "interval_dim": 64}
 QUALITY_PATCH, QUALITY_BATCH = (1, 12, 36, 36), 8
+QUALITY_GROWTH: dict[str, Any] = {"channels": [16, 32], "crop": [18, 18, 6]}  # quality.yaml's raw3d_growth head
 ERROR_NET: dict[str, Any] = {"spatial_dims": 3, "data_channels": LATENT_CHANNELS, "prior_channels": 0,
                              "channels": [16, 32], "attention_levels": [False, True], "num_res_blocks": 1,
                              "num_head_channels": 16, "norm_num_groups": 8, "interval_dim": 32}
@@ -253,6 +256,34 @@ def bench_precision(device: torch.device, warmup: int, budget: float, seed: int)
     return rates[0], rates[1]
 
 
+def bench_growth(device: torch.device, warmup: int, budget: float, seed: int) -> tuple[float, float]:
+    """Training steps/s of the quality config's forecaster without and with its growth head (`raw3d_growth`: the
+    flow conditioned on a log ratio plus the head's negative log-likelihood), float32, same data."""
+    rates = []
+    for growth in (None, QUALITY_GROWTH):
+        _fresh(device)
+        torch.manual_seed(seed)
+        net = VelocityNet({**QUALITY_NET, "growth": growth}).to(device)
+        generator = torch.Generator(device).manual_seed(seed)
+        prior, x1 = (torch.randn(QUALITY_BATCH, *QUALITY_PATCH, generator=generator, device=device) for _ in "ab")
+        days = _days(QUALITY_BATCH, generator, device)
+        x0 = prior + 0.5 * torch.randn(prior.shape, generator=generator, device=device)
+        ratio = None if growth is None else torch.randn(QUALITY_BATCH, generator=generator, device=device)
+        rates.append(time_training(net, _growth_loss(net, x0, x1, prior, days, ratio), device, warmup, budget,
+                                   False)[0])
+    return rates[0], rates[1]
+
+
+def _growth_loss(net: VelocityNet, x0: torch.Tensor, x1: torch.Tensor, prior: torch.Tensor, days: torch.Tensor,
+                 ratio: torch.Tensor | None) -> Callable[[torch.Generator], torch.Tensor]:
+    """A paired run's loss on fixed data: flow matching, with a growth head conditioned on `ratio` plus its loss."""
+    def loss(generator: torch.Generator) -> torch.Tensor:
+        flow = flow_matching_loss(net, x0, x1, generator, 0.0, prior, days, None, ratio)
+        return flow if ratio is None else flow + net.growth_head.nll(prior, days, ratio)
+
+    return loss
+
+
 def smooth_field(shape: tuple[int, ...], batch: int, generator: torch.Generator,
                  device: torch.device) -> torch.Tensor:
     """Random smooth fields (coarse noise, trilinearly upsampled to the C, Z, Y, X shape), unit standard deviation."""
@@ -350,8 +381,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=30.0,
                         help="seconds one timing aims at; fewer steps are timed beyond it (default 30)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
-    parser.add_argument("--parts", nargs="+", choices=("vae", "latent", "raw", "error", "precision"),
-                        default=["vae", "latent", "raw", "error", "precision"], help="what to run (default: all)")
+    parser.add_argument("--parts", nargs="+", choices=("vae", "latent", "raw", "error", "precision", "growth"),
+                        default=["vae", "latent", "raw", "error", "precision", "growth"],
+                        help="what to run (default: all)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads > 0:
@@ -398,6 +430,13 @@ def main() -> None:
               f"{QUALITY_BATCH}, noisy_prior flow matching on {device.type}: float32 {float32:.3g} steps/s, bf16 "
               f"autocast {bf16:.3g} steps/s, ratio {bf16 / float32:.2f} (training.bf16_cpu: true on a CPU, "
               "bf16: true on CUDA)")
+
+    if "growth" in args.parts:
+        plain, growth = bench_growth(device, warmup, args.budget, args.seed)
+        print()
+        print(f"growth head: config/quality.yaml's forecaster, patch {QUALITY_PATCH}, batch {QUALITY_BATCH}, float32 "
+              f"on {device.type}: without a head {plain:.3g} steps/s, with raw3d_growth's head "
+              f"{QUALITY_GROWTH['channels']} {growth:.3g} steps/s, ratio {growth / plain:.2f}")
 
     if "error" in args.parts:
         fit_steps = int(ERROR_FIT["steps"]) // (2 if args.quick else 1)

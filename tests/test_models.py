@@ -30,7 +30,7 @@ RUN = run_settings(space="raw", formulation="bridge", interval=True, interval_di
 class _Rotation(torch.nn.Module):
     """An exact velocity field: rotation in the plane of the first two channels (curved paths)."""
 
-    def forward(self, x, t, prior=None, delta_days=None):
+    def forward(self, x, t, prior=None, delta_days=None, log_ratio=None):
         return torch.stack([-x[:, 1], x[:, 0]], dim=1)
 
 
@@ -50,7 +50,7 @@ def test_flow_matching_loss_vanishes_for_the_true_velocity_of_straight_paths():
             super().__init__()
             self.velocity = velocity
 
-        def forward(self, x, t, prior=None, delta_days=None):
+        def forward(self, x, t, prior=None, delta_days=None, log_ratio=None):
             return self.velocity
 
     generator = torch.Generator().manual_seed(0)

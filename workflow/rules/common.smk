@@ -190,6 +190,13 @@ def pretrained_input(wildcards):
     return output_path(rules.fm_pretrain.output.model, dims=run["pretrained"]) if run.get("pretrained") else []
 
 
+def growth_volumes(wildcards, split):
+    """The measured volumes of a split's cached nodules, for a run with a growth head (none otherwise)."""
+    if not config["models"]["runs"][wildcards.run].get("growth"):
+        return []
+    return output_path(rules.small_boxes.output[0], split=split)
+
+
 def run_space(wildcards):
     """The space (raw, latent or slices) of a paired run."""
     return config["models"]["runs"][wildcards.run]["space"]

@@ -87,6 +87,9 @@ rule fm_paired:
         val_pairs=output_path(rules.nodule_pairs.output[0], split="val"),
         pretrained=pretrained_input,
         vae=lambda wildcards: rules.train_vae.output.model if run_space(wildcards) == "latent" else [],
+        # a growth head learns the log volume ratio the segmenter measures on the raw cache
+        train_volumes=lambda wildcards: growth_volumes(wildcards, "train"),
+        val_volumes=lambda wildcards: growth_volumes(wildcards, "val"),
     output:
         model=protected("results/models/runs/{run}/model.pt"),
         metrics="results/models/runs/{run}/model.metrics.csv",

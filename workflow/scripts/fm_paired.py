@@ -16,4 +16,5 @@ with log_to(snakemake.log[0]):
                     val_folder=cache_folder(inputs.val), val_pairs=inputs.val_pairs,
                     pretrained=inputs.pretrained or None, model_path=snakemake.output.model,
                     work_dir=params.work_dir, seed=params.seed, patch=from_config(PatchSettings, params.patch),
-                    sampler=from_config(SamplerSettings, params.sampler), vae=inputs.vae or None)
+                    sampler=from_config(SamplerSettings, params.sampler), vae=inputs.vae or None,
+                    train_volumes=inputs.train_volumes or None, val_volumes=inputs.val_volumes or None)

@@ -21,8 +21,9 @@ prior's box). Dice compares the forecast's and the real segmentation, SSIM and P
 whole patch and on the nodule region (the union of the two boxes grown by a margin; an image comparison with
 the reference, not a measurement of the forecast). The copy-the-prior baseline is the prior image measured by
 `forecast_size` like any forecast; the growth baselines scale that size (`metrics.with_baselines`).
-Runs whose sampling is random (every formulation but the bridge) are sampled `samples` times per pair; a pair's
-row keeps the median size, the 10 / 90 % quantiles and the CRPS of its samples, and their mean image scores.
+Runs whose sampling is random (every formulation but the bridge, and any run with a growth head) are sampled
+`samples` times per pair; a pair's row keeps the median size, the 10 / 90 % quantiles and the CRPS of its
+samples, and their mean image scores.
 """
 
 from __future__ import annotations
@@ -134,10 +135,12 @@ def _noise(priors: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
 
 def forecast_batch(net: VelocityNet, run: RunSettings, priors: torch.Tensor, delta_days: torch.Tensor,
                    seeds: Sequence[int], settings: ForecastSettings) -> torch.Tensor:
-    """Generated follow-ups (in the run's space) for a batch of priors and intervals."""
+    """Generated follow-ups (in the run's space) for a batch of priors and intervals; a run with a growth head
+    draws each sample's log volume ratio from the head (noduleflow.models.growth)."""
     x0, condition = paired_start(run.formulation, run.start_noise, priors, _noise(priors, seeds))
     delta = delta_days if run.interval else None
-    return sample(net, x0, settings.steps, settings.sampler, condition, delta)
+    ratio = None if net.growth_head is None else net.growth_head.draw(priors, delta_days, seeds)
+    return sample(net, x0, settings.steps, settings.sampler, condition, delta, ratio)
 
 
 def growth_region(prior_box: Sequence[int], delta_days: float, spacing_mm: Sequence[float], shape: Sequence[int],
@@ -319,7 +322,7 @@ def evaluate_run(*, model_path: str | os.PathLike[str], raw: NodulePairs, model_
     device = distributed.device()
     net, run = load_run(model_path, device)
     slices = run.space == "slices"
-    samples = 1 if run.formulation == "bridge" else settings.samples
+    samples = settings.samples if run.random_forecasts else 1
     rows, examples = [], []
     for start in range(0, len(raw), settings.batch_size):
         items = range(start, min(start + settings.batch_size, len(raw)))

@@ -235,7 +235,7 @@ def sample_forecasts(run: PortableRun, prior: Prior, days: float, item: int, sam
     tensor = torch.from_numpy(prior.image if run.dims == 3 else prior.image[0])[None, None].to(run.device)
     if run.vae is not None:
         tensor = run.vae.encode(tensor)[0]  # the encoder mean, as the latent cache holds
-    samples = 1 if run.run.formulation == "bridge" else samples
+    samples = samples if run.run.random_forecasts else 1
     out = []
     for start in range(0, samples, settings.batch_size):
         chosen = range(start, min(start + settings.batch_size, samples))

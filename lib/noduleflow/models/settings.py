@@ -45,6 +45,20 @@ class PretrainSettings:
 
 
 @dataclass(frozen=True)
+class GrowthSettings:
+    """A paired run's growth head (`models.runs.<name>.growth`; noduleflow.models.growth)."""
+
+    channels: tuple[int, ...]  # the head's CNN: one stride-2 convolution per entry
+    crop: tuple[int, int, int]  # x, y, z voxels (of the run's grid) at the prior's centre that the head sees
+    weight: float  # of the head's negative log-likelihood in the run's loss
+    floor_mm3: float  # added to both measured volumes before their ratio (a vanished nodule stays finite)
+
+    def hparams(self) -> dict[str, Any]:
+        """What builds the head (VelocityNet's `growth` hyper-parameter)."""
+        return {"channels": list(self.channels), "crop": list(self.crop)}
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """One paired forecasting run (`models.runs.<name>`, with `models.sigma`)."""
 
@@ -60,10 +74,17 @@ class RunSettings:
     sigma: float
     start_noise: float = START_NOISE  # noisy_prior: the noise's standard deviation
     augment: bool = False  # the same random flips of prior and follow-up at every step
+    growth: GrowthSettings | None = None  # a growth head whose log volume ratio conditions the flow
 
     def record(self) -> dict[str, Any]:
         """Plain data for a model file (read back with from_config)."""
         return dataclasses.asdict(self)
+
+    @property
+    def random_forecasts(self) -> bool:
+        """Whether its forecasts are random (a start with noise, or ratios drawn from a growth head): such a run
+        is sampled several times per forecast, any other once."""
+        return self.formulation != "bridge" or self.growth is not None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from noduleflow.cache.datasets import NodulePairs, NodulePatches, VolumeCrops
 from noduleflow.cache.patches import PatchSettings
 from noduleflow.models.flow import FORMULATIONS, VelocityNet, box_weights, flow_matching_loss, paired_start
+from noduleflow.models.growth import WithLogRatio, measured_volumes, ratio_summary
 from noduleflow.models.settings import PretrainSettings, RunSettings, SamplerSettings, VaeSettings
 from noduleflow.models.training import (
     SavedModel,
@@ -156,7 +157,9 @@ def random_flips(tensors: list[torch.Tensor | None], generator: torch.Generator)
 
 
 def paired_loss(run: RunSettings, box_scale: tuple[float, float, float]):
-    """The loss of a paired run: its formulation, interval conditioning and optional box weighting."""
+    """The loss of a paired run: its formulation, interval conditioning and optional box weighting; with a growth
+    head, the flow is conditioned on the batch's measured `log_ratio` and the head's negative log-likelihood of
+    it is added (times its weight)."""
     formulation, sigma = run.formulation, run.sigma
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; expected one of {FORMULATIONS}")
@@ -172,7 +175,11 @@ def paired_loss(run: RunSettings, box_scale: tuple[float, float, float]):
             prior, x1, weights = random_flips([prior, x1, weights], generator)
         noise = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         x0, condition = paired_start(run.formulation, run.start_noise, prior, noise)
-        return flow_matching_loss(net, x0, x1, generator, sigma, condition, delta, weights)
+        if run.growth is None:
+            return flow_matching_loss(net, x0, x1, generator, sigma, condition, delta, weights)
+        ratio = batch["log_ratio"]
+        flow = flow_matching_loss(net, x0, x1, generator, sigma, condition, delta, weights, ratio)
+        return flow + run.growth.weight * net.growth_head.nll(prior, batch["delta_days"], ratio)
 
     return loss
 
@@ -180,27 +187,42 @@ def paired_loss(run: RunSettings, box_scale: tuple[float, float, float]):
 def run_hparams(run: RunSettings, data_channels: int) -> dict[str, Any]:
     """Network hyper-parameters of a paired run."""
     prior_channels = 0 if run.formulation == "bridge" else data_channels
-    return _net_hparams(run.net, run.space, data_channels, prior_channels, run.interval_dim if run.interval else 0)
+    hparams = _net_hparams(run.net, run.space, data_channels, prior_channels, run.interval_dim if run.interval else 0)
+    return hparams if run.growth is None else {**hparams, "growth": run.growth.hparams()}
+
+
+def growth_dataset(pairs: NodulePairs, run: RunSettings, small_boxes: str | None) -> Dataset:
+    """A run's pairs, with the measured log volume ratio of each (from the raw cache's `small_boxes` table of
+    the split) when the run has a growth head."""
+    if run.growth is None:
+        return pairs
+    if small_boxes is None:
+        raise ValueError("a run with a growth head needs the measured volumes (small_boxes.parquet) of its pairs")
+    dataset = WithLogRatio(pairs, measured_volumes(pd.read_parquet(small_boxes)), run.growth.floor_mm3)
+    log.info("growth targets of %s: %s", small_boxes, ratio_summary(dataset.ratios))
+    return dataset
 
 
 def train_paired(*, run: RunSettings, data_channels: int, box_scale: tuple[float, float, float],
                  train_folder: str, train_pairs: str, val_folder: str, val_pairs: str, pretrained: str | None,
                  model_path: str, work_dir: str, seed: int, patch: PatchSettings, sampler: SamplerSettings,
-                 vae: str | None = None) -> None:
+                 vae: str | None = None, train_volumes: str | None = None, val_volumes: str | None = None) -> None:
     """Paired conditional flow matching: prior patch and interval -> follow-up patch.
 
-    The model file is a portable run (noduleflow.evaluation.predict): it records the patch geometry and HU window, the
-    sampler and the seed, and holds the VAE of a latent run."""
+    A run with a growth head also needs the measured volumes of the train and val nodules (`train_volumes`,
+    `val_volumes`: the raw cache's small_boxes tables). The model file is a portable run
+    (noduleflow.evaluation.predict): it records the patch geometry and HU window, the sampler and the seed, and
+    holds the VAE of a latent run and the growth head."""
     hparams = run_hparams(run, data_channels)
     training = dataclasses.replace(run.training, seed=seed)
     net = seeded_model(lambda: VelocityNet(hparams), seed)
     if pretrained:
         _initialise(net, pretrained)
-    result = train(net, paired_loss(run, box_scale), paired_dataset(train_folder, train_pairs, run.space),
-                   training, work_dir,
+    train_set = growth_dataset(paired_dataset(train_folder, train_pairs, run.space), run, train_volumes)
+    val_set = growth_dataset(paired_dataset(val_folder, val_pairs, run.space), run, val_volumes)
+    result = train(net, paired_loss(run, box_scale), train_set, training, work_dir,
                    {"run": run.record(), "hparams": hparams, "pretrained": bool(pretrained), "seed": seed},
-                   val_dataset=_non_empty(paired_dataset(val_folder, val_pairs, run.space)),
-                   val_every=training.checkpoint_every)
+                   val_dataset=_non_empty(val_set), val_every=training.checkpoint_every)
     meta = {"patch": patch_geometry(patch), "sampler": dataclasses.asdict(sampler), "seed": seed}
     save_model(model_path, result.model, {**hparams, "run": run.record()}, result.history, meta,
                read_model(vae) if run.space == "latent" else None)
