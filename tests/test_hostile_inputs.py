@@ -552,7 +552,8 @@ def _metadata_inputs(data: Path, bad: bool) -> tuple[Path, Path]:
         write_dicom_series(data / "dicom/bad", rng.integers(-1000, 500, (6, 16, 20)).astype(np.int16),
                            [(0.0, 0.0, 2.0 * k) for k in range(6)], series_uid=uid)
         _edit_first_slice(data / "dicom/bad", _setattr(ImageOrientationPatient=[1, 0, 0, 0, 1]))
-        (data / "images/truncated.nii.gz").write_bytes((data / rows[0]["image_path"]).read_bytes()[:300])
+        intact = (data / rows[0]["image_path"]).read_bytes()
+        (data / "images/truncated.nii.gz").write_bytes(intact[: len(intact) // 2])
         rows += [manifest_row("100004", 0, "a", image_path="dicom/bad", series_uid=uid),
                  manifest_row("100005", 0, "a", image_path="images/truncated.nii.gz"),
                  manifest_row("100006", 0, "a", screen_timepoint="inf", image_path=rows[0]["image_path"])]

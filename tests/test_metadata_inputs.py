@@ -38,7 +38,8 @@ def test_bad_manifest_rows_are_reported_and_the_rest_kept(tmp_path):
         manifest_row("100008", 0, "d", days_since_baseline=10.0),  # conflicting duplicate: both rejected
     ]
     (tmp_path / "notes.txt").write_text("hello")
-    (tmp_path / "truncated.nii.gz").write_bytes((tmp_path / good[0]["image_path"]).read_bytes()[:200])
+    intact = (tmp_path / good[0]["image_path"]).read_bytes()
+    (tmp_path / "truncated.nii.gz").write_bytes(intact[: len(intact) // 2])
     from conftest import write_volume
     write_volume(tmp_path / rows[-1]["image_path"])
     pd.DataFrame(rows).to_csv(path, index=False)
