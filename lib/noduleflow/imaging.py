@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +217,7 @@ def _check_data_size(path: str, expected: int) -> None:
             with igzip.open(path, "rb") as stream:
                 while chunk := stream.read(1 << 22):
                     actual += len(chunk)
-        except (EOFError, OSError, zlib.error, isal_zlib.error) as error:
+        except (EOFError, OSError, isal_zlib.error) as error:
             raise ImageHeaderError(f"compressed data is truncated or corrupt ({error})") from error
     if actual < expected:
         raise ImageHeaderError(f"image data truncated: {actual} of {expected} bytes")
