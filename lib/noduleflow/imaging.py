@@ -210,7 +210,7 @@ def _check_data_size(path: str, expected: int) -> None:
         if compressed < 18 or expected > compressed * MAX_DEFLATE_RATIO:
             raise ImageHeaderError(f"a {compressed}-byte compressed file cannot hold the {expected} bytes its header "
                                    f"promises")
-        if expected < 2**32 and _gzip_trailer(path)[1] == expected:
+        if expected < 2**32 and _gzip_size(path) == expected:
             return
         actual = 0
         try:
@@ -257,9 +257,8 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     return result
 
 
-def _gzip_trailer(path: str) -> tuple[int, int]:
-    """The CRC-32 and the size modulo 2**32 of the last member's uncompressed data, from a gzip file's end."""
+def _gzip_size(path: str) -> int:
+    """The size modulo 2**32 of the last member's uncompressed data, from a gzip file's trailer."""
     with open(path, "rb") as handle:
-        handle.seek(-8, os.SEEK_END)
-        crc, size = struct.unpack("<II", handle.read(8))
-    return crc, size
+        handle.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", handle.read(4))[0]
