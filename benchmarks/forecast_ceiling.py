@@ -19,12 +19,16 @@ follow-up, with the evaluation's own metric code (`noduleflow.evaluation.metrics
 - `copy_prior`: the measured prior;
 - `median_growth`: the train pairs' median annual growth (`metrics.with_baselines`, as the pipeline's baseline);
 - `kind_growth`: the same per nodule kind (the pipeline's reference row, told the kind);
-- `oracle`: told the kind and the fate class (fast growing, slow growing, stable, shrinking) and the median annual
-  growth of the true volumes of each (kind, class) in a separate cohort of --reference-patients: the ceiling of
-  reading the fate from the image;
-- `look`: a learner on what the images could show (measured prior volume, kind, spiculated, mean lobulation
-  amplitude, solid-core fraction, interval): scikit-learn's HistGradientBoostingRegressor with quantile loss 0.5
-  on the log annual growth of the train pairs, its forecast the prior times that growth over the interval.
+- `class_rate`: told the kind and the fate class (fast growing, slow growing, stable, shrinking): the class's median
+  annual growth in a separate cohort of --reference-patients (measured as above);
+- `oracle`: told the fate class and the look, a median regression on the reference cohort's pairs: the ceiling of
+  reading the fate off the image;
+- `look_ceiling`: the same regression on the look alone (what the images could show: measured prior volume, kind,
+  spiculated, mean lobulation amplitude, solid-core fraction; and the interval): the best a forecaster reading
+  the image can do, given unlimited training data;
+- `look`: that regression fitted on the cohort's own train pairs, as a forecaster trained on them would be.
+The regression is scikit-learn's HistGradientBoostingRegressor with quantile loss 0.5 on the log annual growth
+(--look-target ratio: the log ratio over the interval), the forecast the prior times its growth.
 Each of --trials cohorts (synthetic seeds seed, seed + 1, ...; the first N patients of a larger cohort are the
 smaller cohort of the same trial) gives per forecaster its MAE (mm^3) and direction accuracy and the paired
 bootstrap 95 % interval of MAE(forecaster) - MAE(median_growth) (`metrics.paired_difference`, whole pairs
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +124,24 @@ def measured(nodules: pd.DataFrame, sigma: float, seed: int) -> pd.DataFrame:
     return nodules.assign(measured_volume=nodules["true_volume"] * np.exp(sigma * rng.standard_normal(len(nodules))))
 
 
-def class_rates(pairs: pd.DataFrame) -> dict[tuple[str, str], float]:
-    """Median annual growth of the measured volume per (kind, fate class)."""
-    return {key: float(np.median(metrics.annual_growth_rates(g["measured_volume_a"], g["measured_volume_b"],
-                                                             g["delta_days"])))
-            for key, g in pairs.groupby(["kind", "fate_class"])}
+def median_rate(pairs: pd.DataFrame) -> float:
+    """Median annual growth of the measured volume (as the `growth_rates` rule finds it; 1 without pairs)."""
+    rates = metrics.annual_growth_rates(pairs["measured_volume_a"], pairs["measured_volume_b"], pairs["delta_days"])
+    return float(np.median(rates)) if rates.size else 1.0
+
+
+def median_rates(pairs: pd.DataFrame, by: str | list[str]) -> dict[Any, float]:
+    """`median_rate` per group of pairs."""
+    return {key: median_rate(group) for key, group in pairs.groupby(by)}
+
+
+@dataclass(frozen=True)
+class GrowthModel:
+    """A fitted median regression of growth (`fit_growth`) and what it was fitted on."""
+
+    regressor: Any
+    told_fate: bool
+    target: str  # "annual": log annual growth; "ratio": log ratio over the interval
 
 
 def _features(pairs: pd.DataFrame, told_fate: bool) -> np.ndarray:
@@ -134,10 +152,11 @@ def _features(pairs: pd.DataFrame, told_fate: bool) -> np.ndarray:
     return np.column_stack(columns + ([pairs["fate_class"].map(FATE_CLASSES.index)] if told_fate else []))
 
 
-def fit_growth(pairs: pd.DataFrame, told_fate: bool, target: str, seed: int) -> Any:
+def fit_growth(pairs: pd.DataFrame, told_fate: bool, target: str, seed: int) -> GrowthModel:
     """A median regression of the growth of measured volumes on `_features`: the log annual growth (target
     "annual") or the log ratio over the pair's interval ("ratio")."""
     from sklearn.ensemble import HistGradientBoostingRegressor  # benchmarks only (pyproject extra "benchmarks")
+    from threadpoolctl import threadpool_limits  # scikit-learn's
 
     log_ratio = np.log(pairs["measured_volume_b"] / pairs["measured_volume_a"])
     model = HistGradientBoostingRegressor(loss="quantile", quantile=0.5, max_iter=200, learning_rate=0.05,
@@ -145,17 +164,26 @@ def fit_growth(pairs: pd.DataFrame, told_fate: bool, target: str, seed: int) -> 
                                           categorical_features=[1, 6] if told_fate else [1],
                                           early_stopping=False, random_state=seed)
     scale = metrics.DAYS_PER_YEAR / pairs["delta_days"] if target == "annual" else 1.0
-    model.fit(_features(pairs, told_fate), log_ratio * scale)
-    model.told_fate, model.target = told_fate, target
-    return model
+    with threadpool_limits(1):  # the fits are small; OpenMP threads on a busy machine cost far more than they save
+        model.fit(_features(pairs, told_fate), log_ratio * scale)
+    return GrowthModel(model, told_fate, target)
 
 
-def growth_forecast(model: Any, pairs: pd.DataFrame) -> np.ndarray:
-    """The prior's measured volume times the growth `model` (of `fit_growth`) predicts for the pair."""
-    growth = np.exp(model.predict(_features(pairs, model.told_fate)))
+def growth_forecast(model: GrowthModel, pairs: pd.DataFrame) -> np.ndarray:
+    """The prior's measured volume times the growth `model` predicts for the pair."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        growth = np.exp(model.regressor.predict(_features(pairs, model.told_fate)))
     if model.target == "annual":
         return metrics.median_growth_forecast(pairs["measured_volume_a"], pairs["delta_days"], growth)
     return pairs["measured_volume_a"].to_numpy() * growth
+
+
+def fit_reference(pairs: pd.DataFrame, target: str, seed: int) -> dict[str, Any]:
+    """What the forecasters told more than a network sees take from the reference cohort's `pairs`."""
+    return {"class_rate": median_rates(pairs, ["kind", "fate_class"]), "oracle": fit_growth(pairs, True, target, seed),
+            "look_ceiling": fit_growth(pairs, False, target, seed)}
 
 
 def forecasts(train: pd.DataFrame, test: pd.DataFrame, reference: dict[str, Any], target: str,
@@ -167,11 +195,7 @@ def forecasts(train: pd.DataFrame, test: pd.DataFrame, reference: dict[str, Any]
                          "delta_days": test["delta_days"].to_numpy(), "prior_size": prior,
                          "prior_forecast_size": prior, "real_size": real, "predicted_size": prior,
                          "crps": np.abs(prior - real)})
-    annual = metrics.annual_growth_rates(train["measured_volume_a"], train["measured_volume_b"], train["delta_days"])
-    by_kind = {kind: float(np.median(metrics.annual_growth_rates(g["measured_volume_a"], g["measured_volume_b"],
-                                                                  g["delta_days"])))
-               for kind, g in train.groupby("kind")}
-    table = metrics.with_baselines(copy, float(np.median(annual)) if annual.size else 1.0, by_kind)
+    table = metrics.with_baselines(copy, median_rate(train), median_rates(train, "kind"))
     rates = [reference["class_rate"].get(key, 1.0) for key in zip(test["kind"], test["fate_class"], strict=True)]
     sizes = {"class_rate": metrics.median_growth_forecast(prior, test["delta_days"], np.asarray(rates))}
     for name, model in {"oracle": reference["oracle"], "look_ceiling": reference["look_ceiling"],
@@ -229,8 +253,7 @@ def main() -> None:
     started = time.perf_counter()
     cohort = CohortConfig(**{**base.__dict__, "n_patients": args.reference_patients, "seed": seed + 10**6})
     pairs = pairs_of(measured(draw_nodules(cohort), sigma, cohort.seed))
-    reference = {"class_rate": class_rates(pairs), "oracle": fit_growth(pairs, True, args.look_target, cohort.seed),
-                 "look_ceiling": fit_growth(pairs, False, args.look_target, cohort.seed)}
+    reference = fit_reference(pairs, args.look_target, cohort.seed)
     print(f"config {args.config}: preset {base.preset}, fates {base.fates}; split fractions {fractions}, "
           f"split seed {config['seed']}; measurement error {args.measurement_error:.1%} median |error| -> log-normal "
           f"sigma {sigma:.4f}; reference cohort {args.reference_patients} patients (seed {cohort.seed}), "
