@@ -104,7 +104,7 @@ def draw_nodules(config: CohortConfig) -> pd.DataFrame:
     rows = []
     for index in range(config.n_patients):
         rng = np.random.default_rng([config.seed, index])
-        pattern, days = _draw_schedule(rng, config)
+        _, days = _draw_schedule(rng, config)
         count = int(rng.integers(config.nodules_per_patient[0], config.nodules_per_patient[1] + 1))
         for group in range(1, count + 1):
             track, slow, _ = _draw_nodule(rng, config, days, group)
@@ -235,7 +235,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--measurement-error", type=float, default=0.082,
                         help="median |measured / true - 1| of a volume (default: the segmenter's, 8.2 %%)")
-    parser.add_argument("--reference-patients", type=int, default=5000, help="cohort of the oracle's rates")
+    parser.add_argument("--reference-patients", type=int, default=5000,
+                        help="the reference cohort's size (class_rate, oracle, look_ceiling)")
     parser.add_argument("--split", choices=("val", "test"), default="test", help="the split scored")
     parser.add_argument("--look-target", choices=("annual", "ratio"), default="annual",
                         help="the learners' target: log annual growth or log ratio over the interval")
