@@ -310,7 +310,6 @@ def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: Coh
                     days: dict[int, float]) -> list[NoduleTrack]:
     """Place 1-4 nodules in lung parenchyma, far enough from the lung border, vessels and each other (preset
     "screening": a fraction `attached_fraction` touches the lung border or a large vessel instead)."""
-    timepoints = sorted(days)
     count = int(rng.integers(config.nodules_per_patient[0], config.nodules_per_patient[1] + 1))
     half = np.asarray(config.fov_mm) / 2.0 - np.array([35.0, 35.0, 30.0 + config.max_start_offset_mm / 2.0])
     candidates = rng.uniform(-half, half, size=(20000, 3))
@@ -319,31 +318,7 @@ def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: Coh
     border = boundary_distances_mm(anatomy, candidates) if screening else None
     tracks: list[NoduleTrack] = []
     for group in range(1, count + 1):
-        kind = str(rng.choice(KINDS, p=_KIND_P))
-        fate, doubling, slow = _draw_fate(rng, config, kind)
-        first_volume = float(np.exp(rng.uniform(*np.log(config.initial_volume_mm3))))
-        if fate == "growing":
-            doubling *= (first_volume / 200.0) ** 0.15  # larger nodules grow a little more slowly
-        elif fate == "shrinking":
-            doubling = -doubling
-        else:
-            doubling = math.inf
-        late = len(timepoints) > 1 and rng.random() < config.late_nodule_fraction
-        first_tp = timepoints[int(rng.integers(1, len(timepoints)))] if late else timepoints[0]
-        n_lobes = int(rng.integers(1, 3)) if kind == "ground_glass" else int(rng.integers(2, 6))
-        axes = rng.uniform(0.75, 1.25, 3)
-        lobes = rng.normal(size=(n_lobes, 3))
-        track = NoduleTrack(
-            group=group, kind=kind, fate=fate, center=np.zeros(3), orientation=_uniform_rotation(rng),
-            axes=axes / np.prod(axes) ** (1 / 3), lobe_directions=lobes / np.linalg.norm(lobes, axis=1, keepdims=True),
-            lobe_amplitudes=rng.uniform(0.08, 0.25, n_lobes), first_day=days[first_tp], first_volume=first_volume,
-            doubling_days=doubling, core_fraction=float(rng.uniform(0.35, 0.6)),
-            hu=_TISSUE_HU[kind] + float(rng.normal(0, 15)),
-            screen_detected=bool(rng.random() < 0.85),
-        )
-        attach = screening and rng.random() < config.attached_fraction
-        if screening:
-            _screening_look(rng, track, fast=fate == "growing" and not slow)
+        track, _, attach = _draw_nodule(rng, config, days, group)
         for _ in range(4):  # no room for it: try smaller
             radius = _life_radius(track, days)
             free = depth > radius + 2.0
@@ -363,11 +338,53 @@ def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: Coh
     return tracks
 
 
+def _draw_nodule(rng: np.random.Generator, config: CohortConfig, days: dict[int, float],
+                 group: int) -> tuple[NoduleTrack, bool, bool]:
+    """A nodule of a patient with exams on `days` (timepoint -> day), everything but its place: kind, fate,
+    growth, first exam, shape and look; whether it grows slowly (fates "screening") and whether it is to touch the
+    pleura or a vessel (preset "screening")."""
+    timepoints = sorted(days)
+    screening = config.preset == "screening"
+    kind = str(rng.choice(KINDS, p=_KIND_P))
+    fate, doubling, slow = _draw_fate(rng, config, kind)
+    first_volume = float(np.exp(rng.uniform(*np.log(config.initial_volume_mm3))))
+    if fate == "growing":
+        doubling *= (first_volume / 200.0) ** 0.15  # larger nodules grow a little more slowly
+    elif fate == "shrinking":
+        doubling = -doubling
+    else:
+        doubling = math.inf
+    late = len(timepoints) > 1 and rng.random() < config.late_nodule_fraction
+    first_tp = timepoints[int(rng.integers(1, len(timepoints)))] if late else timepoints[0]
+    n_lobes = int(rng.integers(1, 3)) if kind == "ground_glass" else int(rng.integers(2, 6))
+    axes = rng.uniform(0.75, 1.25, 3)
+    lobes = rng.normal(size=(n_lobes, 3))
+    track = NoduleTrack(
+        group=group, kind=kind, fate=fate, center=np.zeros(3), orientation=_uniform_rotation(rng),
+        axes=axes / np.prod(axes) ** (1 / 3), lobe_directions=lobes / np.linalg.norm(lobes, axis=1, keepdims=True),
+        lobe_amplitudes=rng.uniform(0.08, 0.25, n_lobes), first_day=days[first_tp], first_volume=first_volume,
+        doubling_days=doubling, core_fraction=float(rng.uniform(0.35, 0.6)),
+        hu=_TISSUE_HU[kind] + float(rng.normal(0, 15)),
+        screen_detected=bool(rng.random() < 0.85),
+    )
+    attach = screening and rng.random() < config.attached_fraction
+    if screening:
+        _screening_look(rng, track, fast=fate == "growing" and not slow)
+    return track, slow, attach
+
+
 def _draw_fate(rng: np.random.Generator, config: CohortConfig, kind: str) -> tuple[str, float, bool]:
     """A nodule's fate, its |doubling time| in days before the size scaling, and whether it grows slowly."""
     fate = str(rng.choice(FATES, p=(_FATE_P_SCREENING if config.fates == "screening" else _FATE_P)[kind]))
     slow = config.fates == "screening" and fate == "growing" and rng.random() < _SLOW_P[kind]
     return fate, float(rng.uniform(*(_SLOW_DOUBLING_DAYS if slow else _DOUBLING_DAYS[kind]))), slow
+
+
+def _draw_schedule(rng: np.random.Generator, config: CohortConfig) -> tuple[tuple[int, ...], dict[int, float]]:
+    """A patient's screening timepoints (some patients miss rounds) and their days since baseline."""
+    pattern = _TIMEPOINT_PATTERNS[int(rng.choice(len(_TIMEPOINT_PATTERNS), p=_TIMEPOINT_P))]
+    all_days = _draw_days(rng, config)
+    return pattern, {tp: all_days[tp] for tp in pattern}
 
 
 def _draw_days(rng: np.random.Generator, config: CohortConfig) -> dict[int, float]:
@@ -736,9 +753,7 @@ def generate_patient(config: CohortConfig, index: int, out_dir: str | os.PathLik
     out = Path(out_dir)
     rng = np.random.default_rng([config.seed, index])
     pid = str(config.first_pid + index)
-    pattern = _TIMEPOINT_PATTERNS[int(rng.choice(len(_TIMEPOINT_PATTERNS), p=_TIMEPOINT_P))]
-    all_days = _draw_days(rng, config)
-    days = {tp: all_days[tp] for tp in pattern}
+    pattern, days = _draw_schedule(rng, config)
     anatomy = sample_anatomy(rng, config.fov_mm, fine=config.preset == "screening")
     tracks = _sample_nodules(rng, anatomy, config, days)
     reference = _anatomy_image(anatomy, config)
