@@ -57,7 +57,8 @@ def measure(anatomy, track) -> dict[str, float]:
     count, _, _ = _render_nodule(np.full(size[::-1], -850.0, np.float32), labels, track, day, geometry, np.eye(4))
     z, y, x = np.nonzero(labels)
     mask_wall, mask_vessel = _shares(anatomy, np.column_stack([x, y, z]) * spacing + origin)
-    return {"true_mm3": track.volume(day), "grid_mm3": len(inside) * step**3, "mask_mm3": count * float(np.prod(spacing)),
+    return {"true_mm3": track.volume(day), "grid_mm3": len(inside) * step**3,
+            "mask_mm3": count * float(np.prod(spacing)),
             "wall": wall, "vessel": vessel, "mask_wall": mask_wall, "mask_vessel": mask_vessel}
 
 
