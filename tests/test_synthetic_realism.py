@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import binary_erosion
 
+from noduleflow.imaging import Geometry
 from noduleflow.metadata.phantom import (
     _fissure_height,
     boundary_distances_mm,
@@ -18,6 +19,7 @@ from noduleflow.metadata.phantom import (
     vessel_distance_mm,
 )
 from noduleflow.metadata.synthetic import (
+    Clip,
     CohortConfig,
     Deformation,
     NoduleTrack,
@@ -213,29 +215,64 @@ def test_the_look_hints_at_the_fate_without_giving_it_away():
     assert 0.0 < spiculated[False] < spiculated[True] < 1.0
 
 
+def test_attached_nodules_are_drawn_on_the_lung_side_with_their_true_volume(anatomy):
+    # the part of an attached nodule in the chest wall or a large vessel would be invisible (its HU under the
+    # background's): it is clipped, and the true volume is that of the rest, which the mask holds
+    config = CohortConfig(**{**SCREENING.__dict__, "attached_fraction": 1.0, "nodules_per_patient": (3, 3)})
+    spacing = np.array([0.7, 0.7, 1.25])
+    checked = []
+    for seed in range(4):
+        for track in _sample_nodules(np.random.default_rng(seed), anatomy, config, {0: 0.0, 1: 700.0}):
+            if not track.attached_to:
+                continue
+            for day in (track.first_day, 700.0):
+                scale = track.scale(day)
+                size = np.ceil(2 * (track.max_radius(scale) + 3.0) / spacing).astype(int)
+                origin = track.center - (size - 1) * spacing / 2.0 + 0.3  # voxel centres off the nodule's centre
+                geometry = Geometry(tuple(int(v) for v in size), tuple(spacing), tuple(origin),
+                                    (1, 0, 0, 0, 1, 0, 0, 0, 1))
+                labels = np.zeros(size[::-1], np.uint8)
+                count, _, _ = _render_nodule(np.zeros(size[::-1], np.float32), labels, track, day, geometry, np.eye(4))
+                z, y, x = np.nonzero(labels)
+                distances = boundary_distances_mm(anatomy, np.column_stack([x, y, z]) * spacing + origin)
+                # a mask voxel is at least half nodule: its centre within half a voxel's diagonal of the lung side
+                assert distances.min() > -0.5 * np.linalg.norm(spacing)
+                assert count * spacing.prod() == pytest.approx(track.volume(day), rel=0.1, abs=8.0)  # mm^3
+                assert track.clipped_volume(scale) == pytest.approx(track.volume(day), abs=0.05)
+                checked.append(track.clipped_volume(scale) < track.unit_volume * scale**3 - 1.0)  # something cut off
+    assert len(checked) >= 10 and np.mean(checked) > 0.5
+
+
 @pytest.mark.parametrize("kind", ["solid", "part_solid", "calcified", "ground_glass"])
 def test_voxel_fractions_equal_sampling_every_voxel(kind):
     # the bounds skip sampling only where all 27 samples of a voxel agree: the fractions are those of full sampling
     rng = np.random.default_rng(5)
     offsets = np.stack(np.meshgrid(*[np.array([-1, 0, 1]) / 3.0] * 3, indexing="ij"), -1).reshape(-1, 3)
-    for fast in (True, False, True):
+    for fast, clipped in ((True, False), (False, False), (True, True), (False, True)):
         track = _track(np.array([1.0, -2.0, 3.0]), kind=kind, volume=float(rng.uniform(20.0, 800.0)))
         track.orientation, track.axes = _uniform_rotation(rng), np.array([0.8, 1.0, 1.25])
         _screening_look(rng, track, fast)
         if kind == "calcified" and fast:
             track.core_offset = np.zeros(3)
+        scale = track.scale(0.0)
+        if clipped:  # the nodule cut by a vessel-like ball, its distance sampled on a 1 mm grid
+            axis = np.arange(-20.0, 21.0)
+            grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1) + track.center
+            ball = track.center + _uniform_rotation(rng)[0] * 5.0
+            track.clip = Clip(track.center - 20.0, 1.0, np.linalg.norm(grid - ball, axis=-1) - 4.0)
         pose = np.eye(4)
         pose[:3, :3] = _uniform_rotation(rng) * 1.003
         spacing, origin = np.array([0.7, 0.7, rng.choice([1.0, 2.5])]), np.array([-14.0, -16.0, -12.0])
         grid = np.stack(np.meshgrid(*[np.arange(n) for n in (45, 45, 30 if spacing[2] < 2 else 12)],
                                     indexing="ij"), -1).reshape(-1, 3)
-        outer, core = _voxel_fractions(track, track.scale(0.0), grid, spacing, origin, pose)
+        outer, core = _voxel_fractions(track, scale, grid, spacing, origin, pose)
         points = ((grid[:, None] + offsets) * spacing + origin).reshape(-1, 3) @ pose[:3, :3].T
-        level = track.level(points, track.scale(0.0))
+        level = track.level(points, scale)
         assert np.array_equal(outer, (level <= 1.0).reshape(-1, 27).mean(axis=1))
         assert 0 < (outer == 1.0).sum() and 0 < ((outer > 0) & (outer < 1)).sum()
+        assert clipped == ((track.shape_level(points, scale) <= 1.0) & np.isinf(level)).any()  # the clip cuts it
         if kind in ("part_solid", "calcified"):
-            expected = track.core(points, track.scale(0.0), level).reshape(-1, 27).mean(axis=1)
+            expected = track.core(points, scale, level).reshape(-1, 27).mean(axis=1)
             assert np.array_equal(core, expected) and core.max() == 1.0
 
 

@@ -23,7 +23,8 @@ component would take in the chest wall behind it. Only voxels on the lung's side
 border is drawn past such a nodule by closing the dark (below-threshold) voxels, slice by slice, with a disk of
 `pleura_disk` times the box's in-plane half-size (the rolling ball of juxtapleural nodule segmentation). A disk
 that size cannot fit in the nodule, so the nodule falls inside the closed lung; the wall, wider than the disk,
-stays outside. Free nodules are unchanged.
+stays outside. The bright end is taken on the lung's side too (drawn with the first threshold), so a faint
+ground-glass nodule against the wall is not thresholded against the wall's density. Free nodules are unchanged.
 
 Users with a learned segmenter give its file instead (`segmentation.model`): a `torch.export` program (`.pt2`)
 or a TorchScript file (what a MONAI bundle's `ckpt_export` writes) that maps a (1, 1, Z, Y, X) float HU tensor to
@@ -107,9 +108,14 @@ class HalfMaximumSegmenter:
         surroundings = patch_hu[region][outside[region]]
         background = float(np.median(surroundings)) if surroundings.size else float(patch_hu.min())
         peak = float(np.percentile(patch_hu[inner], 90))
+        lung = None
+        if self.pleura_disk > 0:  # the bright end of what lies on the lung's side: a ground-glass nodule, not the wall
+            lung = _lung_side(patch_hu <= background + self.level * (peak - background), box, self.pleura_disk)
+            if lung[inner].any() and not lung[inner].all():
+                peak, lung = float(np.percentile(patch_hu[inner][lung[inner]], 90)), None
         if peak - background < self.min_contrast_hu:
             return np.zeros(patch_hu.shape, dtype=bool)
-        mask = self._nodule(patch_hu, box, region, inner, background + self.level * (peak - background))
+        mask = self._nodule(patch_hu, box, region, inner, background + self.level * (peak - background), lung)
         box_voxels = patch_hu[inner].size
         for _ in range(self.refinements):
             if not mask.any() or mask[inner].sum() >= self.loose_fill * box_voxels:
@@ -122,12 +128,13 @@ class HalfMaximumSegmenter:
         return mask
 
     def _nodule(self, patch_hu: np.ndarray, box: Sequence[int], region: tuple[slice, ...], inner: tuple[slice, ...],
-                threshold: float) -> np.ndarray:
-        """The component above `threshold` at the box, opened to cut vessels off, with its rim given back."""
+                threshold: float, lung: np.ndarray | None = None) -> np.ndarray:
+        """The component above `threshold` at the box, opened to cut vessels off, with its rim given back; `lung`:
+        the lung's side for this threshold, if already drawn."""
         above = np.zeros(patch_hu.shape, dtype=bool)
         above[region] = patch_hu[region] > threshold
         if self.pleura_disk > 0:
-            above &= _lung_side(patch_hu <= threshold, box, self.pleura_disk)
+            above &= _lung_side(patch_hu <= threshold, box, self.pleura_disk) if lung is None else lung
         opened = ndimage.binary_opening(above, structure=np.ones(tuple(reversed(self.opening_voxels)), dtype=bool))
         if not opened[inner].any():
             return _component_at_box(above, box, inner)

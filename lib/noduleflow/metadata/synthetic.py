@@ -32,7 +32,7 @@ import pandas as pd
 import SimpleITK as sitk
 import torch
 from scipy import fft
-from scipy.ndimage import gaussian_filter, gaussian_filter1d
+from scipy.ndimage import gaussian_filter, gaussian_filter1d, map_coordinates
 
 from noduleflow.ids import nlst_exam_id
 from noduleflow.imaging import Geometry, homogeneous, write_nifti
@@ -176,6 +176,38 @@ def _unit_rows(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+@dataclass(frozen=True)
+class Clip:
+    """Where an attached nodule can be seen: on the lung side of the lung border and outside large vessels and
+    airways, i.e. where the smaller of `boundary_distances_mm`'s two distances is positive. That distance is sampled
+    on a grid around the nodule's centre (anatomy frame) and interpolated linearly (continued with its edge values
+    outside the grid); `lipschitz` bounds the interpolant's gradient (mm per mm)."""
+
+    origin: np.ndarray  # anatomy-frame point of sample [0, 0, 0], mm
+    spacing: float
+    values: np.ndarray  # [x, y, z], mm
+    lipschitz: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        # in each cell, the interpolant's derivative along an axis is an average of the grid's differences there
+        steps = [float(np.abs(np.diff(self.values, axis=d)).max(initial=0.0)) for d in range(3)]
+        object.__setattr__(self, "lipschitz", math.hypot(*steps) / self.spacing)
+
+    @classmethod
+    def around(cls, anatomy: ChestAnatomy, centre: np.ndarray, radius: float, spacing: float = 1.0) -> Clip:
+        """The clip of a nodule at `centre` within `radius` mm of it."""
+        n = math.ceil(radius / spacing) + 1
+        axis = np.arange(-n, n + 1) * spacing
+        grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1) + centre
+        values = boundary_distances_mm(anatomy, grid.reshape(-1, 3)).min(axis=1).reshape(grid.shape[:3])
+        return cls(np.asarray(centre, dtype=float) - n * spacing, spacing, values)
+
+    def distance(self, points: np.ndarray) -> np.ndarray:
+        """The interpolated distance at (N, 3) anatomy-frame points: > 0 where the nodule can be seen."""
+        coordinates = ((np.asarray(points, dtype=float) - self.origin) / self.spacing).T
+        return map_coordinates(self.values, coordinates, order=1, mode="nearest")
+
+
 @dataclass
 class NoduleTrack:
     """One physical nodule followed over a patient's exams."""
@@ -198,6 +230,10 @@ class NoduleTrack:
     spike_amplitudes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (S,) their length / radius
     core_offset: np.ndarray = field(default_factory=lambda: np.zeros(3))  # solid core centre, in units of the scale
     attached_to: str = ""  # "pleura" or "vessel" when placed touching it
+    clip: Clip | None = None  # attached nodules: only the part on the lung side, outside large vessels, exists
+    hidden_levels: np.ndarray = field(default_factory=lambda: np.zeros(0))  # see `attach`
+    hidden_cell: float = 0.0  # volume (mm^3) of each point of hidden_levels
+    covered_scale: float = 0.0  # the largest scale up to which hidden_levels hold every hidden point
     unit_volume: float = field(init=False)
     max_lobulation: float = field(init=False)
 
@@ -207,24 +243,68 @@ class NoduleTrack:
         self.max_lobulation = float(lobulation.max())
 
     def volume(self, day: float) -> float:
-        """True volume in mm^3 at a given day (only meaningful from first_day on)."""
+        """True volume in mm^3 at a given day (only meaningful from first_day on): that of the part the image shows."""
         volume = self.first_volume * 2.0 ** ((day - self.first_day) / self.doubling_days)
         return float(np.clip(volume, _MIN_VOLUME, _MAX_VOLUME))
 
     def scale(self, day: float) -> float:
-        """Linear scale s of the shape so that its volume equals volume(day)."""
-        return (self.volume(day) / self.unit_volume) ** (1.0 / 3.0)
+        """Linear scale s of the shape so that its volume (an attached nodule's: the part not clipped) equals
+        volume(day)."""
+        volume = self.volume(day)
+        scale = (volume / self.unit_volume) ** (1.0 / 3.0)
+        if self.clip is None:
+            return scale
+        low, high = scale, self.covered_scale  # the clipped volume grows with the scale: bisection
+        for _ in range(50):
+            middle = 0.5 * (low + high)
+            low, high = (middle, high) if self.clipped_volume(middle) < volume else (low, middle)
+        return high
+
+    def clipped_volume(self, scale: float) -> float:
+        """Volume (mm^3) of the part of the shape at `scale` left by the clip (up to `covered_scale`)."""
+        hidden = np.searchsorted(self.hidden_levels, scale, side="right") * self.hidden_cell
+        return self.unit_volume * scale**3 - hidden
+
+    def attach(self, anatomy: ChestAnatomy, volume: float, step: float = 0.25) -> None:
+        """Clip the nodule to what the image can show around its (attached) centre, for volumes up to `volume`:
+        the part in the chest wall, mediastinum or diaphragm or in a large vessel or airway does not exist.
+
+        The volume hidden at a scale s is counted on a grid of `step` mm: hidden_levels are the sorted levels at
+        scale 1 of its hidden points (a point is inside the shape at scale s when its level at scale 1 is <= s)."""
+        radius = self.max_radius((volume / self.unit_volume) ** (1.0 / 3.0)) * 1.3
+        while True:
+            self.clip = Clip.around(anatomy, self.center, radius)
+            n = math.floor(radius / step)
+            axis = (np.arange(-n, n) + 0.5) * step
+            hidden = []
+            for x in axis:  # one plane at a time: the grid holds millions of points
+                plane = np.stack(np.meshgrid([x], axis, axis, indexing="ij"), -1).reshape(-1, 3) + self.center
+                plane = plane[self.clip.distance(plane) <= 0.0]
+                hidden.append(self.shape_level(plane, 1.0))
+            self.hidden_levels, self.hidden_cell = np.sort(np.concatenate(hidden)), step**3
+            self.covered_scale = n * step / (self.max_radius(1.0))  # the shape at this scale fits in the grid's ball
+            if self.clipped_volume(self.covered_scale) >= volume:
+                return
+            radius *= 1.3  # a nodule in a corner: look farther
 
     def max_radius(self, scale: float) -> float:
         """Radius of a sphere around the centre that contains the nodule at a given scale."""
         return scale * float(self.axes.max()) * self.max_lobulation * 1.05
 
-    def level(self, points: np.ndarray, scale: float) -> np.ndarray:
-        """rho / (s L(direction)) for (N, 3) anatomy-frame points: <= 1 inside the nodule, core inside core_fraction."""
+    def shape_level(self, points: np.ndarray, scale: float) -> np.ndarray:
+        """rho / (s L(direction)) for (N, 3) anatomy-frame points, without the clip."""
         local = (points - self.center) @ self.orientation / self.axes
         rho = np.linalg.norm(local, axis=1)
         direction = local / np.maximum(rho, 1e-9)[:, None]
         return rho / (scale * _lobulation(direction, self))
+
+    def level(self, points: np.ndarray, scale: float) -> np.ndarray:
+        """`shape_level`, infinite where clipped: <= 1 inside the nodule, core inside core_fraction."""
+        level = self.shape_level(points, scale)
+        if self.clip is not None:
+            level[self.clip.distance(points) <= 0.0] = np.inf
+        return level
+
 
     def level_bounds(self, points: np.ndarray, scale: float, reach: float) -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper bounds of `level` over balls around (N, 3) anatomy-frame points whose radius, in the
@@ -233,8 +313,14 @@ class NoduleTrack:
         rho = np.linalg.norm(local, axis=1)
         direction = local / np.maximum(rho, 1e-9)[:, None]
         spread = np.where(rho > reach, np.arcsin(np.minimum(reach / np.maximum(rho, 1e-9), 1.0)), np.pi)
-        low, high = _lobulation_bounds(direction, spread, self)
-        return np.maximum(rho - reach, 0.0) / (scale * high), (rho + reach) / (scale * low)
+        lobe_low, lobe_high = _lobulation_bounds(direction, spread, self)
+        low, high = np.maximum(rho - reach, 0.0) / (scale * lobe_high), (rho + reach) / (scale * lobe_low)
+        if self.clip is not None:  # the ball all seen, all clipped, or in between (then the upper bound is infinite)
+            distance = self.clip.distance(points)
+            margin = self.clip.lipschitz * reach * float(self.axes.min()) + 1e-6  # the ball's radius in mm: reach
+            low[distance < -margin] = np.inf  # times the smallest axis ratio
+            high[distance <= margin] = np.inf
+        return low, high
 
     def core(self, points: np.ndarray, scale: float, level: np.ndarray) -> np.ndarray:
         """Whether (N, 3) points (whose `level` is given) lie in the solid core, centred at core_offset."""
@@ -332,6 +418,7 @@ def _sample_nodules(rng: np.random.Generator, anatomy: ChestAnatomy, config: Coh
                 track.center = candidates[chosen]
                 if attach:
                     track.attached_to = "pleura" if border[chosen, 0] <= border[chosen, 1] else "vessel"
+                    track.attach(anatomy, max(track.volume(day) for day in days.values() if day >= track.first_day))
                 tracks.append(track)
                 break
             track.first_volume /= 3.0
