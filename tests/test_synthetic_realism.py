@@ -109,11 +109,14 @@ def test_an_exam_sees_the_anatomy_as_if_the_whole_reference_had_the_slice_profil
     for thickness, deformation in ((2.5, Deformation(np.zeros((0, 7)))), (1.5, Deformation.sample(rng, 4.0))):
         geometry = _exam_geometry(SCREENING, 0.8, thickness, start_offset=-5.0)
         sigma = _slice_profile_sigma_mm(reference, thickness) / reference.spacing[2]
-        whole = reference.image(np.zeros(3, int), np.asarray(reference.array.shape[::-1]), sigma)
-        expected = _resample_anatomy(whole, geometry, pose, deformation)
+        whole = reference.above_air(np.zeros(3, int), np.asarray(reference.array.shape[::-1]), sigma)
+        expected = _resample_anatomy(whole, np.asarray(reference.origin), reference.spacing, geometry, pose,
+                                     deformation)
         seen = _anatomy_exam(reference, geometry, pose, thickness, deformation)
         assert (expected != -1000.0).mean() > 0.9  # the exam lies (almost) inside the reference
-        assert np.abs(seen - expected).max() < 0.01
+        # the same sampling positions, up to the float32 precision of the stacked slices' row index (about 1e-3
+        # voxel, a fraction of an HU on this white noise); a wrong footprint or blur would err by tens of HU
+        assert np.abs(seen - expected).max() < 0.5
 
 
 def test_the_kernel_noise_has_the_requested_level_and_a_sharp_kernel_texture():
