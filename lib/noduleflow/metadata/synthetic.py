@@ -481,20 +481,22 @@ class Reference:
     scratch: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        depth, _, width = self.array.shape
-        object.__setattr__(self, "scratch", np.empty(self.array.size + depth * width, np.float32))
+        depth, rows, width = self.array.shape
+        object.__setattr__(self, "scratch", np.empty((depth + 2) * (rows + 1) * width, np.float32))
 
     def above_air(self, low: np.ndarray, high: np.ndarray, sigma: float = 0.0) -> np.ndarray:
         """Voxels low to high - 1 (x, y, z indices) in HU + 1000 (air is 0), blurred along z by a Gaussian of `sigma`
-        slices (continued with its end slices), [z, y, x] with one more row of air after each slice's last (for
-        `_resample_anatomy`); in the scratch buffer, valid until the next call."""
+        slices (continued with its end slices), [z, y, x] between borders of air for `_resample_anatomy`: a slice
+        before the first and after the last, a row after each slice's last. In the scratch buffer, valid until the
+        next call."""
         part = self.array[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
         depth, rows, width = part.shape
-        padded = self.scratch[:depth * (rows + 1) * width].reshape(depth, rows + 1, width)
-        out = padded[:, :rows]
+        padded = self.scratch[:(depth + 2) * (rows + 1) * width].reshape(depth + 2, rows + 1, width)
+        out = padded[1:-1, :rows]
         np.add(part, 1000.0, out=out)
         if sigma > 0:  # in place (scipy reads each line along z whole before writing it): faster than from `part`
             gaussian_filter1d(out, sigma, axis=0, output=out, mode="nearest")
+        padded[[0, -1]] = 0.0
         padded[:, rows] = 0.0
         return padded
 
@@ -579,23 +581,24 @@ def _footprint(reference: Reference, geometry: Geometry, pose: Pose, deformation
 
 def _resample_anatomy(part: np.ndarray, origin: np.ndarray, spacing: tuple[float, float, float], geometry: Geometry,
                       pose: Pose, deformation: Deformation | None, voxels: int = 1 << 18) -> np.ndarray:
-    """A noise-free part of the reference (`Reference.above_air`: HU + 1000, an air row after each slice; `origin`:
-    its voxel 0, mm) seen through `pose` and `deformation` on an exam grid, in HU (air outside the part), by
-    trilinear interpolation, a slab of about `voxels` exam voxels at a time, on one thread (patients are what runs
-    in parallel).
+    """A noise-free part of the reference (`Reference.above_air`: HU + 1000 between borders of air; `origin`: its
+    first voxel inside the borders, mm) seen through `pose` and `deformation` on an exam grid, in HU (air outside
+    the part), by trilinear interpolation, a slab of about `voxels` exam voxels at a time, on one thread (patients
+    are what runs in parallel).
 
     Every exam voxel (i, j, k) samples the anatomy point x + u(x), x = pose^-1 (its position). x is affine in
     (i, j, k) and each wave of u is sin(a i + b(j, k)) = sin(a i) cos(b) + cos(a i) sin(b), so a slab's sampling
-    coordinates are one matrix product of a (j, k) factor and an i factor, exact (no lattice). Trilinear
-    interpolation is done as two bilinear ones (torch's vectorised 2D grid_sample) of the part seen as one tall
-    image of its slices, one in the slice below each sample and one in the slice above, blended by the sample's
-    fraction along z; the air rows keep the bilinear ones from reading across two slices."""
+    coordinates are one matrix product of a (j, k) factor and an i factor, exact (no lattice). The trilinear
+    interpolation is two bilinear ones in one call of torch's vectorised 2D grid_sample: the part seen as one tall
+    image of its slices, as two channels (the second one slice further on), at the row of the sample in the slice
+    below it, blended by the sample's fraction along z; the air rows keep a bilinear one from reading across
+    slices. The row index of that tall image limits the precision of the positions to about 1e-3 voxel."""
     matrix = np.linalg.inv(pose.matrix()) @ geometry.matrix()  # exam index (i, j, k, 1) -> anatomy point x
     waves = deformation.waves if deformation is not None else np.zeros((0, 7))
-    depth, rows, width = part.shape  # rows: the part's own plus the air row
-    # to sampling coordinates: x normalised to grid_sample's [-1, 1], y and z in voxels
+    depth, rows, width = part.shape  # slices and rows with the air borders
+    # to sampling coordinates: x normalised to grid_sample's [-1, 1], y and z in voxels (z from the air slice)
     scale = 1.0 / np.asarray(spacing) * np.array([2.0 / max(width - 1, 1), 1.0, 1.0])
-    shift = -np.asarray(origin) * scale - np.array([1.0, 0.0, 0.0])
+    shift = -np.asarray(origin) * scale - np.array([1.0, 0.0, -1.0])
     nx, ny, nz = geometry.shape
     i = np.arange(nx, dtype=float)
     phase_i = np.outer(waves[:, :3] @ matrix[:3, 0], i)  # (W, nx)
@@ -605,7 +608,7 @@ def _resample_anatomy(part: np.ndarray, origin: np.ndarray, spacing: tuple[float
         amplitude = (waves[w, 3:6] * scale)[:, None]
         factors += [amplitude * np.sin(phase_i[w]), amplitude * np.cos(phase_i[w])]
     factor_i = torch.from_numpy(np.stack([f.T.ravel() for f in factors]).astype(np.float32))  # (T, nx * 3)
-    image = torch.from_numpy(part.reshape(-1, width))
+    image = torch.from_numpy(part).view(-1)
     out = np.empty((nz, ny, nx), np.float32)
     chunk = max(1, voxels // (nx * ny))
     j = np.arange(ny, dtype=float)
@@ -622,22 +625,20 @@ def _resample_anatomy(part: np.ndarray, origin: np.ndarray, spacing: tuple[float
                 columns += [np.cos(phase), np.sin(phase)]
             factor_jk = torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))  # (len(k) ny, T)
             grid = torch.mm(factor_jk, factor_i).view(1, len(kk), nx, 3)
-            fraction = grid[..., 2].clamp_(-1.0, depth)  # z; outside the part: air
-            below = torch.floor(fraction)
+            fraction = grid[..., 2].clamp_(0.0, depth - 1)  # z; outside the part: the air slices
+            below = torch.floor(fraction).clamp_(max=depth - 2)
             fraction -= below
-            first, last = max(int(below.min()), 0), min(int(below.max()) + 2, depth)  # slices read
-            height = (last - first) * rows
+            first, last = int(below.min()), int(below.max())  # the slices below the samples
+            height = (last - first + 1) * rows
             row = grid[..., 1].clamp_(-1.0, rows - 1)  # y; past the part's rows: its air rows
             row.mul_(2.0 / max(height - 1, 1)).sub_(1.0)  # then the slice's rows (small values first: precision)
             row.add_(below.sub_(first), alpha=2.0 * rows / max(height - 1, 1))
-            view = image[first * rows:max(last, first + 1) * rows][None, None]
-            lower = torch.nn.functional.grid_sample(view, grid[..., :2], align_corners=True)
-            row.add_(2.0 * rows / max(height - 1, 1))
-            upper = torch.nn.functional.grid_sample(view, grid[..., :2], align_corners=True)
+            slices = image.as_strided((1, 2, height, width), (0, rows * width, width, 1), first * rows * width)
+            lower, upper = torch.nn.functional.grid_sample(slices, grid[..., :2], align_corners=True)[0]
             upper -= lower
-            upper *= fraction
-            upper += lower
-            np.subtract(upper.numpy().reshape(len(k), ny, nx), 1000.0, out=out[k0:k0 + len(k)])
+            upper *= fraction[0]
+            lower -= 1000.0
+            np.add(upper.numpy(), lower.numpy(), out=out[k0:k0 + len(k)].reshape(upper.shape))
     finally:
         torch.set_num_threads(threads)
     return out
