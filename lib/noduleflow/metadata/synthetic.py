@@ -633,7 +633,8 @@ def _resample_anatomy(part: np.ndarray, origin: np.ndarray, spacing: tuple[float
             row = grid[..., 1].clamp_(-1.0, rows - 1)  # y; past the part's rows: its air rows
             row.mul_(2.0 / max(height - 1, 1)).sub_(1.0)  # then the slice's rows (small values first: precision)
             row.add_(below.sub_(first), alpha=2.0 * rows / max(height - 1, 1))
-            slices = image.as_strided((1, 2, height, width), (0, rows * width, width, 1), first * rows * width)
+            slices = image.as_strided((1, 2, height, width), (0, rows * width, width, 1),
+                                      image.storage_offset() + first * rows * width)
             lower, upper = torch.nn.functional.grid_sample(slices, grid[..., :2], align_corners=True)[0]
             upper -= lower
             upper *= fraction[0]
