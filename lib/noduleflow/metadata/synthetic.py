@@ -549,17 +549,26 @@ def _render_exam(reference: Reference, geometry: Geometry, pose: Pose, thickness
 
 
 def _anatomy_exam(reference: Reference, geometry: Geometry, pose: Pose, thickness: float,
-                  deformation: Deformation | None) -> np.ndarray:
+                  deformation: Deformation | None, blocks: int = 4) -> np.ndarray:
     """Noise-free anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness.
 
     Only the part of the reference that the exam's samples can reach is cut out and gets the slice profile (with as
-    many slices more on each side as the blur reaches, so that the samples see the same values as if it all had)."""
+    many slices more on each side as the blur reaches, so that the samples see the same values as if it all had),
+    for `blocks` runs of the exam's slices one after the other: their parts overlap a little (more blur), but they
+    take a quarter of the memory, and faulting in fresh memory costs more than that blur."""
     sigma = _slice_profile_sigma_mm(reference, thickness) / reference.spacing[2]
     radius = int(4.0 * sigma + 0.5) if sigma > 0 else 0  # scipy's blur radius
-    low, high = _footprint(reference, geometry, pose, deformation, radius)
-    origin = np.asarray(reference.origin) + low * np.asarray(reference.spacing)
-    return _resample_anatomy(reference.above_air(low, high, sigma), origin, reference.spacing, geometry, pose,
-                             deformation)
+    out = np.empty(geometry.shape[::-1], np.float32)
+    run = max(math.ceil(geometry.shape[2] / blocks), 16)
+    for k0 in range(0, geometry.shape[2], run):
+        k1 = min(k0 + run, geometry.shape[2])
+        block = Geometry((*geometry.shape[:2], k1 - k0), geometry.spacing,
+                         tuple((geometry.matrix() @ [0.0, 0.0, k0, 1.0])[:3]), geometry.direction)
+        low, high = _footprint(reference, block, pose, deformation, radius)
+        origin = np.asarray(reference.origin) + low * np.asarray(reference.spacing)
+        _resample_anatomy(reference.above_air(low, high, sigma), origin, reference.spacing, block, pose, deformation,
+                          out=out[k0:k1])
+    return out
 
 
 def _footprint(reference: Reference, geometry: Geometry, pose: Pose, deformation: Deformation | None,
@@ -580,7 +589,8 @@ def _footprint(reference: Reference, geometry: Geometry, pose: Pose, deformation
 
 
 def _resample_anatomy(part: np.ndarray, origin: np.ndarray, spacing: tuple[float, float, float], geometry: Geometry,
-                      pose: Pose, deformation: Deformation | None, voxels: int = 1 << 18) -> np.ndarray:
+                      pose: Pose, deformation: Deformation | None, voxels: int = 1 << 18,
+                      out: np.ndarray | None = None) -> np.ndarray:
     """A noise-free part of the reference (`Reference.above_air`: HU + 1000 between borders of air; `origin`: its
     first voxel inside the borders, mm) seen through `pose` and `deformation` on an exam grid, in HU (air outside
     the part), by trilinear interpolation, a slab of about `voxels` exam voxels at a time, on one thread (patients
@@ -592,7 +602,8 @@ def _resample_anatomy(part: np.ndarray, origin: np.ndarray, spacing: tuple[float
     interpolation is two bilinear ones in one call of torch's vectorised 2D grid_sample: the part seen as one tall
     image of its slices, as two channels (the second one slice further on), at the row of the sample in the slice
     below it, blended by the sample's fraction along z; the air rows keep a bilinear one from reading across
-    slices. The row index of that tall image limits the precision of the positions to about 1e-3 voxel."""
+    slices. The row index of that tall image limits the precision of the positions to about 1e-3 voxel. Written
+    into `out` when given."""
     matrix = np.linalg.inv(pose.matrix()) @ geometry.matrix()  # exam index (i, j, k, 1) -> anatomy point x
     waves = deformation.waves if deformation is not None else np.zeros((0, 7))
     depth, rows, width = part.shape  # slices and rows with the air borders
@@ -609,7 +620,7 @@ def _resample_anatomy(part: np.ndarray, origin: np.ndarray, spacing: tuple[float
         factors += [amplitude * np.sin(phase_i[w]), amplitude * np.cos(phase_i[w])]
     factor_i = torch.from_numpy(np.stack([f.T.ravel() for f in factors]).astype(np.float32))  # (T, nx * 3)
     image = torch.from_numpy(part).view(-1)
-    out = np.empty((nz, ny, nx), np.float32)
+    out = np.empty((nz, ny, nx), np.float32) if out is None else out
     chunk = max(1, voxels // (nx * ny))
     j = np.arange(ny, dtype=float)
     threads = torch.get_num_threads()
