@@ -265,4 +265,4 @@ def test_the_default_presets_keep_the_demo_cohort_unchanged(tmp_path):
     for path in sorted(tmp_path.rglob("*.nii.gz")):
         digest.update(sitk.GetArrayFromImage(sitk.ReadImage(str(path))).tobytes())
     digest.update(pd.read_parquet(tmp_path / "truth" / "nodules.parquet").to_csv().encode())
-    assert digest.hexdigest() == "7888dd09867cbada353d45233cff3620e870b039e80a9484e75f50438a96e3b3"
+    assert digest.hexdigest() == "abc5cf8d2b3574404eb3327016500b80b14abc1ccf364ea8b85aa40544d4ebd7"
