@@ -581,23 +581,28 @@ class Reference:
     array: np.ndarray
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
-    # where blurred parts are written, reused by every exam: fresh memory costs more to fault in than to blur
+    # where exams' parts are written, reused by every exam: fresh memory costs more to fault in than to fill
     scratch: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scratch", np.empty(self.array.size, np.float32))
+        depth, rows, width = self.array.shape
+        object.__setattr__(self, "scratch", np.empty((depth + 2) * (rows + 1) * width, np.float32))
 
-    def image(self, low: np.ndarray, high: np.ndarray, sigma: float = 0.0) -> sitk.Image:
-        """Voxels low to high - 1 (x, y, z indices) as a SimpleITK image, blurred along z by a Gaussian of `sigma`
-        slices (continued with its end slices)."""
+    def above_air(self, low: np.ndarray, high: np.ndarray, sigma: float = 0.0) -> np.ndarray:
+        """Voxels low to high - 1 (x, y, z indices) in HU + 1000 (air is 0), blurred along z by a Gaussian of `sigma`
+        slices (continued with its end slices), [z, y, x] between borders of air for `_resample_anatomy`: a slice
+        before the first and after the last, a row after each slice's last. In the scratch buffer, valid until the
+        next call."""
         part = self.array[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
-        if sigma > 0:
-            blurred = self.scratch[:part.size].reshape(part.shape)
-            part = gaussian_filter1d(part, sigma, axis=0, output=blurred, mode="nearest")
-        image = sitk.GetImageFromArray(part)
-        image.SetSpacing(self.spacing)
-        image.SetOrigin(tuple(float(o + s * i) for o, s, i in zip(self.origin, self.spacing, low, strict=True)))
-        return image
+        depth, rows, width = part.shape
+        padded = self.scratch[:(depth + 2) * (rows + 1) * width].reshape(depth + 2, rows + 1, width)
+        out = padded[1:-1, :rows]
+        np.add(part, 1000.0, out=out)
+        if sigma > 0:  # in place (scipy reads each line along z whole before writing it): faster than from `part`
+            gaussian_filter1d(out, sigma, axis=0, output=out, mode="nearest")
+        padded[[0, -1]] = 0.0
+        padded[:, rows] = 0.0
+        return padded
 
 
 def _anatomy_image(anatomy: ChestAnatomy, config: CohortConfig) -> Reference:
@@ -620,23 +625,6 @@ def _exam_geometry(config: CohortConfig, pixel_spacing: float, thickness: float,
     origin = -(size - 1) * spacing / 2.0 + np.array([0.0, 0.0, start_offset])
     return Geometry(tuple(int(v) for v in size), tuple(float(v) for v in spacing), tuple(float(v) for v in origin),
                     (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-
-
-def _deformation_field(part: sitk.Image, deformation: Deformation) -> sitk.Transform:
-    """The deformation as an ITK displacement field over an image (exact to ~0.02 mm), its nodes on a fixed
-    4 mm lattice (multiples of 4 mm), so that any part of the reference gets the same field as the whole."""
-    spacing = 4.0
-    start = np.asarray(part.GetOrigin())
-    stop = start + (np.asarray(part.GetSize()) - 1) * np.asarray(part.GetSpacing())
-    origin = np.floor(start / spacing) * spacing - spacing
-    size = [int(v) for v in np.ceil((stop - origin) / spacing) + 2]
-    axes = [origin[i] + spacing * np.arange(size[i]) for i in range(3)]
-    z, y, x = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
-    field = deformation.displacement(np.stack([x, y, z], -1).reshape(-1, 3)).reshape(*x.shape, 3)
-    image = sitk.GetImageFromArray(field, isVector=True)
-    image.SetOrigin(tuple(origin))
-    image.SetSpacing([spacing] * 3)
-    return sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
 
 
 def _slice_profile_sigma_mm(reference: Reference, thickness: float) -> float:
@@ -665,15 +653,26 @@ def _render_exam(reference: Reference, geometry: Geometry, pose: Pose, thickness
 
 
 def _anatomy_exam(reference: Reference, geometry: Geometry, pose: Pose, thickness: float,
-                  deformation: Deformation | None) -> np.ndarray:
+                  deformation: Deformation | None, blocks: int = 4) -> np.ndarray:
     """Noise-free anatomy seen through `pose` (and `deformation`) on the exam grid, blurred to the slice thickness.
 
     Only the part of the reference that the exam's samples can reach is cut out and gets the slice profile (with as
-    many slices more on each side as the blur reaches, so that the samples see the same values as if it all had)."""
+    many slices more on each side as the blur reaches, so that the samples see the same values as if it all had),
+    for `blocks` runs of the exam's slices one after the other: their parts overlap a little (more blur), but they
+    take a quarter of the memory, and faulting in fresh memory costs more than that blur."""
     sigma = _slice_profile_sigma_mm(reference, thickness) / reference.spacing[2]
     radius = int(4.0 * sigma + 0.5) if sigma > 0 else 0  # scipy's blur radius
-    part = reference.image(*_footprint(reference, geometry, pose, deformation, radius), sigma)
-    return _resample_anatomy(part, geometry, pose, deformation)
+    out = np.empty(geometry.shape[::-1], np.float32)
+    run = max(math.ceil(geometry.shape[2] / blocks), 16)
+    for k0 in range(0, geometry.shape[2], run):
+        k1 = min(k0 + run, geometry.shape[2])
+        block = Geometry((*geometry.shape[:2], k1 - k0), geometry.spacing,
+                         tuple((geometry.matrix() @ [0.0, 0.0, k0, 1.0])[:3]), geometry.direction)
+        low, high = _footprint(reference, block, pose, deformation, radius)
+        origin = np.asarray(reference.origin) + low * np.asarray(reference.spacing)
+        _resample_anatomy(reference.above_air(low, high, sigma), origin, reference.spacing, block, pose, deformation,
+                          out=out[k0:k1])
+    return out
 
 
 def _footprint(reference: Reference, geometry: Geometry, pose: Pose, deformation: Deformation | None,
@@ -693,19 +692,72 @@ def _footprint(reference: Reference, geometry: Geometry, pose: Pose, deformation
     return np.clip(low, 0, size), np.clip(high, 0, size)
 
 
-def _resample_anatomy(part: sitk.Image, geometry: Geometry, pose: Pose,
-                      deformation: Deformation | None) -> np.ndarray:
-    """A (noise-free) part of the reference (`Reference.image`) seen through `pose` and `deformation` on an exam
-    grid."""
-    anatomy_from_exam = np.linalg.inv(pose.matrix())
-    transform: sitk.Transform = sitk.AffineTransform(3)
-    transform.SetMatrix(anatomy_from_exam[:3, :3].ravel().tolist())
-    transform.SetTranslation(anatomy_from_exam[:3, 3].tolist())
-    if deformation is not None and len(deformation.waves):
-        transform = sitk.CompositeTransform([_deformation_field(part, deformation), transform])
-    resampled = sitk.Resample(part, geometry.reference_image(), transform, sitk.sitkLinear, -1000.0,
-                              sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(resampled)
+def _resample_anatomy(part: np.ndarray, origin: np.ndarray, spacing: tuple[float, float, float], geometry: Geometry,
+                      pose: Pose, deformation: Deformation | None, voxels: int = 1 << 18,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """A noise-free part of the reference (`Reference.above_air`: HU + 1000 between borders of air; `origin`: its
+    first voxel inside the borders, mm) seen through `pose` and `deformation` on an exam grid, in HU (air outside
+    the part), by trilinear interpolation, a slab of about `voxels` exam voxels at a time, on one thread (patients
+    are what runs in parallel).
+
+    Every exam voxel (i, j, k) samples the anatomy point x + u(x), x = pose^-1 (its position). x is affine in
+    (i, j, k) and each wave of u is sin(a i + b(j, k)) = sin(a i) cos(b) + cos(a i) sin(b), so a slab's sampling
+    coordinates are one matrix product of a (j, k) factor and an i factor, exact (no lattice). The trilinear
+    interpolation is two bilinear ones in one call of torch's vectorised 2D grid_sample: the part seen as one tall
+    image of its slices, as two channels (the second one slice further on), at the row of the sample in the slice
+    below it, blended by the sample's fraction along z; the air rows keep a bilinear one from reading across
+    slices. The row index of that tall image limits the precision of the positions to about 1e-3 voxel. Written
+    into `out` when given."""
+    matrix = np.linalg.inv(pose.matrix()) @ geometry.matrix()  # exam index (i, j, k, 1) -> anatomy point x
+    waves = deformation.waves if deformation is not None else np.zeros((0, 7))
+    depth, rows, width = part.shape  # slices and rows with the air borders
+    # to sampling coordinates: x normalised to grid_sample's [-1, 1], y and z in voxels (z from the air slice)
+    scale = 1.0 / np.asarray(spacing) * np.array([2.0 / max(width - 1, 1), 1.0, 1.0])
+    shift = -np.asarray(origin) * scale - np.array([1.0, 0.0, -1.0])
+    nx, ny, nz = geometry.shape
+    i = np.arange(nx, dtype=float)
+    phase_i = np.outer(waves[:, :3] @ matrix[:3, 0], i)  # (W, nx)
+    factors = [(matrix[:3, 0][:, None] * i + matrix[:3, 3][:, None]) * scale[:, None] + shift[:, None],
+               np.repeat((matrix[:3, 1] * scale)[:, None], nx, 1), np.repeat((matrix[:3, 2] * scale)[:, None], nx, 1)]
+    for w in range(len(waves)):  # the factors of cos(b) and sin(b)
+        amplitude = (waves[w, 3:6] * scale)[:, None]
+        factors += [amplitude * np.sin(phase_i[w]), amplitude * np.cos(phase_i[w])]
+    factor_i = torch.from_numpy(np.stack([f.T.ravel() for f in factors]).astype(np.float32))  # (T, nx * 3)
+    image = torch.from_numpy(part).view(-1)
+    out = np.empty((nz, ny, nx), np.float32) if out is None else out
+    chunk = max(1, voxels // (nx * ny))
+    j = np.arange(ny, dtype=float)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k0 in range(0, nz, chunk):
+            k = np.arange(k0, min(k0 + chunk, nz), dtype=float)
+            kk, jj = np.repeat(k, ny), np.tile(j, len(k))
+            columns = [np.ones_like(kk), jj, kk]
+            for w in range(len(waves)):
+                phase = (waves[w, :3] @ matrix[:3, 1]) * jj + (waves[w, :3] @ matrix[:3, 2]) * kk
+                phase += waves[w, :3] @ matrix[:3, 3] + waves[w, 6]
+                columns += [np.cos(phase), np.sin(phase)]
+            factor_jk = torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))  # (len(k) ny, T)
+            grid = torch.mm(factor_jk, factor_i).view(1, len(kk), nx, 3)
+            fraction = grid[..., 2].clamp_(0.0, depth - 1)  # z; outside the part: the air slices
+            below = torch.floor(fraction).clamp_(max=depth - 2)
+            fraction -= below
+            first, last = int(below.min()), int(below.max())  # the slices below the samples
+            height = (last - first + 1) * rows
+            row = grid[..., 1].clamp_(-1.0, rows - 1)  # y; past the part's rows: its air rows
+            row.mul_(2.0 / max(height - 1, 1)).sub_(1.0)  # then the slice's rows (small values first: precision)
+            row.add_(below.sub_(first), alpha=2.0 * rows / max(height - 1, 1))
+            slices = image.as_strided((1, 2, height, width), (0, rows * width, width, 1),
+                                      image.storage_offset() + first * rows * width)
+            lower, upper = torch.nn.functional.grid_sample(slices, grid[..., :2], align_corners=True)[0]
+            upper -= lower
+            upper *= fraction[0]
+            lower -= 1000.0
+            np.add(upper.numpy(), lower.numpy(), out=out[k0:k0 + len(k)].reshape(upper.shape))
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def _screening_exam(reference: Reference, geometry: Geometry, pose: Pose, deformation: Deformation,
