@@ -29,6 +29,7 @@ from noduleflow.metadata.synthetic import (
     _anatomy_image,
     _draw_days,
     _draw_fate,
+    _draw_first_volume,
     _exam_geometry,
     _kernel_image,
     _random_rotation,
@@ -201,6 +202,22 @@ def test_screening_fates_are_mostly_stable_or_slow_and_intervals_span_1_to_3_yea
         intervals += [days[1] - days[0], days[2] - days[1], days[2] - days[0]]
     assert 330.0 <= min(intervals) and max(intervals) <= 1095.0
     assert np.percentile(intervals, 90) - np.percentile(intervals, 10) > 300.0
+
+
+def test_screening_fast_growers_are_larger_at_first_appearance_as_in_nelson():
+    # the odds of fast growth per volume class (< 100, 100-300, >= 300 mm^3) follow NELSON's cancer probabilities,
+    # 0.6 : 2.4 : 16.9; the fate's own proportions do not change, and fates "learnable" keep size and fate apart
+    rng = np.random.default_rng(1)
+    edges = [15.0, 100.0, 300.0, 1500.0]
+    for config in (SCREENING, CohortConfig(fates="learnable")):
+        fast = [_draw_first_volume(rng, config, fast=True) for _ in range(40000)]
+        calm = [_draw_first_volume(rng, config, fast=False) for _ in range(40000)]
+        assert 15.0 <= min(fast + calm) and max(fast + calm) <= 1500.0
+        ratio = np.histogram(fast, edges)[0] / np.histogram(calm, edges)[0]  # odds of fast, up to one factor
+        if config.fates == "learnable":
+            assert np.allclose(ratio, 1.0, atol=0.06)
+        else:
+            assert np.allclose(ratio / ratio[0], [1.0, 4.0, 16.9 / 0.6], rtol=0.15)
 
 
 def test_the_look_hints_at_the_fate_without_giving_it_away():

@@ -64,6 +64,11 @@ _FATE_P_SCREENING = {"solid": (0.35, 0.55, 0.1), "part_solid": (0.45, 0.4, 0.15)
                      "calcified": (0.0, 1.0, 0.0)}
 _SLOW_P = {"solid": 0.7, "part_solid": 0.5, "ground_glass": 0.8, "calcified": 1.0}
 _SLOW_DOUBLING_DAYS = (600.0, 1500.0)
+# Fate preset "screening": the odds that a nodule grows fast rise with its volume at first appearance as NELSON's
+# lung-cancer probability does per volume class (below 100, 100-300, from 300 mm^3: 0.6, 2.4 and 16.9 %; Horeweg et
+# al., Lancet Oncol 2014): a fast grower's first volume is drawn from the classes weighted by these numbers.
+_VOLUME_CLASS_EDGES_MM3 = (100.0, 300.0)
+_FAST_CLASS_WEIGHTS = (0.6, 2.4, 16.9)
 # Image preset "screening": in-plane point spread (Gaussian sigma, mm) and noise power peak (cycles/mm) of a sharp
 # lung kernel, a model assumption; the noise level scales as 1 / sqrt(mAs x slice thickness).
 _KERNEL_PSF_MM = 0.3
@@ -434,7 +439,7 @@ def _draw_nodule(rng: np.random.Generator, config: CohortConfig, days: dict[int,
     screening = config.preset == "screening"
     kind = str(rng.choice(KINDS, p=_KIND_P))
     fate, doubling, slow = _draw_fate(rng, config, kind)
-    first_volume = float(np.exp(rng.uniform(*np.log(config.initial_volume_mm3))))
+    first_volume = _draw_first_volume(rng, config, fast=fate == "growing" and not slow)
     if fate == "growing":
         doubling *= (first_volume / 200.0) ** 0.15  # larger nodules grow a little more slowly
     elif fate == "shrinking":
@@ -465,6 +470,20 @@ def _draw_fate(rng: np.random.Generator, config: CohortConfig, kind: str) -> tup
     fate = str(rng.choice(FATES, p=(_FATE_P_SCREENING if config.fates == "screening" else _FATE_P)[kind]))
     slow = config.fates == "screening" and fate == "growing" and rng.random() < _SLOW_P[kind]
     return fate, float(rng.uniform(*(_SLOW_DOUBLING_DAYS if slow else _DOUBLING_DAYS[kind]))), slow
+
+
+def _draw_first_volume(rng: np.random.Generator, config: CohortConfig, fast: bool) -> float:
+    """A nodule's volume at first appearance: log-uniform over `initial_volume_mm3`; with fates "screening" a fast
+    grower's is log-uniform within a NELSON volume class drawn with weights _FAST_CLASS_WEIGHTS times the class's
+    share of the log range, so the odds of fast growth in a class are proportional to its weight."""
+    low, high = np.log(config.initial_volume_mm3)
+    if config.fates == "screening" and fast:
+        edges = np.clip(np.log([config.initial_volume_mm3[0], *_VOLUME_CLASS_EDGES_MM3,
+                                config.initial_volume_mm3[1]]), low, high)
+        weights = np.diff(edges) * _FAST_CLASS_WEIGHTS
+        chosen = int(rng.choice(len(weights), p=weights / weights.sum()))
+        low, high = edges[chosen], edges[chosen + 1]
+    return float(np.exp(rng.uniform(low, high)))
 
 
 def _draw_schedule(rng: np.random.Generator, config: CohortConfig) -> tuple[tuple[int, ...], dict[int, float]]:
