@@ -38,6 +38,7 @@ from noduleflow.evaluation.forecast import forecast_batch, forecast_settings
 from noduleflow.evaluation.predict import NoduleRequest, cut_prior, load_portable_run, read_exam, voxel_box
 from noduleflow.imaging import Geometry, write_nifti
 from noduleflow.models.flow import VelocityNet
+from noduleflow.models.growth import sample_level
 from noduleflow.models.settings import RunSettings
 from noduleflow.models.tasks import patch_geometry, run_hparams
 from noduleflow.models.training import derived_seed, save_model, seeded_model
@@ -114,7 +115,8 @@ def main() -> None:
     settings = forecast_settings(default["evaluation"], portable.sampler, 0)
     started, cpu = time.perf_counter(), _cpu_seconds(resource.RUSAGE_SELF)
     forecast_batch(portable.net, portable.run, priors, torch.full((args.samples,), 365.0, device=device),
-                   [derived_seed(0, "forecast", 0, s) for s in range(args.samples)], settings)
+                   [derived_seed(0, "forecast", 0, s) for s in range(args.samples)],
+                   [sample_level(s, args.samples) for s in range(args.samples)], settings)
     if device.type == "cuda":
         torch.cuda.synchronize()
     sampling = (time.perf_counter() - started, _cpu_seconds(resource.RUSAGE_SELF) - cpu)

@@ -111,6 +111,7 @@ def main() -> None:
     from noduleflow import distributed
     from noduleflow.evaluation.forecast import forecast_batch, forecast_settings
     from noduleflow.models.flow import VelocityNet
+    from noduleflow.models.growth import sample_level
     from noduleflow.models.settings import RunSettings
     from noduleflow.models.tasks import paired_loss, run_hparams
     from noduleflow.models.training import TrainSettings, seeded_model, train
@@ -164,11 +165,12 @@ def main() -> None:
     forecast = forecast_settings(config["evaluation"], sampler, 0)
     priors = torch.stack([item["prior"] for item in data[: args.samples]]).to(device)
     delta = torch.stack([item["delta_days"] for item in data[: args.samples]]).to(device)
-    forecast_batch(model, run, priors[:1], delta[:1], [0], forecast)  # warm-up
+    forecast_batch(model, run, priors[:1], delta[:1], [0], [0.5], forecast)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    forecasts = forecast_batch(model, run, priors, delta, list(range(len(priors))), forecast)
+    forecasts = forecast_batch(model, run, priors, delta, list(range(len(priors))),
+                               [sample_level(s, len(priors)) for s in range(len(priors))], forecast)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     per_forecast = (time.perf_counter() - started) / len(priors)

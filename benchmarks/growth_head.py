@@ -7,12 +7,13 @@ train pairs of a workflow's results folder (`--results`, the folder holding `res
 (`results/cache/raw/{train,val}/`; volumes from its `small_boxes.parquet`, measured here where that is not
 written yet) and pairs (`results/registration/{split}/paired_nodules.parquet`), with the run's training
 settings (steps: `--steps`, default the run's) and `models.seed`. Then, on the val pairs, each pair gets
-`evaluation.samples` ratios drawn as a forecast draws them, turned into follow-up volumes (prior + floor) x
-exp(ratio) - floor, and the evaluation's metrics (`noduleflow.evaluation.metrics.summarise`: MAE, direction
-accuracy, CRPS, 80 % coverage and the paired differences with `copy_prior` and `median_growth`, whose rate is
-the train pairs' median) are printed. Volumes are the segmenter's in each nodule's own box for the prior, the
-follow-up and the baselines alike (the evaluation measures forecasts and the baselines' prior in the prior's box
-grown for the interval), so the numbers compare the head with the baselines, not with a run's summary.
+`evaluation.samples` ratios taken as a forecast takes them (at the levels `growth.sample_level`), turned into
+follow-up volumes (prior + floor) x exp(ratio) - floor, and the evaluation's metrics
+(`noduleflow.evaluation.metrics.summarise`: MAE, direction accuracy, CRPS, 80 % coverage and the paired
+differences with `copy_prior` and `median_growth`, whose rate is the train pairs' median) are printed. Volumes
+are the segmenter's in each nodule's own box for the prior, the follow-up and the baselines alike (the evaluation
+measures forecasts and the baselines' prior in the prior's box grown for the interval), so the numbers compare
+the head with the baselines, not with a run's summary.
 
     .venv/bin/python benchmarks/growth_head.py --results RESULTS_PARENT --config config/quality.yaml \
         --run raw3d_growth [--steps 500] [--threads 2]
@@ -36,9 +37,9 @@ from noduleflow.cache.datasets import NodulePairs
 from noduleflow.cache.patches import PatchSettings, small_boxes
 from noduleflow.cache.segmenter import build_segmenter
 from noduleflow.evaluation import metrics
-from noduleflow.models.growth import GrowthHead, WithLogRatio, measured_volumes
+from noduleflow.models.growth import GrowthHead, WithLogRatio, measured_volumes, sample_level
 from noduleflow.models.settings import RunSettings
-from noduleflow.models.training import derived_seed, seeded_model, train
+from noduleflow.models.training import seeded_model, train
 from noduleflow.settings import from_config, section
 
 
@@ -93,9 +94,9 @@ def main() -> None:
     for item in range(len(val_set)):
         pair = val_set[item]
         prior_size, real_size = (val_volumes[pair[k]] for k in ("nodule_key_a", "nodule_key_b"))
-        seeds = [derived_seed(seed, "forecast", item, s) for s in range(samples)]
         ratios = result.model.draw(pair["prior"][None].expand(samples, *pair["prior"].shape),
-                                   pair["delta_days"].expand(samples), seeds).numpy()
+                                   pair["delta_days"].expand(samples),
+                                   [sample_level(s, samples) for s in range(samples)]).numpy()
         sizes = np.maximum((prior_size + floor) * np.exp(ratios) - floor, 0.0)
         ids = {"pair": item, "delta_days": float(pair["delta_days"]), "prior_size": prior_size,
                "prior_forecast_size": prior_size, "real_size": real_size,

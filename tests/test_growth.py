@@ -13,7 +13,7 @@ from noduleflow.evaluation.forecast import forecast_batch
 from noduleflow.evaluation.predict import Prior, load_portable_run, sample_forecasts
 from noduleflow.imaging import Geometry
 from noduleflow.models.flow import VelocityNet, sample
-from noduleflow.models.growth import GrowthHead, WithLogRatio, log_ratio
+from noduleflow.models.growth import GrowthHead, WithLogRatio, log_ratio, sample_level
 from noduleflow.models.tasks import paired_loss, run_hparams
 from noduleflow.models.training import TrainSettings, save_model, train
 
@@ -103,13 +103,14 @@ def test_the_growth_head_learns_a_planted_relation_between_look_interval_and_gro
         one_year, _ = result.model(priors, torch.full((32,), 365.25))
     torch.testing.assert_close(one_year, mean / 2)  # the growth law: the mean is a rate times the interval
 
-    draws = result.model.draw(priors[:1].expand(400, -1, -1, -1, -1), torch.full((400,), 730.5), range(400))
-    assert draws.median().item() == pytest.approx(mean[0].item(), abs=3 * std[0].item() / 20)
+    levels = [sample_level(s, 400) for s in range(400)]
+    draws = result.model.draw(priors[:1].expand(400, -1, -1, -1, -1), torch.full((400,), 730.5), levels)
+    assert draws.median().item() == pytest.approx(mean[0].item(), abs=0.02 * std[0].item())
     inside = ((draws - mean[0]).abs() < std[0] * math.log(5.0)).float().mean().item()
-    assert inside == pytest.approx(0.8, abs=0.05)  # a Laplace distribution's central 80 %
-    assert draws.std().item() == pytest.approx(math.sqrt(2.0) * std[0].item(), rel=0.15)
-    again = result.model.draw(priors[:1].expand(3, -1, -1, -1, -1), torch.full((3,), 730.5), range(3))
-    torch.testing.assert_close(again, draws[:3])  # each sample's ratio comes from its seed
+    assert inside == pytest.approx(0.8, abs=0.005)  # a Laplace distribution's central 80 %
+    assert draws.std().item() == pytest.approx(math.sqrt(2.0) * std[0].item(), rel=0.05)
+    again = result.model.draw(priors[:1].expand(3, -1, -1, -1, -1), torch.full((3,), 730.5), levels[:3])
+    torch.testing.assert_close(again, draws[:3])  # each sample's ratio comes from its level
 
 
 def test_the_growth_head_forecasts_the_median_growth_of_a_look_not_the_mean(tmp_path, one_thread):
@@ -229,9 +230,9 @@ def test_a_portable_growth_run_draws_one_ratio_per_sample_deterministically(tmp_
     # the same noise with another drawn ratio gives another forecast: the ratio reaches the samples
     priors = torch.stack([ball(3.5)] * 2)
     days = torch.tensor([400.0, 400.0])
-    drawn = forecast_batch(net.eval(), run, priors, days, [5, 5], settings)
+    drawn = forecast_batch(net.eval(), run, priors, days, [5, 5], [0.3, 0.3], settings)
     torch.testing.assert_close(drawn[0], drawn[1])
-    fixed = net.growth_head.draw(priors, days, [5, 5])
+    fixed = net.growth_head.draw(priors, days, [0.3, 0.3])
     other = sample(net, priors + 0.5 * torch.stack([torch.randn(priors.shape[1:], generator=torch.Generator()
                                                                 .manual_seed(5))] * 2),
                    2, "heun", priors, days, fixed + torch.tensor([0.0, 2.0]))

@@ -47,6 +47,7 @@ from noduleflow.cache.segmenter import Segmenter, grown_box
 from noduleflow.evaluation.metrics import COPY_PRIOR, IMAGE_METRICS, forecast_distribution
 from noduleflow.hu import to_hu
 from noduleflow.models.flow import VelocityNet, paired_start, sample
+from noduleflow.models.growth import sample_level
 from noduleflow.models.settings import RunSettings
 from noduleflow.models.training import SavedModel, derived_seed, read_model
 from noduleflow.settings import from_config, section
@@ -134,12 +135,13 @@ def _noise(priors: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
 
 
 def forecast_batch(net: VelocityNet, run: RunSettings, priors: torch.Tensor, delta_days: torch.Tensor,
-                   seeds: Sequence[int], settings: ForecastSettings) -> torch.Tensor:
-    """Generated follow-ups (in the run's space) for a batch of priors and intervals; a run with a growth head
-    draws each sample's log volume ratio from the head (noduleflow.models.growth)."""
+                   seeds: Sequence[int], levels: Sequence[float], settings: ForecastSettings) -> torch.Tensor:
+    """Generated follow-ups (in the run's space) for a batch of priors and intervals, each sample's start noise
+    from its seed; a run with a growth head takes each sample's log volume ratio from the head at the sample's
+    quantile level (noduleflow.models.growth.sample_level)."""
     x0, condition = paired_start(run.formulation, run.start_noise, priors, _noise(priors, seeds))
     delta = delta_days if run.interval else None
-    ratio = None if net.growth_head is None else net.growth_head.draw(priors, delta_days, seeds)
+    ratio = None if net.growth_head is None else net.growth_head.draw(priors, delta_days, levels)
     return sample(net, x0, settings.steps, settings.sampler, condition, delta, ratio)
 
 
@@ -332,7 +334,7 @@ def evaluate_run(*, model_path: str | os.PathLike[str], raw: NodulePairs, model_
         generated = []
         for s in range(samples):
             seeds = [derived_seed(settings.seed, "forecast", i, s) for i in items]
-            out = forecast_batch(net, run, priors, delta, seeds, settings)
+            out = forecast_batch(net, run, priors, delta, seeds, [sample_level(s, samples)] * len(seeds), settings)
             generated.append(as_volumes(decode(out) if decode is not None else out, slices))
         for offset, item in enumerate(items):
             pair, prior, real = _pair_images(raw, item, slices)

@@ -49,6 +49,7 @@ from noduleflow.imaging import Geometry, ImageHeaderError, read_image, write_nif
 from noduleflow.io import write_csv
 from noduleflow.metadata.dicom import DicomSeriesError, convert_series, is_scout, read_headers
 from noduleflow.models.flow import VelocityNet
+from noduleflow.models.growth import sample_level
 from noduleflow.models.settings import RunSettings
 from noduleflow.models.tasks import load_vae
 from noduleflow.models.training import ModelFileError, derived_seed, read_model
@@ -242,7 +243,8 @@ def sample_forecasts(run: PortableRun, prior: Prior, days: float, item: int, sam
         seeds = [derived_seed(settings.seed, "forecast", item, s) for s in chosen]
         priors = tensor.expand(len(seeds), *tensor.shape[1:])
         delta = torch.full((len(seeds),), float(days), device=run.device)
-        generated = forecast_batch(run.net, run.run, priors, delta, seeds, settings)
+        generated = forecast_batch(run.net, run.run, priors, delta, seeds, [sample_level(s, samples) for s in chosen],
+                                   settings)
         out.append(as_volumes(run.vae.decode(generated) if run.vae is not None else generated, run.dims == 2))
     return np.concatenate(out)
 
