@@ -283,6 +283,22 @@ def test_forecast_size_only_looks_as_far_as_the_interval_allows():
     assert forecast_size(empty, prior_box, 365.0, patch, SEGMENTER, forecast_config()) == 0.0
 
 
+def test_forecast_size_leaves_out_anatomy_that_runs_out_of_the_patch():
+    # a pleural nodule's patch: chest wall over half of it, with a rib. When the faint prior cannot be found, the
+    # region a long interval allows is the whole patch, and looking for the nodule there found the wall's lung
+    # side (882 mm^3 before components reaching the patch's border were left out)
+    patch = dataclasses.replace(PATCH, size=(48, 48, 12))
+    prior_box = _tight_box(_sphere_patch(2.0, size=patch.size))
+
+    def chest(image: np.ndarray) -> np.ndarray:
+        image[:, :, :26] = 40.0 + np.random.default_rng(1).normal(0.0, 15.0, image[:, :, :26].shape)
+        image[:, 10:20, 2:8] = 300.0
+        return to_unit_range(image, patch.hu_window)
+
+    empty = chest(_sphere_patch(0.0, size=patch.size, noise_hu=15.0))
+    assert forecast_size(empty, prior_box, 700.0, patch, SEGMENTER, forecast_config()) == 0.0
+
+
 class _Threshold(torch.nn.Module):
     def forward(self, hu: torch.Tensor) -> torch.Tensor:
         return (hu > -400.0).float()

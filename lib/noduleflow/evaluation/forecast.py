@@ -165,12 +165,16 @@ def _bounding_box(mask: np.ndarray) -> list[int]:
 def _detected_box(hu: np.ndarray, prior_box: Sequence[int], inside: np.ndarray, patch: PatchSettings,
                   settings: ForecastSettings) -> list[int] | None:
     """The box of the bright component in `inside` that overlaps the prior's box most, or lies nearest its centre:
-    voxels `detect_contrast_hu` above the region's median, opened in-plane to cut vessels off (None: nothing)."""
+    voxels `detect_contrast_hu` above the region's median, opened in-plane to cut vessels off (None: nothing).
+    Components that reach the patch's border are left out: the cache centres the nodule in a patch made to hold
+    it, so what runs out of the patch is anatomy (chest wall, a large vessel, parenchyma of a faint prior)."""
     above = inside & (hu > float(np.median(hu[inside])) + settings.detect_contrast_hu)
     opened = ndimage.binary_opening(above, structure=np.ones(tuple(reversed(settings.opening_voxels)), dtype=bool))
-    labels, count = ndimage.label(opened if opened.any() else above)
-    if count == 0:
+    labels, _ = ndimage.label(opened if opened.any() else above)
+    labels[np.isin(labels, labels[_border(labels.shape)])] = 0  # label 0 (background) stays 0
+    if not labels.any():
         return None
+    count = int(labels.max())
     overlap = np.bincount(labels[grown_box(prior_box, (0, 0, 0), hu.shape)[1]].ravel(), minlength=count + 1)[1:]
     if overlap.max() > 0:
         label = int(np.argmax(overlap)) + 1
@@ -181,6 +185,15 @@ def _detected_box(hu: np.ndarray, prior_box: Sequence[int], inside: np.ndarray, 
         points = np.argwhere(labels > 0)
         label = int(labels[tuple(points[np.argmin((((points - centre) * scale) ** 2).sum(axis=1))])])
     return _bounding_box(labels == label)
+
+
+def _border(shape: Sequence[int]) -> np.ndarray:
+    """A mask of the patch's outer faces, along the axes longer than one voxel (a 2D slice has no z faces)."""
+    border = np.zeros(shape, dtype=bool)
+    for axis, length in enumerate(shape):
+        if length > 1:
+            border[(slice(None),) * axis + ([0, length - 1],)] = True
+    return border
 
 
 def forecast_mask(image: np.ndarray, prior_box: Sequence[int], delta_days: float, patch: PatchSettings,
@@ -196,12 +209,15 @@ def forecast_mask(image: np.ndarray, prior_box: Sequence[int], delta_days: float
         if box is None:
             return mask
         mask = segmenter(hu, box) & inside
+    border = _border(hu.shape)
     for _ in range(settings.max_box_updates):  # the box follows a nodule cut off at the segmenter's region
         grown = _box_past_cuts(mask, box, settings)
         if grown == box:
             break
-        box = grown
-        mask = segmenter(hu, box) & inside
+        grown_mask = segmenter(hu, grown) & inside
+        if (grown_mask & border).any():  # the cut leads out of the patch: the chest wall or a vessel, not the nodule
+            break
+        box, mask = grown, grown_mask
     return mask
 
 
