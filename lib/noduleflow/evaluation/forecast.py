@@ -11,10 +11,12 @@ decode through the VAE). A forecast is measured only with what is known at the p
 3. where it finds nothing there (the nodule is gone, faint in a box now too loose for it, or larger than the
    box all round), the box becomes that of the bright component in the region (voxels `detect_contrast_hu`
    above the region's median, opened in-plane by `opening_voxels` to cut vessels off) with the most voxels in
-   the prior's box, or, where none overlaps it, the one nearest its centre (none: size 0);
+   the prior's box, or, where none overlaps it, the one nearest its centre (none: size 0); components that
+   reach the patch's border are not candidates, since the cache centres the nodule in a patch made to hold it;
 4. where the nodule is cut off at the segmenter's region (it reaches `reach_voxels` past the box with an outer
    layer of at least `cut_fraction` of its largest cross-section, unlike a vessel leaving it), that side of
-   the box moves out to it and the nodule is measured again, until it fits.
+   the box moves out to it and the nodule is measured again, until it fits, or until the mask would reach the
+   patch's border (then it is the chest wall or a vessel that was followed, and the last mask stands).
 
 The real follow-up is the reference: the segmenter measures it in its own annotated box (the prior, in the
 prior's box). Dice compares the forecast's and the real segmentation, SSIM and PSNR compare the images on the
