@@ -164,8 +164,8 @@ def _bounding_box(mask: np.ndarray) -> list[int]:
     return [int(y[0]), int(y[-1]), int(x[0]), int(x[-1]), int(z[0]), int(z[-1])]
 
 
-def _detected_box(hu: np.ndarray, prior_box: Sequence[int], inside: np.ndarray, patch: PatchSettings,
-                  settings: ForecastSettings) -> list[int] | None:
+def _detected_box(hu: np.ndarray, prior_box: Sequence[int], inside: np.ndarray, border: np.ndarray,
+                  patch: PatchSettings, settings: ForecastSettings) -> list[int] | None:
     """The box of the bright component in `inside` that overlaps the prior's box most, or lies nearest its centre:
     voxels `detect_contrast_hu` above the region's median, opened in-plane to cut vessels off (None: nothing).
     Components that reach the patch's border are left out: the cache centres the nodule in a patch made to hold
@@ -173,7 +173,7 @@ def _detected_box(hu: np.ndarray, prior_box: Sequence[int], inside: np.ndarray, 
     above = inside & (hu > float(np.median(hu[inside])) + settings.detect_contrast_hu)
     opened = ndimage.binary_opening(above, structure=np.ones(tuple(reversed(settings.opening_voxels)), dtype=bool))
     labels, _ = ndimage.label(opened if opened.any() else above)
-    labels[np.isin(labels, labels[_border(labels.shape)])] = 0  # label 0 (background) stays 0
+    labels[np.isin(labels, labels[border])] = 0  # components on the patch's `border`; background stays 0
     if not labels.any():
         return None
     count = int(labels.max())
@@ -204,14 +204,14 @@ def forecast_mask(image: np.ndarray, prior_box: Sequence[int], delta_days: float
     hu = to_hu(image, patch.hu_window)
     inside = np.zeros(hu.shape, dtype=bool)
     inside[growth_region(prior_box, delta_days, patch.spacing_mm, hu.shape, settings)] = True
+    border = _border(hu.shape)
     box = list(prior_box)
     mask = segmenter(hu, box) & inside
     if not mask.any():  # gone, faint in a box now too loose, or larger than the box all round: look for it
-        box = _detected_box(hu, prior_box, inside, patch, settings)
+        box = _detected_box(hu, prior_box, inside, border, patch, settings)
         if box is None:
             return mask
         mask = segmenter(hu, box) & inside
-    border = _border(hu.shape)
     for _ in range(settings.max_box_updates):  # the box follows a nodule cut off at the segmenter's region
         grown = _box_past_cuts(mask, box, settings)
         if grown == box:
